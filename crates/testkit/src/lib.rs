@@ -1,0 +1,11 @@
+//! Test and demo kit for zonevault: local Garage servers (one per region) and
+//! a two-zone fleet with its configuration files.
+//!
+//! Tests and `scripts/demo` use the same code, so what the demo shows is what
+//! the tests prove.
+
+pub mod fleet;
+pub mod garage;
+
+pub use fleet::Fleet;
+pub use garage::Garage;

@@ -1,0 +1,50 @@
+//! `zv-testkit`: starts a local two-zone Garage fleet for the demo.
+//!
+//!     zv-testkit fleet DIR     start the fleet in DIR, write its config; servers keep running
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use zonevault_testkit::Fleet;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [cmd, dir] if cmd == "fleet" => match fleet(PathBuf::from(dir)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        _ => {
+            eprintln!("usage: zv-testkit fleet DIR");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn fleet(dir: PathBuf) -> anyhow::Result<()> {
+    let fleet = Fleet::start_detached(&dir)?;
+    let core = fleet.write_configs()?;
+    let mut stop = String::from(
+        "#!/bin/sh\n# stops the Garage servers of this demo fleet, by the PIDs they were started with\n",
+    );
+    for g in &fleet.garages {
+        println!(
+            "garage {:<9} {}  bucket {}  pid {}",
+            g.region,
+            g.endpoint,
+            g.bucket,
+            g.pid()
+        );
+        stop.push_str(&format!("kill {} 2>/dev/null || true\n", g.pid()));
+    }
+    let stop_path = fleet.dir.join("stop.sh");
+    std::fs::write(&stop_path, stop)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&stop_path, std::fs::Permissions::from_mode(0o755))?;
+    println!("core config  {}", core.display());
+    println!("stop with    {}", stop_path.display());
+    Ok(())
+}

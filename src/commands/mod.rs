@@ -1,0 +1,6 @@
+//! One module per command. Each takes validated inputs and returns what it
+//! did; printing is in [`crate::output`] so that `--json` and the human form
+//! show the same facts.
+
+pub mod check;
+pub mod keygen;

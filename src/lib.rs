@@ -1,0 +1,27 @@
+//! zonevault: compliance-aware backups that stay in their zone.
+//!
+//! A byte of user data travels: volume → unit (tar) → zstd → age (the zone's
+//! recipients) → a target that passed the residency check. The modules, in
+//! that order of concern:
+//!
+//! - [`config`]: the zone map and the core config, validated on load.
+//! - [`keys`]: age identities (keygen, identity files).
+//! - [`storage`]: the object-store trait and its S3 implementation.
+//! - [`residency`]: the gate; the only source of a writable target.
+//! - [`layout`]: where things live inside a target.
+//! - [`commands`]: one module per command.
+//! - [`output`]: human and `--json` output.
+//!
+//! `docs/architecture.md` tells the same story for a new maintainer.
+
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod keys;
+pub mod layout;
+pub mod logging;
+pub mod output;
+pub mod residency;
+pub mod storage;
+
+pub use error::{Error, Exit, Result};

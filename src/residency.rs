@@ -1,0 +1,185 @@
+//! The residency gate: the only way to get a handle that can write to a target.
+//!
+//! [`verify`] checks, in this process and against the server itself, that a
+//! target may hold this core's backups:
+//!
+//! 1. the target belongs to this core's zone;
+//! 2. its configured `region` is one of the zone's `regions`;
+//! 3. the region the server reports for the bucket (GetBucketLocation, or the
+//!    region a server names when it refuses a request signed for another
+//!    region) equals the configured `region`;
+//! 4. the marker `zonevault.json` is absent or names this zone.
+//!
+//! Only a target that passes becomes a [`Writable`]. Writing to storage needs
+//! a [`WritePermit`]; its only constructor is private to this module and the
+//! permit never leaves the `Writable` that holds it. So no code path can write
+//! to a target that has not passed the check: the compiler enforces it.
+
+use crate::config::{Config, Target};
+use crate::layout::{self, Marker};
+use crate::storage::{Store, StoreError};
+
+/// Proof that the residency check passed. Needed by every write of a
+/// [`Store`]; it cannot be created outside this module.
+#[derive(Debug)]
+pub struct WritePermit(());
+
+/// A target that passed the residency check in this process, with its store.
+/// The only value through which zonevault writes.
+#[derive(Debug)]
+pub struct Writable<S> {
+    target: Target,
+    store: S,
+    reported_region: String,
+    marker_present: bool,
+    permit: WritePermit,
+}
+
+impl<S: Store> Writable<S> {
+    /// The target.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The region the server reported for the bucket.
+    pub fn reported_region(&self) -> &str {
+        &self.reported_region
+    }
+
+    /// Whether the target already carried this zone's marker at the check.
+    pub fn marker_present(&self) -> bool {
+        self.marker_present
+    }
+
+    /// Read access to the store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Writes a small object under the target's prefix (`rel` is relative to it).
+    pub async fn put(&self, rel: &str, body: Vec<u8>) -> Result<(), StoreError> {
+        self.store
+            .put(&self.permit, &self.target.key(rel), body)
+            .await
+    }
+}
+
+/// Why a target was refused. Every refusal ends the command with exit code 3.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The region the server reported, when it reported one.
+    pub reported_region: Option<String>,
+    /// One sentence for the operator.
+    pub reason: String,
+}
+
+/// The outcome of checking one target.
+#[derive(Debug)]
+pub enum Verdict<S> {
+    /// The target may be written to.
+    Passed(Writable<S>),
+    /// The target is outside the zone, or claims to be: nothing may be written.
+    Refused(Refusal),
+    /// The check could not be made (unreachable, credentials, no bucket ...).
+    Unavailable(StoreError),
+}
+
+/// Checks `target` for this core's zone, asking `store` (a client for the
+/// target, signing for the target's configured region).
+pub async fn verify<S: Store>(config: &Config, target: &Target, store: S) -> Verdict<S> {
+    let zone = config.zone();
+    let refuse = |reported_region: Option<String>, reason: String| {
+        Verdict::Refused(Refusal {
+            reported_region,
+            reason,
+        })
+    };
+    if target.zone != zone.id || !zone.targets.contains(target) {
+        return refuse(
+            None,
+            format!(
+                "target {} belongs to zone {}, but this core ({}) is in zone {}",
+                target.name, target.zone, config.core.core_id, zone.id
+            ),
+        );
+    }
+    if !zone.regions.contains(&target.region) {
+        return refuse(
+            None,
+            format!(
+                "configured region {} is not one of zone {}'s regions {:?}",
+                target.region, zone.id, zone.regions
+            ),
+        );
+    }
+
+    let reported = match store.bucket_location().await {
+        Ok(region) => region,
+        Err(StoreError::WrongRegion { reported }) => reported,
+        Err(e) => return Verdict::Unavailable(e),
+    };
+    if reported != target.region {
+        let inside = if zone.regions.contains(&reported) {
+            format!(
+                "{reported} is in zone {}, but the target is configured as {}",
+                zone.id, target.region
+            )
+        } else {
+            format!(
+                "{reported} is outside zone {} ({:?})",
+                zone.id, zone.regions
+            )
+        };
+        return refuse(
+            Some(reported.clone()),
+            format!(
+                "the server reports the bucket in region {reported}, not {}: {inside}",
+                target.region
+            ),
+        );
+    }
+
+    let marker_present = match store.get(&target.key(layout::MARKER)).await {
+        Ok(None) => false,
+        Ok(Some(bytes)) => match serde_json::from_slice::<Marker>(&bytes) {
+            Ok(marker) if marker.zone == zone.id => true,
+            Ok(marker) => {
+                return refuse(
+                    Some(reported),
+                    format!(
+                        "the marker {} names zone {:?}: this bucket holds another zone's backups",
+                        target.key(layout::MARKER),
+                        marker.zone
+                    ),
+                );
+            }
+            Err(e) => {
+                return refuse(
+                    Some(reported),
+                    format!(
+                        "{} is not a zonevault marker ({e}); refusing to write next to unknown data",
+                        target.key(layout::MARKER)
+                    ),
+                );
+            }
+        },
+        Err(StoreError::WrongRegion { reported }) => {
+            return refuse(
+                Some(reported.clone()),
+                format!(
+                    "the server reports the bucket in region {reported}, not {}",
+                    target.region
+                ),
+            );
+        }
+        Err(e) => return Verdict::Unavailable(e),
+    };
+
+    Verdict::Passed(Writable {
+        target: target.clone(),
+        store,
+        reported_region: reported,
+        marker_present,
+        permit: WritePermit(()),
+    })
+}

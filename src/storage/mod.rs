@@ -1,0 +1,75 @@
+//! Object storage, seen through the one trait that the rest of zonevault uses.
+//!
+//! Reading is open to anyone who holds a store. Writing needs a
+//! [`WritePermit`], which only [`crate::residency`] can create, and only for a
+//! target that passed the residency check in this process: code that has not
+//! been through the gate cannot name a permit, so it cannot write.
+
+pub mod s3;
+
+use std::future::Future;
+
+pub use crate::residency::WritePermit;
+
+/// A failure to talk to a target, sorted by what the operator has to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// Nothing answered: connection refused, DNS, TLS or timeout.
+    #[error("cannot reach {endpoint}: {cause}")]
+    Unreachable { endpoint: String, cause: String },
+    /// The server answered but refused the credentials.
+    #[error("the server refused the credentials: {cause}")]
+    Credentials { cause: String },
+    /// The bucket does not exist on that server.
+    #[error("bucket {bucket:?} does not exist on {endpoint}")]
+    NoSuchBucket { endpoint: String, bucket: String },
+    /// The server says the bucket lives in another region than the one the
+    /// request was signed for. This is the bucket's reported location.
+    #[error("the server reports the bucket in region {reported:?}")]
+    WrongRegion { reported: String },
+    /// Anything else the server or the client said.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The operations zonevault needs from a bucket (plus the target's prefix).
+/// Keys are full object keys.
+pub trait Store: Send + Sync {
+    /// The region the server itself reports for the bucket (GetBucketLocation),
+    /// normalised: AWS's empty constraint is `us-east-1` and `EU` is `eu-west-1`.
+    fn bucket_location(&self) -> impl Future<Output = Result<String, StoreError>> + Send;
+
+    /// A small object in full, or `None` when there is none under `key`.
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
+
+    /// Writes a small object. Needs the permit that only the residency gate hands out.
+    fn put(
+        &self,
+        permit: &WritePermit,
+        key: &str,
+        body: Vec<u8>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The region a GetBucketLocation constraint means: AWS answers an empty
+/// constraint for us-east-1 and the legacy `EU` for eu-west-1.
+pub fn normalize_location(constraint: Option<&str>) -> String {
+    match constraint.map(str::trim) {
+        None | Some("") => "us-east-1".to_string(),
+        Some("EU") => "eu-west-1".to_string(),
+        Some(other) => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_location;
+
+    #[test]
+    fn aws_location_quirks() {
+        assert_eq!(normalize_location(None), "us-east-1");
+        assert_eq!(normalize_location(Some("")), "us-east-1");
+        assert_eq!(normalize_location(Some("EU")), "eu-west-1");
+        assert_eq!(normalize_location(Some("ch-gva-2")), "ch-gva-2");
+    }
+}
