@@ -14,14 +14,22 @@
 //!
 //! `docs/architecture.md` tells the same story for a new maintainer.
 
+pub mod archive;
 pub mod commands;
 pub mod config;
 pub mod error;
 pub mod keys;
 pub mod layout;
+pub mod lock;
 pub mod logging;
 pub mod output;
+pub mod pipeline;
+pub mod progress;
 pub mod residency;
+pub mod snapshot;
 pub mod storage;
+pub mod targets;
+pub mod units;
+pub mod upload;
 
 pub use error::{Error, Exit, Result};

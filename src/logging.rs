@@ -12,7 +12,11 @@ use tracing_subscriber::EnvFilter;
 pub fn init(level: Option<&str>, default: &str) -> Result<(), String> {
     let filter = match level {
         Some(l) => EnvFilter::try_new(l).map_err(|e| format!("--log-level {l:?}: {e}"))?,
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            EnvFilter::new(format!(
+                "{default},aws_config=error,aws_smithy_runtime=error,aws_sdk_s3=error"
+            ))
+        }),
     };
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()

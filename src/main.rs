@@ -13,6 +13,10 @@ Examples:
   zonevault keygen --out /root/zone-ch.key      new identity; prints its age1... recipient
   zonevault check                               validate config, check every target's residency
   zonevault --config ./core.toml check --json   the same, for scripts
+  zonevault backup                              one snapshot of every volume now
+  zonevault snapshots                           list this core's snapshots
+  zonevault restore --snapshot latest --to /srv/restore --identity /root/zone-ch.key
+  zonevault restore --snapshot latest --to /tmp/u --identity KEY --user c123456789abc
 
 Exit codes: 0 ok, 1 failure, 2 configuration or usage error, 3 residency refused.";
 
@@ -46,6 +50,60 @@ enum Command {
     /// this core's zone. Writes nothing.
     Check {
         /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take one snapshot of this core's volumes now, into every target of its zone.
+    Backup {
+        /// Only this volume (repeatable); default: all.
+        #[arg(long = "volume", value_name = "NAME")]
+        volumes: Vec<String>,
+        /// Units processed at once (default: the number of CPUs).
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+        /// Upload parts in flight per unit.
+        #[arg(long, value_name = "N", default_value_t = 4)]
+        part_jobs: usize,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the committed snapshots of this core (or another core of its zone).
+    Snapshots {
+        /// Another core of the same zone.
+        #[arg(long, value_name = "ID")]
+        core: Option<String>,
+        /// Print the list as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a snapshot into a directory (one sub-directory per volume).
+    Restore {
+        /// Snapshot id, or `latest`.
+        #[arg(long, value_name = "ID|latest")]
+        snapshot: String,
+        /// Where to restore; must be empty unless --force.
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// The age identity file that can decrypt the zone's backups.
+        #[arg(long, value_name = "FILE")]
+        identity: PathBuf,
+        /// Only this user's unit (repeatable).
+        #[arg(long = "user", value_name = "ID")]
+        users: Vec<String>,
+        /// Only this volume (repeatable).
+        #[arg(long = "volume", value_name = "NAME")]
+        volumes: Vec<String>,
+        /// Restore a snapshot of another core of the same zone.
+        #[arg(long, value_name = "ID")]
+        core: Option<String>,
+        /// Restore into a non-empty directory, overwriting files.
+        #[arg(long)]
+        force: bool,
+        /// Units restored at once (default: the number of CPUs).
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+        /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -108,6 +166,71 @@ fn run(cli: Cli) -> Result<Exit, Error> {
             }
             Ok(exit)
         }
+        Command::Backup {
+            volumes,
+            jobs,
+            part_jobs,
+            json,
+        } => {
+            let config = Config::load(&cli.config)?;
+            let mut options = commands::backup::Options::new();
+            options.volumes = volumes;
+            options.jobs = jobs.unwrap_or(options.jobs);
+            options.part_jobs = part_jobs;
+            options.progress = !json;
+            let report = runtime()?.block_on(commands::backup::run(&config, &options))?;
+            print(json, &report, output::backup)?;
+            Ok(Exit::Ok)
+        }
+        Command::Snapshots { core, json } => {
+            let config = Config::load(&cli.config)?;
+            let rt = runtime()?;
+            let core = commands::snapshots::resolve_core(&config, core.as_deref())?;
+            let (indexes, ..) = rt.block_on(commands::snapshots::list(&config, &core))?;
+            print(json, &indexes, |i| output::snapshots(i))?;
+            Ok(Exit::Ok)
+        }
+        Command::Restore {
+            snapshot,
+            to,
+            identity,
+            users,
+            volumes,
+            core,
+            force,
+            jobs,
+            json,
+        } => {
+            let config = Config::load(&cli.config)?;
+            let options = commands::restore::Options {
+                snapshot,
+                to,
+                identity,
+                users,
+                volumes,
+                core,
+                force,
+                jobs: jobs.unwrap_or_else(|| commands::backup::Options::new().jobs),
+                progress: !json,
+            };
+            let report = runtime()?.block_on(commands::restore::run(&config, &options))?;
+            print(json, &report, output::restore)?;
+            Ok(Exit::Ok)
+        }
+    }
+}
+
+/// Prints a report as JSON or in its human form.
+fn print<T: serde::Serialize>(
+    json: bool,
+    report: &T,
+    human: impl FnOnce(&T) -> String,
+) -> Result<(), Error> {
+    if json {
+        output::json(report).map_err(|e| Error::failed(format!("writing stdout: {e}")))
+    } else {
+        print!("{}", human(report));
+        Ok(())
     }
 }
 

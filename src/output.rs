@@ -73,6 +73,98 @@ pub fn check(report: &CheckReport) -> String {
     )
 }
 
+/// Bytes as "12.3 MB".
+pub fn bytes(n: u64) -> String {
+    let n = n as f64;
+    match n {
+        n if n >= 1e9 => format!("{:.2} GB", n / 1e9),
+        n if n >= 1e6 => format!("{:.1} MB", n / 1e6),
+        n if n >= 1e3 => format!("{:.1} kB", n / 1e3),
+        n => format!("{n} B"),
+    }
+}
+
+fn throughput(bytes: u64, seconds: f64) -> String {
+    format!("{:.1} MB/s", bytes as f64 / 1e6 / seconds.max(1e-6))
+}
+
+/// The human form of `backup`.
+pub fn backup(r: &crate::commands::backup::Report) -> String {
+    let mut s = format!(
+        "snapshot {} committed: core {}, zone {}, targets {}
+         {} units, {} files, {} plain, {} stored, {:.1} s, {}
+",
+        r.snapshot,
+        r.core,
+        r.zone,
+        r.targets.join(", "),
+        r.units,
+        r.files,
+        bytes(r.plain_bytes),
+        bytes(r.stored_bytes),
+        r.seconds,
+        throughput(r.plain_bytes, r.seconds)
+    );
+    if r.cleaned > 0 {
+        s.push_str(&format!(
+            "removed {} leftover(s) of uncommitted runs
+",
+            r.cleaned
+        ));
+    }
+    for p in &r.changed {
+        s.push_str(&format!(
+            "changed while read (stored as read): {p}
+"
+        ));
+    }
+    for p in &r.vanished {
+        s.push_str(&format!(
+            "vanished during the walk (skipped): {p}
+"
+        ));
+    }
+    s
+}
+
+/// The human form of `snapshots`.
+pub fn snapshots(indexes: &[crate::snapshot::Index]) -> String {
+    let mut rows = vec![
+        ["ID", "TIME", "CORE", "UNITS", "PLAIN", "STORED"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for i in indexes {
+        rows.push(vec![
+            i.id.clone(),
+            i.time.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+            i.core.clone(),
+            i.units.to_string(),
+            bytes(i.plain_bytes),
+            bytes(i.stored_bytes),
+        ]);
+    }
+    table(&rows)
+}
+
+/// The human form of `restore`.
+pub fn restore(r: &crate::commands::restore::Report) -> String {
+    format!(
+        "restored snapshot {} of core {} (zone {}) into {}
+         {} units, {} files, {} plain, {:.1} s, {}; every unit's BLAKE3 verified
+",
+        r.snapshot,
+        r.core,
+        r.zone,
+        r.to.display(),
+        r.units,
+        r.files,
+        bytes(r.plain_bytes),
+        r.seconds,
+        throughput(r.plain_bytes, r.seconds)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::table;

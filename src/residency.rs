@@ -15,6 +15,8 @@
 //! permit never leaves the `Writable` that holds it. So no code path can write
 //! to a target that has not passed the check: the compiler enforces it.
 
+use bytes::Bytes;
+
 use crate::config::{Config, Target};
 use crate::layout::{self, Marker};
 use crate::storage::{Store, StoreError};
@@ -56,11 +58,64 @@ impl<S: Store> Writable<S> {
         &self.store
     }
 
-    /// Writes a small object under the target's prefix (`rel` is relative to it).
-    pub async fn put(&self, rel: &str, body: Vec<u8>) -> Result<(), StoreError> {
+    /// The full key of `rel` (relative to the target's prefix).
+    pub fn key(&self, rel: &str) -> String {
+        self.target.key(rel)
+    }
+
+    /// Writes a whole object under the target's prefix (`rel` is relative to it).
+    pub async fn put(&self, rel: &str, body: Bytes) -> Result<(), StoreError> {
+        self.store.put(&self.permit, &self.key(rel), body).await
+    }
+
+    /// Starts a multipart upload of `rel`; returns its id.
+    pub async fn create_upload(&self, rel: &str) -> Result<String, StoreError> {
+        self.store.create_upload(&self.permit, &self.key(rel)).await
+    }
+
+    /// Uploads part `number` of `rel`; returns its ETag.
+    pub async fn upload_part(
+        &self,
+        rel: &str,
+        upload_id: &str,
+        number: i32,
+        body: Bytes,
+    ) -> Result<String, StoreError> {
         self.store
-            .put(&self.permit, &self.target.key(rel), body)
+            .upload_part(&self.permit, &self.key(rel), upload_id, number, body)
             .await
+    }
+
+    /// Completes a multipart upload of `rel`.
+    pub async fn complete_upload(
+        &self,
+        rel: &str,
+        upload_id: &str,
+        parts: Vec<(i32, String)>,
+    ) -> Result<(), StoreError> {
+        self.store
+            .complete_upload(&self.permit, &self.key(rel), upload_id, parts)
+            .await
+    }
+
+    /// Abandons a multipart upload. `key` is a full key (as listed).
+    pub async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
+        self.store.abort_upload(&self.permit, key, upload_id).await
+    }
+
+    /// Deletes an object. `key` is a full key (as listed).
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.store.delete(&self.permit, key).await
+    }
+
+    /// Writes this zone's marker if the target had none at the check.
+    pub async fn ensure_marker(&self) -> Result<(), StoreError> {
+        if self.marker_present {
+            return Ok(());
+        }
+        let marker = serde_json::to_vec(&Marker::new(&self.target.zone))
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+        self.put(layout::MARKER, Bytes::from(marker)).await
     }
 }
 
@@ -142,6 +197,17 @@ pub async fn verify<S: Store>(config: &Config, target: &Target, store: S) -> Ver
     let marker_present = match store.get(&target.key(layout::MARKER)).await {
         Ok(None) => false,
         Ok(Some(bytes)) => match serde_json::from_slice::<Marker>(&bytes) {
+            Ok(marker) if marker.format != layout::FORMAT => {
+                return refuse(
+                    Some(reported),
+                    format!(
+                        "the marker {} has format {}; this zonevault knows format {}: refusing to write next to data it does not understand",
+                        target.key(layout::MARKER),
+                        marker.format,
+                        layout::FORMAT
+                    ),
+                );
+            }
             Ok(marker) if marker.zone == zone.id => true,
             Ok(marker) => {
                 return refuse(
@@ -149,7 +215,7 @@ pub async fn verify<S: Store>(config: &Config, target: &Target, store: S) -> Ver
                     format!(
                         "the marker {} names zone {:?}: this bucket holds another zone's backups",
                         target.key(layout::MARKER),
-                        marker.zone
+                        marker.zone.chars().take(64).collect::<String>()
                     ),
                 );
             }

@@ -222,3 +222,40 @@ fn refusal_outranks_failure() {
     let (code, report, _) = check_json(&core);
     assert_eq!(code, 3, "{report}");
 }
+
+#[test]
+fn a_secret_quoted_back_by_the_server_is_redacted() {
+    // Swapped credential files: the secret goes out as the key id, and the
+    // server answers "No such key: <it>".
+    let dir = tempfile::tempdir().unwrap();
+    let (mut fleet, _) = fleet(dir.path());
+    let secret = fleet.zone("ch").targets[0].secret.clone();
+    fleet.zone_mut("ch").targets[0].key_id = secret.clone();
+    let core = fleet.write_configs().unwrap();
+    let out = zv(&core).args(["check", "--json"]).output().unwrap();
+    let (stdout, stderr) = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("refused the credentials"), "{stdout}");
+    assert!(
+        !stdout.contains(&secret) && !stderr.contains(&secret),
+        "{stdout}\n{stderr}"
+    );
+}
+
+#[test]
+fn marker_of_an_unknown_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core) = fleet(dir.path());
+    fleet
+        .garage("ch-dk-2")
+        .put("zonevault/zonevault.json", br#"{"format":2,"zone":"ch"}"#)
+        .unwrap();
+    let (code, report, _) = check_json(&core);
+    assert_eq!(code, 3, "{report}");
+    assert!(
+        target(&report, "ch-secondary")["reason"]
+            .as_str()
+            .unwrap()
+            .contains("format 2")
+    );
+}

@@ -176,13 +176,12 @@ bad_config!(unsupported_version, "zonemap.toml", "version = 1" => "version = 2",
 
 // --- semantic checks: field paths ---
 bad_config!(invalid_recipient, "zonemap.toml", "recipients = [\"age1" => "recipients = [\"age1notakey\", \"age1", ["zones.ch.recipients[0]", "not a valid age X25519 recipient", "zonevault keygen"]);
-bad_config!(secret_key_as_recipient, "zonemap.toml", "recipients = [\"age1" => "recipients = [\"AGE-SECRET-KEY-1QQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQ\", \"age1", ["zones.ch.recipients[0]", "not a valid age X25519 recipient"]);
 bad_config!(core_in_two_zones, "zonemap.toml", "cores = [\"core-de-1\"]" => "cores = [\"core-de-1\", \"core-ch-2\"]", ["zones.de.cores[1]", "core \"core-ch-2\" is in zone ch and in zone de"]);
 bad_config!(core_in_no_zone, "core.toml", "core_id = \"core-ch-1\"" => "core_id = \"core-xx-9\"", ["core.toml: core_id:", "\"core-xx-9\" is in no zone"]);
 bad_config!(target_region_outside_zone, "zonemap.toml", "region = \"ch-gva-2\"" => "region = \"de-fra-1\"", ["zones.ch.targets[0].region", "\"de-fra-1\" is not one of zone ch's regions", "help:"]);
 bad_config!(same_bucket_in_two_zones, "zonemap.toml", "bucket = \"zv-de\"" => "bucket = \"zv-ch\"\nprefix = \"/zonevault/\"", ["zones.de.targets[0].bucket", "of zone ch"]);
 bad_config!(duplicate_target_name, "zonemap.toml", "name = \"de-primary\"" => "name = \"ch-primary\"", ["zones.de.targets[0].name", "already used in zone ch"]);
-bad_config!(bad_endpoint, "zonemap.toml", "endpoint = \"http://127.0.0.1:9\"" => "endpoint = \"s3.example.com\"", ["zones.ch.targets[0].endpoint", "not an http:// or https:// URL"]);
+bad_config!(bad_endpoint, "zonemap.toml", "endpoint = \"http://127.0.0.1:9\"" => "endpoint = \"s3.example.com\"", ["zones.ch.targets[0].endpoint", "not of the form http(s)://host[:port]"]);
 bad_config!(bad_bucket_name, "zonemap.toml", "bucket = \"zv-ch\"" => "bucket = \"ZV_CH\"", ["zones.ch.targets[0].bucket", "not a valid bucket name"]);
 bad_config!(bad_cron, "zonemap.toml", "backup = \"0 30 2 * * *\"" => "backup = \"every night\"", ["zones.ch.schedule.backup", "not a valid cron expression"]);
 bad_config!(five_field_cron, "zonemap.toml", "backup = \"0 30 2 * * *\"" => "backup = \"30 2 * * *\"", ["zones.ch.schedule.backup", "seconds first"]);
@@ -330,4 +329,42 @@ fn the_example_zone_map_is_valid() {
     let map = zonevault::config::ZoneMap::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(map.zones.len(), 2);
     assert_eq!(map.zone_of_core("core-ch-1").unwrap().targets.len(), 2);
+}
+
+// --- found by trying bad inputs as a new operator would ---
+bad_config!(region_with_unicode_hyphen, "zonemap.toml", "regions = [\"ch-gva-2\"," => "regions = [\"ch\u{2010}gva\u{2010}2\", \"ch-gva-2\",", ["zones.ch.regions[0]", "not a region name"]);
+bad_config!(region_with_trailing_space, "zonemap.toml", "regions = [\"ch-gva-2\"," => "regions = [\"ch-gva-2 \",", ["zones.ch.regions[0]", "not a region name"]);
+bad_config!(region_in_two_zones, "zonemap.toml", "regions = [\"de-fra-1\"]" => "regions = [\"de-fra-1\", \"ch-dk-2\"]", ["zones.de.regions[1]", "also a region of zone ch"]);
+bad_config!(endpoint_with_password, "zonemap.toml", "endpoint = \"http://127.0.0.1:9\"" => "endpoint = \"http://AKIA:supersecret@127.0.0.1:9\"", ["zones.ch.targets[0].endpoint", "holds credentials", "[credentials.<target>]"]);
+bad_config!(endpoint_with_path, "zonemap.toml", "endpoint = \"http://127.0.0.1:9\"" => "endpoint = \"http://127.0.0.1:9/some/path\"", ["zones.ch.targets[0].endpoint", "http(s)://host[:port]"]);
+bad_config!(nested_prefix_in_other_zone, "zonemap.toml", "bucket = \"zv-de\"" => "bucket = \"zv-ch\"\nprefix = \"zonevault/de\"", ["zones.de.targets[0].bucket", "nested prefixes", "zone ch"]);
+bad_config!(prefix_with_control_character, "zonemap.toml", "prefix = \"zonevault\"" => "prefix = \"zone\\u0000vault\"", ["zones.ch.targets[0].prefix"]);
+bad_config!(empty_volume_path, "core.toml", "path = \"data/etc\"" => "path = \"\"", ["volumes[1].path", "is empty"]);
+bad_config!(empty_zone_map_path, "core.toml", "zone_map = \"zonemap.toml\"" => "zone_map = \"\"", ["zone_map", "is empty"]);
+bad_config!(state_dir_is_a_file, "core.toml", "state_dir = \"state\"" => "state_dir = \"secret.txt\"", ["state_dir", "not a directory"]);
+bad_config!(empty_env_var_name, "core.toml", "access_key_id_env = \"ZV_TEST_KEY_ID\"" => "access_key_id_env = \"\"", ["credentials.ch-primary.access_key_id_env", "names no environment variable"]);
+bad_config!(zone_map_given_as_core_config, "core.toml", "core_id = \"core-ch-1\"" => "version = 1\ncore_id = \"core-ch-1\"", ["unknown field `version`", "looks like a zone map"]);
+
+#[test]
+fn pasted_secret_key_is_not_echoed() {
+    let s = Setup::new();
+    let secret = "AGE-SECRET-KEY-1MY66QQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQKUT987";
+    s.edit(
+        "zonemap.toml",
+        "recipients = [\"age1",
+        &format!("recipients = [\"{secret}\", \"age1"),
+    );
+    let stderr = s.expect_error(&["zones.ch.recipients[0]", "SECRET key", "compromised"]);
+    assert!(!stderr.contains("1MY66"), "{stderr}");
+}
+
+#[test]
+fn device_as_zone_map_is_refused() {
+    let s = Setup::new();
+    s.edit(
+        "core.toml",
+        "zone_map = \"zonemap.toml\"",
+        "zone_map = \"/dev/zero\"",
+    );
+    s.expect_error(&["/dev/zero: zone map is not a regular file"]);
 }

@@ -16,8 +16,16 @@ pub fn run(out: &Path) -> Result<String> {
         .mode(0o600)
         .open(out)
         .map_err(|e| match e.kind() {
+            _ if out.is_dir() => Error::Usage(format!(
+                "{} is a directory; --out takes the path of the identity file to create",
+                out.display()
+            )),
             std::io::ErrorKind::AlreadyExists => Error::Usage(format!(
                 "{} already exists; keygen never overwrites an identity: choose another --out or move the file away",
+                out.display()
+            )),
+            std::io::ErrorKind::NotFound => Error::failed(format!(
+                "cannot create {}: its directory does not exist; create it first (mode 0700)",
                 out.display()
             )),
             _ => Error::failed(format!("cannot create {}: {e}", out.display())),

@@ -2,5 +2,8 @@
 //! did; printing is in [`crate::output`] so that `--json` and the human form
 //! show the same facts.
 
+pub mod backup;
 pub mod check;
 pub mod keygen;
+pub mod restore;
+pub mod snapshots;

@@ -97,6 +97,19 @@ pub(super) fn validate(path: &Path, dir: &Path, f: &CoreFile) -> Result<CoreConf
                 .help("write e.g. \"127.0.0.1:9464\"")
         })?),
     };
+    if f.zone_map.as_os_str().is_empty() {
+        return Err(err("zone_map", "is empty".into())
+            .help("set it to the fleet's zone map, e.g. \"/etc/zonevault/zonemap.toml\""));
+    }
+    if dir.join(&f.state_dir).exists() && !dir.join(&f.state_dir).is_dir() {
+        return Err(err(
+            "state_dir",
+            format!(
+                "{} exists and is not a directory",
+                dir.join(&f.state_dir).display()
+            ),
+        ));
+    }
     if f.state_dir.as_os_str().is_empty() {
         return Err(err("state_dir", "is empty".into())
             .help("set it to a directory writable by zonevault, e.g. \"/var/lib/zonevault\""));
@@ -129,6 +142,10 @@ pub(super) fn validate(path: &Path, dir: &Path, f: &CoreFile) -> Result<CoreConf
                 &at("name"),
                 format!("volume name {:?} is already used by volumes[{j}]", v.name),
             ));
+        }
+        if v.path.as_os_str().is_empty() {
+            return Err(err(&at("path"), "is empty".into())
+                .help("set it to the volume's data directory, e.g. \"/var/pryv/data/users\""));
         }
         let full = dir.join(&v.path);
         let canonical = std::fs::canonicalize(&full).map_err(|e| {

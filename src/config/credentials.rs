@@ -98,6 +98,11 @@ fn one_secret(
         .help(format!(
             "set one of them, or remove [credentials.{target}] to use the standard AWS credential chain"
         ))),
+        (Some(var), None) if var.trim().is_empty() => Err(ConfigError::field(
+            config,
+            field("env"),
+            "names no environment variable (it is empty)",
+        )),
         (Some(var), None) => match std::env::var(&var) {
             Ok(v) if !v.trim().is_empty() => Ok(Secret(v.trim().to_string())),
             Ok(_) => Err(ConfigError::field(

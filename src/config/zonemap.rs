@@ -189,7 +189,8 @@ fn validate(path: &Path, file: ZoneMapFile) -> Result<ZoneMap, ConfigError> {
 
     let mut core_zone: HashMap<String, String> = HashMap::new();
     let mut target_zone: HashMap<String, String> = HashMap::new();
-    let mut storage_place: HashMap<(String, String, String), String> = HashMap::new();
+    let mut region_zone: HashMap<String, String> = HashMap::new();
+    let mut places: Vec<(String, String, String, String, String)> = Vec::new();
     let mut zones = BTreeMap::new();
 
     for (id, zf) in file.zones {
@@ -212,8 +213,21 @@ fn validate(path: &Path, file: ZoneMapFile) -> Result<ZoneMap, ConfigError> {
             ));
         }
         for (i, region) in zf.regions.iter().enumerate() {
-            if region.trim().is_empty() {
-                return Err(err(at(&format!("regions[{i}]")), "is empty".into()));
+            if !is_region(region) {
+                return Err(err(
+                    at(&format!("regions[{i}]")),
+                    format!("{region:?} is not a region name"),
+                )
+                .help("write the bucket location exactly as the provider names it: lower-case letters, digits and '-', e.g. \"ch-gva-2\""));
+            }
+            if let Some(other) = region_zone.insert(region.clone(), id.clone())
+                && other != id
+            {
+                return Err(err(
+                    at(&format!("regions[{i}]")),
+                    format!("region {region:?} is also a region of zone {other}"),
+                )
+                .help("a bucket location can count for one zone only, or a bucket there would pass the residency check of both"));
             }
             if zf.regions[..i].contains(region) {
                 return Err(err(
@@ -229,6 +243,13 @@ fn validate(path: &Path, file: ZoneMapFile) -> Result<ZoneMap, ConfigError> {
         }
         let mut recipients = Vec::new();
         for (i, r) in zf.recipients.iter().enumerate() {
+            if r.trim().to_ascii_uppercase().starts_with("AGE-SECRET-KEY-") {
+                return Err(err(
+                    at(&format!("recipients[{i}]")),
+                    "is an age SECRET key (AGE-SECRET-KEY-...), not a recipient".into(),
+                )
+                .help("remove it now and treat that identity as compromised: the zone map is copied to every core. Put its public key (`age-keygen -y KEYFILE`) here instead"));
+            }
             let recipient = age::x25519::Recipient::from_str(r.trim()).map_err(|e| {
                 err(
                     at(&format!("recipients[{i}]")),
@@ -251,8 +272,12 @@ fn validate(path: &Path, file: ZoneMapFile) -> Result<ZoneMap, ConfigError> {
                 } else {
                     format!("core {core:?} is in zone {other} and in zone {id}")
                 };
-                return Err(err(field, problem)
-                    .help("a core belongs to exactly one zone; remove it from the other"));
+                let help = if other == id {
+                    "list each core once"
+                } else {
+                    "a core belongs to exactly one zone; remove it from the other"
+                };
+                return Err(err(field, problem).help(help));
             }
         }
 
@@ -277,12 +302,16 @@ fn validate(path: &Path, file: ZoneMapFile) -> Result<ZoneMap, ConfigError> {
                 )
                 .help("target names are unique across the whole zone map"));
             }
+            if tf.endpoint.contains('@') {
+                return Err(err(t_at("endpoint"), "holds credentials (user:password@)".into())
+                    .help("write only scheme://host[:port] here; credentials belong in [credentials.<target>] of core.toml"));
+            }
             let endpoint = normalize_endpoint(&tf.endpoint).ok_or_else(|| {
                 err(
                     t_at("endpoint"),
-                    format!("{:?} is not an http:// or https:// URL", tf.endpoint),
+                    format!("{:?} is not of the form http(s)://host[:port]", tf.endpoint),
                 )
-                .help("write the S3 endpoint as a URL, e.g. \"https://sos-ch-gva-2.exo.io\"")
+                .help("write the S3 endpoint as scheme://host[:port] (ASCII host, port 1-65535, no path or query), e.g. \"https://sos-ch-gva-2.exo.io\"")
             })?;
             if !zf.regions.contains(&tf.region) {
                 return Err(err(
@@ -311,19 +340,33 @@ fn validate(path: &Path, file: ZoneMapFile) -> Result<ZoneMap, ConfigError> {
                 )
                 .help("use '/'-separated names without empty, '.' or '..' parts, e.g. \"zonevault/ch\"")
             })?;
-            let place = (endpoint.clone(), tf.bucket.clone(), prefix.clone());
-            if let Some(other) = storage_place.insert(place, format!("{id}/{}", tf.name)) {
-                let (other_zone, other_target) = other.split_once('/').unwrap_or((&other, ""));
-                let problem = if other_zone == id {
-                    format!("same endpoint, bucket and prefix as target {other_target:?}")
+            // One bucket+prefix holds one zone's backups: no two targets may
+            // share a place, nor nest one inside the other.
+            if let Some((_, _, other_prefix, other_zone, other_target)) =
+                places.iter().find(|(e, b, p, _, _)| {
+                    *e == endpoint && *b == tf.bucket && prefixes_overlap(p, &prefix)
+                })
+            {
+                let how = if *other_prefix == prefix {
+                    "same endpoint, bucket and prefix"
                 } else {
-                    format!(
-                        "same endpoint, bucket and prefix as target {other_target:?} of zone {other_zone}"
-                    )
+                    "same endpoint and bucket, with nested prefixes"
+                };
+                let problem = if *other_zone == id {
+                    format!("{how} as target {other_target:?}")
+                } else {
+                    format!("{how} as target {other_target:?} of zone {other_zone}")
                 };
                 return Err(err(t_at("bucket"), problem)
-                    .help("one bucket+prefix holds the backups of one zone only; give each target its own bucket or prefix"));
+                    .help("one bucket+prefix holds the backups of one zone only; give each target its own bucket or a prefix that does not contain another"));
             }
+            places.push((
+                endpoint.clone(),
+                tf.bucket.clone(),
+                prefix.clone(),
+                id.clone(),
+                tf.name.clone(),
+            ));
             targets.push(Target {
                 name: tf.name,
                 zone: id.clone(),
@@ -392,7 +435,11 @@ fn validate_schedule(path: &Path, id: &str, s: ScheduleFile) -> Result<Schedule,
         ConfigError::field(
             path,
             format!("zones.{id}.schedule.backup"),
-            format!("{:?} is not a valid cron expression ({e})", s.backup),
+            format!(
+                "{:?} is not a valid cron expression ({})",
+                s.backup,
+                e.to_string().lines().next().unwrap_or("").trim()
+            ),
         )
         .help("use 6 or 7 fields, seconds first: \"0 30 2 * * *\" is 02:30:00 every day")
     })?;
@@ -429,6 +476,22 @@ fn is_identifier(s: &str, loose: bool) -> bool {
         })
 }
 
+fn is_region(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+/// Whether two normalised prefixes name the same place or one lies inside the other.
+fn prefixes_overlap(a: &str, b: &str) -> bool {
+    a.is_empty()
+        || b.is_empty()
+        || a == b
+        || b.starts_with(&format!("{a}/"))
+        || a.starts_with(&format!("{b}/"))
+}
+
 fn is_bucket_name(s: &str) -> bool {
     (3..=63).contains(&s.len())
         && s.chars()
@@ -447,11 +510,9 @@ fn normalize_endpoint(s: &str) -> Option<String> {
     if scheme != "http" && scheme != "https" {
         return None;
     }
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
-        None => (rest, ""),
-    };
-    if authority.is_empty() || authority.contains(['@', ' ', '?', '#']) {
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']');
+    if authority.is_empty() || !authority.chars().all(valid) {
         return None;
     }
     if let Some((host, port)) = authority.rsplit_once(':')
@@ -460,10 +521,7 @@ fn normalize_endpoint(s: &str) -> Option<String> {
     {
         return None;
     }
-    Some(format!(
-        "{scheme}://{}{path}",
-        authority.to_ascii_lowercase()
-    ))
+    Some(format!("{scheme}://{}", authority.to_ascii_lowercase()))
 }
 
 fn normalize_prefix(s: &str) -> Option<String> {
@@ -471,9 +529,12 @@ fn normalize_prefix(s: &str) -> Option<String> {
     if p.is_empty() {
         return Some(String::new());
     }
-    if p.split('/')
-        .any(|part| part.is_empty() || part == "." || part == ".." || part.contains('\\'))
-    {
+    if p.split('/').any(|part| {
+        part.is_empty()
+            || part == "."
+            || part == ".."
+            || part.chars().any(|c| c.is_control() || c == '\\')
+    }) {
         return None;
     }
     Some(p.to_string())
@@ -497,6 +558,8 @@ mod tests {
         assert_eq!(normalize_endpoint("s3.example.com"), None);
         assert_eq!(normalize_endpoint("http://:3900"), None);
         assert_eq!(normalize_endpoint("http://host:99999"), None);
+        assert_eq!(normalize_endpoint("http://host/path"), None);
+        assert_eq!(normalize_endpoint("http://exämple.ch"), None);
     }
 
     #[test]
@@ -508,6 +571,10 @@ mod tests {
         assert_eq!(normalize_prefix("").as_deref(), Some(""));
         assert_eq!(normalize_prefix("a//b"), None);
         assert_eq!(normalize_prefix("a/../b"), None);
+        assert_eq!(normalize_prefix("a\u{0}b"), None);
+        assert!(prefixes_overlap("zonevault", "zonevault/sub"));
+        assert!(prefixes_overlap("", "x"));
+        assert!(!prefixes_overlap("zonevault", "zonevault-de"));
     }
 
     #[test]

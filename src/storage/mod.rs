@@ -9,6 +9,8 @@ pub mod s3;
 
 use std::future::Future;
 
+use bytes::Bytes;
+
 pub use crate::residency::WritePermit;
 
 /// A failure to talk to a target, sorted by what the operator has to do.
@@ -32,8 +34,27 @@ pub enum StoreError {
     Other(String),
 }
 
-/// The operations zonevault needs from a bucket (plus the target's prefix).
-/// Keys are full object keys.
+/// One object in a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Full key.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// An unfinished multipart upload, as listed by the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingUpload {
+    pub key: String,
+    pub upload_id: String,
+}
+
+/// A streamed object body.
+pub type Body = Box<dyn tokio::io::AsyncBufRead + Send + Unpin>;
+
+/// The operations zonevault needs from a bucket. Keys are full object keys.
+/// Every write takes the [`WritePermit`] that only the residency gate hands out.
 pub trait Store: Send + Sync {
     /// The region the server itself reports for the bucket (GetBucketLocation),
     /// normalised: AWS's empty constraint is `us-east-1` and `EU` is `eu-west-1`.
@@ -42,12 +63,71 @@ pub trait Store: Send + Sync {
     /// A small object in full, or `None` when there is none under `key`.
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
 
-    /// Writes a small object. Needs the permit that only the residency gate hands out.
+    /// An object as a stream, or `None` when there is none under `key`.
+    fn get_stream(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<Body>, StoreError>> + Send;
+
+    /// Every object whose key starts with `prefix`.
+    fn list(
+        &self,
+        prefix: &str,
+    ) -> impl Future<Output = Result<Vec<ObjectInfo>, StoreError>> + Send;
+
+    /// Unfinished multipart uploads under `prefix`.
+    fn list_uploads(
+        &self,
+        prefix: &str,
+    ) -> impl Future<Output = Result<Vec<PendingUpload>, StoreError>> + Send;
+
+    /// Writes a whole object.
     fn put(
         &self,
         permit: &WritePermit,
         key: &str,
-        body: Vec<u8>,
+        body: Bytes,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Starts a multipart upload; returns its id.
+    fn create_upload(
+        &self,
+        permit: &WritePermit,
+        key: &str,
+    ) -> impl Future<Output = Result<String, StoreError>> + Send;
+
+    /// Uploads part `number` (1-based); returns its ETag.
+    fn upload_part(
+        &self,
+        permit: &WritePermit,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        body: Bytes,
+    ) -> impl Future<Output = Result<String, StoreError>> + Send;
+
+    /// Completes a multipart upload from its parts' (number, ETag), in order.
+    fn complete_upload(
+        &self,
+        permit: &WritePermit,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<(i32, String)>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Abandons a multipart upload and frees its parts.
+    fn abort_upload(
+        &self,
+        permit: &WritePermit,
+        key: &str,
+        upload_id: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Deletes an object (absent is not an error).
+    fn delete(
+        &self,
+        permit: &WritePermit,
+        key: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 

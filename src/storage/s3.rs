@@ -6,8 +6,11 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{Credentials, Region, timeout::TimeoutConfig};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 
-use super::{Store, StoreError, WritePermit, normalize_location};
+use bytes::Bytes;
+
+use super::{Body, ObjectInfo, PendingUpload, Store, StoreError, WritePermit, normalize_location};
 use crate::config::{StaticCredentials, Target};
 
 /// How long to wait for a TCP/TLS connection before calling an endpoint unreachable.
@@ -21,6 +24,9 @@ pub struct S3Store {
     client: Client,
     endpoint: String,
     bucket: String,
+    /// Secrets that must never appear in an error message, even when a
+    /// server quotes them back.
+    redact: Vec<String>,
 }
 
 impl S3Store {
@@ -61,6 +67,9 @@ impl S3Store {
             client: Client::from_conf(config),
             endpoint: target.endpoint.clone(),
             bucket: target.bucket.clone(),
+            redact: credentials
+                .map(|c| vec![c.secret_access_key.expose().to_string()])
+                .unwrap_or_default(),
         }
     }
 
@@ -68,7 +77,7 @@ impl S3Store {
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
-        classify(&self.endpoint, &self.bucket, err)
+        redact(classify(&self.endpoint, &self.bucket, err), &self.redact)
     }
 }
 
@@ -109,7 +118,74 @@ impl Store for S3Store {
         Ok(Some(bytes.to_vec()))
     }
 
-    async fn put(&self, _permit: &WritePermit, key: &str, body: Vec<u8>) -> Result<(), StoreError> {
+    async fn get_stream(&self, key: &str) -> Result<Option<Body>, StoreError> {
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(Box::new(out.body.into_async_read()))),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+            Err(e) => Err(self.classify(e)),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        let mut objects = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.classify(e))?;
+            objects.extend(page.contents().iter().filter_map(|o| {
+                Some(ObjectInfo {
+                    key: o.key()?.to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                })
+            }));
+        }
+        Ok(objects)
+    }
+
+    async fn list_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>, StoreError> {
+        let mut uploads = Vec::new();
+        let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
+        loop {
+            let out = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(id_marker.take())
+                .send()
+                .await
+                .map_err(|e| self.classify(e))?;
+            uploads.extend(out.uploads().iter().filter_map(|u| {
+                Some(PendingUpload {
+                    key: u.key()?.to_string(),
+                    upload_id: u.upload_id()?.to_string(),
+                })
+            }));
+            if !out.is_truncated().unwrap_or(false) {
+                return Ok(uploads);
+            }
+            key_marker = out.next_key_marker().map(String::from);
+            id_marker = out.next_upload_id_marker().map(String::from);
+            if key_marker.is_none() {
+                return Ok(uploads);
+            }
+        }
+    }
+
+    async fn put(&self, _permit: &WritePermit, key: &str, body: Bytes) -> Result<(), StoreError> {
         self.client
             .put_object()
             .bucket(&self.bucket)
@@ -119,6 +195,120 @@ impl Store for S3Store {
             .await
             .map_err(|e| self.classify(e))?;
         Ok(())
+    }
+
+    async fn create_upload(&self, _permit: &WritePermit, key: &str) -> Result<String, StoreError> {
+        let out = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| self.classify(e))?;
+        out.upload_id()
+            .map(String::from)
+            .ok_or_else(|| StoreError::Other("the server returned no upload id".into()))
+    }
+
+    async fn upload_part(
+        &self,
+        _permit: &WritePermit,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        body: Bytes,
+    ) -> Result<String, StoreError> {
+        let out = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| self.classify(e))?;
+        out.e_tag()
+            .map(String::from)
+            .ok_or_else(|| StoreError::Other(format!("no ETag for part {number} of {key}")))
+    }
+
+    async fn complete_upload(
+        &self,
+        _permit: &WritePermit,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<(i32, String)>,
+    ) -> Result<(), StoreError> {
+        let parts = parts
+            .into_iter()
+            .map(|(n, etag)| CompletedPart::builder().part_number(n).e_tag(etag).build())
+            .collect();
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| self.classify(e))?;
+        Ok(())
+    }
+
+    async fn abort_upload(
+        &self,
+        _permit: &WritePermit,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<(), StoreError> {
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map_err(|e| self.classify(e))?;
+        Ok(())
+    }
+
+    async fn delete(&self, _permit: &WritePermit, key: &str) -> Result<(), StoreError> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| self.classify(e))?;
+        Ok(())
+    }
+}
+
+/// Replaces every secret in the error's text with `***`.
+fn redact(e: StoreError, secrets: &[String]) -> StoreError {
+    let clean = |s: String| {
+        secrets
+            .iter()
+            .filter(|x| x.len() >= 4)
+            .fold(s, |s, x| s.replace(x.as_str(), "***"))
+    };
+    match e {
+        StoreError::Unreachable { endpoint, cause } => StoreError::Unreachable {
+            endpoint,
+            cause: clean(cause),
+        },
+        StoreError::Credentials { cause } => StoreError::Credentials {
+            cause: clean(cause),
+        },
+        StoreError::Other(m) => StoreError::Other(clean(m)),
+        other => other,
     }
 }
 
@@ -270,6 +460,17 @@ mod tests {
             )
             .as_deref(),
             Some("de-fra-1")
+        );
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let e = StoreError::Credentials {
+            cause: "AccessDenied: No such key: s3cr3tvalue (HTTP 403)".into(),
+        };
+        assert_eq!(
+            redact(e, &["s3cr3tvalue".to_string()]).to_string(),
+            "the server refused the credentials: AccessDenied: No such key: *** (HTTP 403)"
         );
     }
 

@@ -1,0 +1,339 @@
+//! `zonevault backup`: one snapshot of the core's volumes, in every target of
+//! its zone.
+//!
+//! Order of writes, which is what makes a snapshot atomic: the marker (first
+//! use of a target), then every unit object, then the encrypted manifest,
+//! then the cleartext index, last. Until the index exists nothing of the run
+//! is visible; the next run removes what an uncommitted run left.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use anyhow::Context;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::archive;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::layout;
+use crate::lock::RunLock;
+use crate::pipeline::{self, PartSink};
+use crate::progress::Progress;
+use crate::residency::Writable;
+use crate::snapshot::{self, Index, IndexObject, Manifest, UnitRecord};
+use crate::storage::{Store, s3::S3Store};
+use crate::targets;
+use crate::units::{self, Unit};
+
+/// How a backup runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Only these volumes (all when empty).
+    pub volumes: Vec<String>,
+    /// Units processed at once.
+    pub jobs: usize,
+    /// Parts in flight per unit.
+    pub part_jobs: usize,
+    /// Size of an upload part.
+    pub part_size: usize,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// 8 MiB parts: objects up to 80 GB (S3's 10,000-part limit) with a few parts
+/// per unit in memory.
+pub const DEFAULT_PART_SIZE: usize = 8 << 20;
+
+impl Options {
+    /// Defaults: every volume, one unit per CPU, 4 parts in flight.
+    pub fn new() -> Options {
+        Options {
+            volumes: Vec::new(),
+            jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            part_jobs: 4,
+            part_size: DEFAULT_PART_SIZE,
+            progress: false,
+        }
+    }
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options::new()
+    }
+}
+
+/// What a backup did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub snapshot: String,
+    pub core: String,
+    pub zone: String,
+    pub targets: Vec<String>,
+    pub units: usize,
+    pub files: u64,
+    pub plain_bytes: u64,
+    pub stored_bytes: u64,
+    pub seconds: f64,
+    /// Files that changed while read (stored as read).
+    pub changed: Vec<String>,
+    /// Entries that vanished during the walk (skipped).
+    pub vanished: Vec<String>,
+    /// Leftovers of uncommitted runs removed before this one.
+    pub cleaned: usize,
+}
+
+/// Runs one backup.
+pub async fn run(config: &Config, options: &Options) -> Result<Report> {
+    let started = Instant::now();
+    let volumes: Vec<_> = if options.volumes.is_empty() {
+        config.core.volumes.clone()
+    } else {
+        options
+            .volumes
+            .iter()
+            .map(|name| {
+                config
+                    .core
+                    .volumes
+                    .iter()
+                    .find(|v| &v.name == name)
+                    .cloned()
+                    .ok_or_else(|| {
+                        let known: Vec<&str> = config
+                            .core
+                            .volumes
+                            .iter()
+                            .map(|v| v.name.as_str())
+                            .collect();
+                        Error::Usage(format!("no volume named {name:?}; this core has {known:?}"))
+                    })
+            })
+            .collect::<Result<_>>()?
+    };
+    let state_dir = config.core.state_dir.clone();
+    let _lock = tokio::task::spawn_blocking(move || RunLock::acquire(&state_dir))
+        .await
+        .map_err(Error::failed)??;
+
+    let targets = targets::writable(config).await?;
+    for t in &targets {
+        t.ensure_marker()
+            .await
+            .with_context(|| format!("writing the marker of target {}", t.target().name))?;
+    }
+    let core = &config.core.core_id;
+    let mut cleaned = 0;
+    for t in &targets {
+        cleaned += clean_uncommitted(t, core)
+            .await
+            .with_context(|| format!("cleaning up target {}", t.target().name))?;
+    }
+
+    let mut units: Vec<(Unit, globset::GlobSet)> = Vec::new();
+    for v in &volumes {
+        let found = units::units_of(v)
+            .with_context(|| format!("reading volume {} ({})", v.name, v.path.display()))?;
+        units.extend(found.into_iter().map(|u| (u, v.exclude.clone())));
+    }
+
+    let now = chrono::Utc::now();
+    let id = snapshot::new_id(now);
+    let zone = config.zone();
+    let progress = Progress::new(options.progress, units.len() as u64, "backup");
+    let results: Vec<(UnitRecord, archive::WriteStats)> = futures::stream::iter(units)
+        .map(|(unit, exclude)| {
+            let targets = &targets;
+            let progress = &progress;
+            async move {
+                let r = backup_unit(
+                    targets,
+                    core,
+                    &zone.recipients,
+                    config.core.zstd_level,
+                    options,
+                    unit,
+                    exclude,
+                )
+                .await;
+                if let Ok((rec, _)) = &r {
+                    progress.unit_done(rec.plain_size);
+                }
+                r
+            }
+        })
+        .buffer_unordered(options.jobs.max(1))
+        .try_collect()
+        .await?;
+    progress.finish();
+
+    let mut records: Vec<UnitRecord> = Vec::new();
+    let (mut changed, mut vanished, mut files) = (Vec::new(), Vec::new(), 0);
+    for (rec, stats) in results {
+        files += rec.files;
+        changed.extend(stats.changed.iter().map(|p| p.display().to_string()));
+        vanished.extend(stats.vanished.iter().map(|p| p.display().to_string()));
+        records.push(rec);
+    }
+    records.sort_by(|a, b| (&a.volume, &a.kind).cmp(&(&b.volume, &b.kind)));
+
+    let manifest = Manifest {
+        format: layout::FORMAT,
+        snapshot: id.clone(),
+        time: now,
+        core: core.clone(),
+        zone: zone.id.clone(),
+        units: records.clone(),
+    };
+    let sealed = pipeline::encrypt_small(
+        &zone.recipients,
+        &serde_json::to_vec_pretty(&manifest).map_err(anyhow::Error::from)?,
+    )?;
+    let manifest_key = layout::manifest_key(core, &id);
+    let index = Index {
+        format: layout::FORMAT,
+        id: id.clone(),
+        time: now,
+        core: core.clone(),
+        zone: zone.id.clone(),
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        manifest: IndexObject {
+            key: manifest_key.clone(),
+            size: sealed.len() as u64,
+        },
+        objects: records
+            .iter()
+            .map(|r| IndexObject {
+                key: r.object.clone(),
+                size: r.stored_size,
+            })
+            .collect(),
+        units: records.len(),
+        plain_bytes: records.iter().map(|r| r.plain_size).sum(),
+        stored_bytes: records.iter().map(|r| r.stored_size).sum(),
+    };
+    let index_json = Bytes::from(serde_json::to_vec_pretty(&index).map_err(anyhow::Error::from)?);
+    let sealed = Bytes::from(sealed);
+    put_everywhere(&targets, &manifest_key, &sealed).await?;
+    // The commit: the index is the last write of the run.
+    put_everywhere(&targets, &layout::index_key(core, &id), &index_json).await?;
+
+    Ok(Report {
+        snapshot: id,
+        core: core.clone(),
+        zone: zone.id.clone(),
+        targets: targets.iter().map(|t| t.target().name.clone()).collect(),
+        units: records.len(),
+        files,
+        plain_bytes: index.plain_bytes,
+        stored_bytes: index.stored_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+        changed,
+        vanished,
+        cleaned,
+    })
+}
+
+async fn put_everywhere<S: Store>(targets: &[Writable<S>], key: &str, body: &Bytes) -> Result<()> {
+    let puts = targets.iter().map(|t| async move {
+        t.put(key, body.clone())
+            .await
+            .with_context(|| format!("writing {} to target {}", t.key(key), t.target().name))
+    });
+    futures::future::try_join_all(puts).await?;
+    Ok(())
+}
+
+/// One unit: tar → zstd → age → parts on a blocking thread, parts uploaded
+/// to every target as they come.
+async fn backup_unit(
+    targets: &[Writable<S3Store>],
+    core: &str,
+    recipients: &[age::x25519::Recipient],
+    level: i32,
+    options: &Options,
+    unit: Unit,
+    exclude: globset::GlobSet,
+) -> Result<(UnitRecord, archive::WriteStats)> {
+    let key = layout::new_object_key(core);
+    let (tx, rx) = mpsc::channel::<Bytes>(1);
+    let sink = PartSink::new(tx, options.part_size);
+    let recipients = recipients.to_vec();
+    let label = unit.label();
+    let producer_unit = unit.clone();
+    let producer = tokio::task::spawn_blocking(move || {
+        pipeline::seal(&recipients, level, sink, |w| {
+            let (_, stats) = archive::write_unit(&producer_unit, &exclude, w)?;
+            Ok(stats)
+        })
+    });
+    let uploaded = crate::upload::upload(targets, &key, rx, options.part_jobs).await;
+    let sealed = producer
+        .await
+        .map_err(|e| Error::failed(format!("{label}: {e}")))?;
+    // The producer's error is the cause when it failed first (the upload then
+    // only saw the channel close); otherwise the upload's error is.
+    let sealed = match (sealed, uploaded) {
+        (Err(e), _) => return Err(Error::Failed(e.context(format!("backing up {label}")))),
+        (Ok(_), Err(e)) => return Err(Error::Failed(e.context(format!("backing up {label}")))),
+        (Ok(s), Ok(())) => s,
+    };
+    tracing::debug!(unit = %label, key, plain = sealed.plain_size, stored = sealed.stored_size, "unit stored");
+    let record = UnitRecord {
+        volume: unit.volume.clone(),
+        kind: unit.kind.clone(),
+        object: key,
+        plain_size: sealed.plain_size,
+        stored_size: sealed.stored_size,
+        blake3: sealed.blake3,
+        files: sealed.extra.files,
+    };
+    Ok((record, sealed.extra))
+}
+
+/// Removes what runs that never committed left on a target: unfinished
+/// multipart uploads, objects and manifests that no index references.
+/// Never touches anything a committed snapshot references.
+async fn clean_uncommitted<S: Store>(target: &Writable<S>, core: &str) -> anyhow::Result<usize> {
+    let store = target.store();
+    let objects_prefix = target.key(&layout::objects_dir(core));
+    let snapshots_prefix = target.key(&layout::snapshots_dir(core));
+    let mut removed = 0;
+    for upload in store.list_uploads(&objects_prefix).await? {
+        target.abort_upload(&upload.key, &upload.upload_id).await?;
+        removed += 1;
+    }
+    let snapshot_files = store.list(&snapshots_prefix).await?;
+    let mut referenced: HashSet<String> = HashSet::new();
+    for f in &snapshot_files {
+        if !f.key.ends_with(".json") {
+            continue;
+        }
+        let Some(bytes) = store.get(&f.key).await? else {
+            continue;
+        };
+        let index: Index = serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{} is not a snapshot index; refusing to clean up next to it",
+                f.key
+            )
+        })?;
+        referenced.insert(target.key(&index.manifest.key));
+        referenced.extend(index.objects.iter().map(|o| target.key(&o.key)));
+    }
+    let manifests = snapshot_files
+        .iter()
+        .filter(|f| f.key.ends_with(".manifest.age"));
+    let objects = store.list(&objects_prefix).await?;
+    for f in objects.iter().chain(manifests) {
+        if !referenced.contains(&f.key) {
+            tracing::info!(target = %target.target().name, key = %f.key, "removing what an uncommitted run left");
+            target.delete(&f.key).await?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,246 @@
+//! `zonevault restore`: a snapshot (or some of its volumes or users) back
+//! into a directory, on any machine that has the configs, credentials and an
+//! identity. Needs no local state.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+use tokio_util::io::SyncIoBridge;
+
+use crate::archive::{self, DirMeta};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::keys;
+use crate::pipeline::{self, HashingReader, OpenError};
+use crate::progress::Progress;
+use crate::snapshot::{Index, Manifest, UnitRecord};
+use crate::storage::Store;
+use crate::units::{self, UnitKind};
+
+use super::snapshots;
+
+/// What to restore, and where.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// A snapshot id, or `latest`.
+    pub snapshot: String,
+    pub to: PathBuf,
+    pub identity: PathBuf,
+    pub users: Vec<String>,
+    pub volumes: Vec<String>,
+    pub core: Option<String>,
+    pub force: bool,
+    pub jobs: usize,
+    pub progress: bool,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub snapshot: String,
+    pub core: String,
+    pub zone: String,
+    pub to: PathBuf,
+    pub units: usize,
+    pub files: u64,
+    pub plain_bytes: u64,
+    pub seconds: f64,
+    pub users: Vec<String>,
+}
+
+/// Runs a restore.
+pub async fn run(config: &Config, options: &Options) -> Result<Report> {
+    let started = Instant::now();
+    let identities = Arc::new(
+        keys::load_identities(&options.identity).map_err(|e| Error::Usage(format!("{e:#}")))?,
+    );
+    let core = snapshots::resolve_core(config, options.core.as_deref())?;
+    check_destination(&options.to, options.force)?;
+    let zone = config.zone();
+
+    let (indexes, store, target) = snapshots::list(config, &core).await?;
+    let index: Index =
+        if options.snapshot == "latest" {
+            indexes.last().cloned().ok_or_else(|| {
+                Error::failed(format!(
+                    "core {core} has no snapshot in zone {} yet",
+                    zone.id
+                ))
+            })?
+        } else {
+            indexes.iter().find(|i| i.id == options.snapshot).cloned().ok_or_else(|| {
+            Error::failed(format!(
+                "no snapshot {} of core {core} in zone {}; `zonevault snapshots` lists them",
+                options.snapshot, zone.id
+            ))
+        })?
+        };
+    if index.zone != zone.id || index.core != core {
+        return Err(Error::Residency(format!(
+            "snapshot {} says it belongs to core {} of zone {}, not core {core} of zone {}: refused",
+            index.id, index.core, index.zone, zone.id
+        )));
+    }
+
+    let sealed = store
+        .get(&target.key(&index.manifest.key))
+        .await
+        .map_err(anyhow::Error::from)?
+        .ok_or_else(|| {
+            Error::failed(format!("the manifest of snapshot {} is missing", index.id))
+        })?;
+    let manifest: Manifest = match pipeline::decrypt_small(&sealed, &identities) {
+        Ok(plain) => serde_json::from_slice(&plain)
+            .with_context(|| format!("the manifest of snapshot {} is damaged", index.id))?,
+        Err(OpenError::NoMatchingKeys) => {
+            return Err(Error::failed(format!(
+                "this identity cannot decrypt snapshot {} of zone {}",
+                index.id, zone.id
+            )));
+        }
+        Err(e) => {
+            return Err(Error::failed(format!(
+                "the manifest of snapshot {} is damaged: {e}",
+                index.id
+            )));
+        }
+    };
+
+    let selected = select(&manifest, &options.volumes, &options.users)?;
+    std::fs::create_dir_all(&options.to)
+        .with_context(|| format!("cannot create {}", options.to.display()))?;
+    let progress = Progress::new(options.progress, selected.len() as u64, "restore");
+    let results: Vec<(u64, Vec<DirMeta>)> = futures::stream::iter(selected.iter())
+        .map(|rec| {
+            let (store, target, identities, progress) = (&store, &target, &identities, &progress);
+            async move {
+                let label = units::label(&rec.volume, &rec.kind);
+                let body = store
+                    .get_stream(&target.key(&rec.object))
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|b| b.with_context(|| format!("object {} is missing", rec.object)))
+                    .map_err(|e| Error::Failed(e.context(format!("restoring {label}"))))?;
+                let reader = SyncIoBridge::new(body);
+                let dest = options.to.join(&rec.volume);
+                let rec = rec.clone();
+                let identities = Arc::clone(identities);
+                let r = tokio::task::spawn_blocking(move || {
+                    restore_unit(reader, &identities, &dest, &rec)
+                })
+                .await
+                .map_err(Error::failed)?
+                .map_err(|e| Error::Failed(e.context(format!("restoring {label}"))))?;
+                progress.unit_done(r.1);
+                Ok::<_, Error>((r.0, r.2))
+            }
+        })
+        .buffer_unordered(options.jobs.max(1))
+        .try_collect()
+        .await?;
+    progress.finish();
+    let mut dirs = Vec::new();
+    let mut files = 0;
+    for (n, d) in results {
+        files += n;
+        dirs.extend(d);
+    }
+    archive::finish_dirs(dirs)?;
+
+    Ok(Report {
+        snapshot: index.id,
+        core,
+        zone: zone.id.clone(),
+        to: options.to.clone(),
+        units: selected.len(),
+        files,
+        plain_bytes: selected.iter().map(|r| r.plain_size).sum(),
+        seconds: started.elapsed().as_secs_f64(),
+        users: selected
+            .iter()
+            .filter_map(|r| match &r.kind {
+                UnitKind::User(id) => Some(id.clone()),
+                _ => None,
+            })
+            .collect(),
+    })
+}
+
+/// Extracts one unit and checks its BLAKE3. Returns (entries, plain bytes, dirs).
+fn restore_unit(
+    reader: impl std::io::Read,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+    dest: &std::path::Path,
+    rec: &UnitRecord,
+) -> anyhow::Result<(u64, u64, Vec<DirMeta>)> {
+    let plain = pipeline::open(reader, identities)
+        .map_err(|e| anyhow::anyhow!("object {} cannot be opened: {e}", rec.object))?;
+    let mut hashing = HashingReader::new(plain);
+    let mut dirs = Vec::new();
+    std::fs::create_dir_all(dest).with_context(|| format!("cannot create {}", dest.display()))?;
+    let files = archive::extract(&mut hashing, dest, &mut dirs)?;
+    let (blake3, size) = hashing.finish().context("reading the end of the object")?;
+    if blake3 != rec.blake3 || size != rec.plain_size {
+        anyhow::bail!(
+            "integrity check failed: BLAKE3 {blake3} ({size} bytes) differs from the manifest's {} ({} bytes)",
+            rec.blake3,
+            rec.plain_size
+        );
+    }
+    Ok((files, size, dirs))
+}
+
+/// A non-empty destination is refused without `--force`.
+fn check_destination(to: &std::path::Path, force: bool) -> Result<()> {
+    match std::fs::read_dir(to) {
+        Ok(mut entries) => {
+            if entries.next().is_some() && !force {
+                return Err(Error::Usage(format!(
+                    "{} is not empty; restore into an empty directory, or pass --force to overwrite files in it",
+                    to.display()
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            Err(Error::Usage(format!("{} is not a directory", to.display())))
+        }
+        Err(e) => Err(Error::failed(format!("cannot read {}: {e}", to.display()))),
+    }
+}
+
+/// The units to restore: all, or those of some volumes, or some users' units.
+fn select(manifest: &Manifest, volumes: &[String], users: &[String]) -> Result<Vec<UnitRecord>> {
+    for v in volumes {
+        if !manifest.units.iter().any(|u| &u.volume == v) {
+            return Err(Error::failed(format!(
+                "snapshot {} has no volume {v:?}",
+                manifest.snapshot
+            )));
+        }
+    }
+    for user in users {
+        if !manifest
+            .units
+            .iter()
+            .any(|u| u.kind == UnitKind::User(user.clone()))
+        {
+            return Err(Error::failed(format!(
+                "user {user} is not in snapshot {}",
+                manifest.snapshot
+            )));
+        }
+    }
+    Ok(manifest
+        .units
+        .iter()
+        .filter(|u| volumes.is_empty() || volumes.contains(&u.volume))
+        .filter(|u| users.is_empty() || matches!(&u.kind, UnitKind::User(id) if users.contains(id)))
+        .cloned()
+        .collect())
+}

@@ -1,0 +1,70 @@
+//! `zonevault snapshots`: the committed snapshots of a core, from the
+//! cleartext indexes (no identity needed).
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::layout;
+use crate::snapshot::Index;
+use crate::storage::{Store, s3::S3Store};
+use crate::targets;
+
+/// Which core's snapshots: this one, or another core of the same zone. A core
+/// of another zone is a residency refusal (its data is not ours to touch).
+pub fn resolve_core(config: &Config, core: Option<&str>) -> Result<String> {
+    let zone = config.zone();
+    let Some(core) = core else {
+        return Ok(config.core.core_id.clone());
+    };
+    if zone.cores.iter().any(|c| c == core) {
+        return Ok(core.to_string());
+    }
+    match config.map.zone_of_core(core) {
+        Some(other) => Err(Error::Residency(format!(
+            "core {core} belongs to zone {} ({}), not to this core's zone {} ({}): refused",
+            other.id, other.name, zone.id, zone.name
+        ))),
+        None => Err(Error::Usage(format!(
+            "the zone map has no core {core:?}; zone {} has {:?}",
+            zone.id, zone.cores
+        ))),
+    }
+}
+
+/// The committed snapshots of `core`, oldest first, read from the first
+/// target of the zone that answers; with the store they were read from.
+pub async fn list(
+    config: &Config,
+    core: &str,
+) -> Result<(Vec<Index>, S3Store, crate::config::Target)> {
+    let mut errors = Vec::new();
+    for (target, store) in targets::open(config).await {
+        match list_on(&store, &target.key(&layout::snapshots_dir(core))).await {
+            Ok(indexes) => return Ok((indexes, store, target)),
+            Err(e) => errors.push(format!("target {}: {e:#}", target.name)),
+        }
+    }
+    Err(Error::failed(format!(
+        "no target of zone {} could be read: {}",
+        config.zone().id,
+        errors.join("; ")
+    )))
+}
+
+async fn list_on(store: &S3Store, prefix: &str) -> anyhow::Result<Vec<Index>> {
+    let mut indexes = Vec::new();
+    for f in store.list(prefix).await? {
+        if layout::snapshot_of_index(&f.key).is_none() {
+            continue;
+        }
+        let Some(bytes) = store.get(&f.key).await? else {
+            continue;
+        };
+        let index: Index = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not a snapshot index", f.key))?;
+        indexes.push(index);
+    }
+    indexes.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(indexes)
+}

@@ -1,0 +1,240 @@
+//! The byte pipeline of one unit: `tar → BLAKE3 → zstd → age → parts`, and
+//! back: `object → age → zstd → BLAKE3 → tar`.
+//!
+//! Everything here is synchronous `Read`/`Write` and runs on a blocking
+//! thread; parts leave through a bounded channel, so memory stays at a few
+//! parts per unit whatever the size of the unit.
+
+use std::io::{self, Read, Write};
+
+use anyhow::{Context, Result};
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc;
+
+/// Counts and hashes (BLAKE3) the bytes written through it.
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: blake3::Hasher,
+    bytes: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: blake3::Hasher::new(),
+            bytes: 0,
+        }
+    }
+
+    /// The inner writer, the BLAKE3 (hex) and the byte count.
+    pub fn finish(self) -> (W, String, u64) {
+        (
+            self.inner,
+            self.hasher.finalize().to_hex().to_string(),
+            self.bytes,
+        )
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Counts and hashes (BLAKE3) the bytes read through it.
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+    bytes: u64,
+}
+
+impl<R: Read> HashingReader<R> {
+    pub fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hasher: blake3::Hasher::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Reads what is left (a tar's trailing padding), then returns the BLAKE3
+    /// (hex) and byte count of everything read.
+    pub fn finish(mut self) -> io::Result<(String, u64)> {
+        io::copy(&mut self, &mut io::sink())?;
+        Ok((self.hasher.finalize().to_hex().to_string(), self.bytes))
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// Cuts the stream into parts of `part_size` bytes and sends them on; the
+/// channel's bound is what keeps memory flat.
+pub struct PartSink {
+    tx: mpsc::Sender<Bytes>,
+    buf: BytesMut,
+    part_size: usize,
+    sent: u64,
+}
+
+impl PartSink {
+    pub fn new(tx: mpsc::Sender<Bytes>, part_size: usize) -> Self {
+        PartSink {
+            tx,
+            buf: BytesMut::with_capacity(part_size),
+            part_size,
+            sent: 0,
+        }
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        let part = self.buf.split().freeze();
+        self.sent += part.len() as u64;
+        self.tx
+            .blocking_send(part)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))?;
+        self.buf.reserve(self.part_size);
+        Ok(())
+    }
+
+    /// Sends the last (possibly short) part; returns the stored size.
+    pub fn finish(mut self) -> io::Result<u64> {
+        if !self.buf.is_empty() || self.sent == 0 {
+            self.send()?;
+        }
+        Ok(self.sent)
+    }
+}
+
+impl Write for PartSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let room = self.part_size - self.buf.len();
+        let n = room.min(buf.len());
+        self.buf.extend_from_slice(&buf[..n]);
+        if self.buf.len() == self.part_size {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a sealed unit turned out to be.
+#[derive(Debug, Clone)]
+pub struct Sealed<T> {
+    /// BLAKE3 of the plain tar, hex.
+    pub blake3: String,
+    /// Size of the plain tar.
+    pub plain_size: u64,
+    /// Size of the stored object.
+    pub stored_size: u64,
+    /// What the producer returned.
+    pub extra: T,
+}
+
+/// Runs `produce` on a writer whose bytes are hashed, compressed (zstd at
+/// `level`, with frame checksums), encrypted to `recipients` and sent as parts.
+pub fn seal<T>(
+    recipients: &[age::x25519::Recipient],
+    level: i32,
+    sink: PartSink,
+    produce: impl FnOnce(
+        &mut HashingWriter<zstd::Encoder<'static, age::stream::StreamWriter<PartSink>>>,
+    ) -> Result<T>,
+) -> Result<Sealed<T>> {
+    let encryptor =
+        age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
+            .context("no recipients to encrypt to")?;
+    let age = encryptor.wrap_output(sink)?;
+    let mut zstd = zstd::Encoder::new(age, level)?;
+    zstd.include_checksum(true)?;
+    let mut hashing = HashingWriter::new(zstd);
+    let extra = produce(&mut hashing)?;
+    let (zstd, blake3, plain_size) = hashing.finish();
+    let age = zstd.finish()?;
+    let sink = age.finish()?;
+    let stored_size = sink.finish()?;
+    Ok(Sealed {
+        blake3,
+        plain_size,
+        stored_size,
+        extra,
+    })
+}
+
+/// Opens a stored object: age-decrypts with `identities`, then zstd-decodes.
+pub fn open<'a, R: Read + 'a>(
+    reader: R,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+) -> Result<Box<dyn Read + 'a>, OpenError> {
+    let plain = decrypt(io::BufReader::new(reader), identities)?;
+    Ok(Box::new(zstd::Decoder::new(plain).map_err(OpenError::Io)?))
+}
+
+fn decrypt<'a, R: io::BufRead + 'a>(
+    reader: R,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+) -> Result<impl Read + 'a, OpenError> {
+    let decryptor = age::Decryptor::new_buffered(reader).map_err(OpenError::Format)?;
+    decryptor
+        .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
+        .map_err(|e| match e {
+            age::DecryptError::NoMatchingKeys => OpenError::NoMatchingKeys,
+            other => OpenError::Format(other),
+        })
+}
+
+/// Why a stored object could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// None of the identities is a recipient of the object.
+    #[error("none of the identities can decrypt it")]
+    NoMatchingKeys,
+    /// Not an age file, or a damaged one.
+    #[error("not a valid age file: {0}")]
+    Format(age::DecryptError),
+    #[error("{0}")]
+    Io(io::Error),
+}
+
+/// Encrypts a small document (manifest, audit copy) to `recipients`.
+pub fn encrypt_small(recipients: &[age::x25519::Recipient], plain: &[u8]) -> Result<Vec<u8>> {
+    let encryptor =
+        age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
+            .context("no recipients to encrypt to")?;
+    let mut out = Vec::new();
+    let mut w = encryptor.wrap_output(&mut out)?;
+    w.write_all(plain)?;
+    w.finish()?;
+    Ok(out)
+}
+
+/// Decrypts a small document.
+pub fn decrypt_small(
+    sealed: &[u8],
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+) -> Result<Vec<u8>, OpenError> {
+    let mut out = Vec::new();
+    decrypt(sealed, identities)?
+        .read_to_end(&mut out)
+        .map_err(OpenError::Io)?;
+    Ok(out)
+}

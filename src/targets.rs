@@ -1,0 +1,55 @@
+//! The zone's targets as the commands need them: stores to read from, and
+//! writable targets that passed the residency gate.
+
+use crate::config::{Config, Target};
+use crate::error::Error;
+use crate::residency::{self, Verdict, Writable};
+use crate::storage::s3::S3Store;
+
+/// A client per target of the core's zone, in zone-map order.
+pub async fn open(config: &Config) -> Vec<(Target, S3Store)> {
+    let zone = config.zone();
+    let stores = zone
+        .targets
+        .iter()
+        .map(|t| S3Store::connect(t, config.credentials(&t.name)));
+    let stores = futures::future::join_all(stores).await;
+    zone.targets.iter().cloned().zip(stores).collect()
+}
+
+/// Every target of the zone, checked. Any refusal is an [`Error::Residency`]
+/// (exit 3) and any unreachable target an [`Error::Failed`]: a run writes to
+/// all of the zone's targets or to none.
+pub async fn writable(config: &Config) -> Result<Vec<Writable<S3Store>>, Error> {
+    let verdicts = futures::future::join_all(
+        open(config)
+            .await
+            .into_iter()
+            .map(|(t, store)| async move { (residency::verify(config, &t, store).await, t) }),
+    )
+    .await;
+    let mut writable = Vec::new();
+    let mut refused = Vec::new();
+    let mut failed = Vec::new();
+    for (verdict, target) in verdicts {
+        match verdict {
+            Verdict::Passed(w) => writable.push(w),
+            Verdict::Refused(r) => refused.push(format!("target {}: {}", target.name, r.reason)),
+            Verdict::Unavailable(e) => failed.push(format!("target {}: {e}", target.name)),
+        }
+    }
+    if !refused.is_empty() {
+        return Err(Error::Residency(format!(
+            "residency check refused, nothing written: {}",
+            refused.join("; ")
+        )));
+    }
+    if !failed.is_empty() {
+        return Err(Error::failed(format!(
+            "cannot use every target of zone {}: {}",
+            config.zone().id,
+            failed.join("; ")
+        )));
+    }
+    Ok(writable)
+}

@@ -1,0 +1,129 @@
+//! Uploading one object to every target of the zone, part by part.
+//!
+//! Parts arrive on a channel from the pipeline. An object that fits in one
+//! part is a single PUT; a larger one is a multipart upload on each target,
+//! up to `concurrency` parts in flight. On any failure every started multipart upload is
+//! aborted, so a failed run leaves no half object behind.
+
+use anyhow::Result;
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::sync::mpsc;
+
+use crate::residency::Writable;
+use crate::storage::Store;
+
+/// Receives the parts of object `key` and writes it to every target.
+pub async fn upload<S: Store>(
+    targets: &[Writable<S>],
+    key: &str,
+    mut parts: mpsc::Receiver<Bytes>,
+    concurrency: usize,
+) -> Result<()> {
+    let Some(first) = parts.recv().await else {
+        anyhow::bail!("the pipeline produced no data for {key}");
+    };
+    let Some(second) = parts.recv().await else {
+        let puts = targets.iter().map(|t| {
+            let body = first.clone();
+            async move {
+                t.put(key, body)
+                    .await
+                    .map_err(|e| context(e, "writing", t, key))
+            }
+        });
+        futures::future::try_join_all(puts).await?;
+        return Ok(());
+    };
+
+    let ids = futures::future::join_all(targets.iter().map(|t| t.create_upload(key))).await;
+    let mut uploads = Vec::new();
+    let mut failure = None;
+    for (t, id) in targets.iter().zip(ids) {
+        match id {
+            Ok(id) => uploads.push((t, id)),
+            Err(e) => {
+                failure.get_or_insert(context(e, "starting the upload of", t, key));
+            }
+        }
+    }
+    if failure.is_none() {
+        match send_parts(&uploads, key, [first, second], parts, concurrency).await {
+            Ok(()) => return Ok(()),
+            Err(e) => failure = Some(e),
+        }
+    }
+    for (t, id) in &uploads {
+        if let Err(e) = t.abort_upload(&t.key(key), id).await {
+            tracing::warn!(target = %t.target().name, error = %e, "could not abort an upload; the next run removes it");
+        }
+    }
+    Err(failure.expect("a failure was recorded"))
+}
+
+/// Sends every part to every upload, at most `concurrency` parts at a time,
+/// then completes the uploads.
+async fn send_parts<S: Store>(
+    uploads: &[(&Writable<S>, String)],
+    key: &str,
+    first: [Bytes; 2],
+    mut parts: mpsc::Receiver<Bytes>,
+    concurrency: usize,
+) -> Result<()> {
+    let mut done: Vec<Vec<(i32, String)>> = vec![Vec::new(); uploads.len()];
+    let mut inflight = FuturesUnordered::new();
+    let mut queued = first.into_iter();
+    let mut number = 0;
+    let mut exhausted = false;
+    loop {
+        while !exhausted && inflight.len() < concurrency.max(1) {
+            let part = match queued.next() {
+                Some(p) => Some(p),
+                None => parts.recv().await,
+            };
+            let Some(part) = part else {
+                exhausted = true;
+                break;
+            };
+            number += 1;
+            for (i, (t, id)) in uploads.iter().enumerate() {
+                let body = part.clone();
+                inflight.push(async move {
+                    let etag = t
+                        .upload_part(key, id, number, body)
+                        .await
+                        .map_err(|e| context(e, &format!("uploading part {number} of"), t, key))?;
+                    Ok::<_, anyhow::Error>((i, number, etag))
+                });
+            }
+        }
+        match inflight.next().await {
+            Some(r) => {
+                let (i, number, etag) = r?;
+                done[i].push((number, etag));
+            }
+            None => break,
+        }
+    }
+    for ((t, id), mut parts) in uploads.iter().zip(done) {
+        parts.sort_by_key(|(n, _)| *n);
+        t.complete_upload(key, id, parts)
+            .await
+            .map_err(|e| context(e, "completing the upload of", t, key))?;
+    }
+    Ok(())
+}
+
+fn context<S: Store>(
+    e: crate::storage::StoreError,
+    what: &str,
+    t: &Writable<S>,
+    key: &str,
+) -> anyhow::Error {
+    anyhow::Error::new(e).context(format!(
+        "{what} {} to target {}",
+        t.key(key),
+        t.target().name
+    ))
+}
