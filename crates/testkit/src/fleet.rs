@@ -158,6 +158,14 @@ impl Fleet {
         self.dir.join("volumes").join(core)
     }
 
+    /// Replaces the `users` volume of `core` with a generated Pryv-like
+    /// volume; returns its user ids.
+    pub fn users_fixture(&self, core: &str, spec: &crate::fixture::Spec) -> Result<Vec<String>> {
+        let users = self.volumes_dir(core).join("users");
+        std::fs::remove_dir_all(&users)?;
+        crate::fixture::write_pryv_volume(&users, spec)
+    }
+
     /// The zone map as TOML.
     pub fn zonemap_toml(&self) -> String {
         let mut s = String::from(

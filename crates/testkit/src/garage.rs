@@ -255,6 +255,21 @@ admin_token = "{admin_token}"
         })
     }
 
+    /// An object's bytes.
+    pub fn get(&self, key: &str) -> Result<Vec<u8>> {
+        block_on(async {
+            let client = self.client().await;
+            let out = client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+                .with_context(|| format!("getting {key}"))?;
+            Ok(out.body.collect().await?.to_vec())
+        })
+    }
+
     /// Stops the server (SIGKILL by PID) and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -1,6 +1,7 @@
 //! `zv-testkit`: starts a local two-zone Garage fleet for the demo.
 //!
-//!     zv-testkit fleet DIR     start the fleet in DIR, write its config; servers keep running
+//!     zv-testkit fleet DIR                 start the fleet in DIR, write its config; servers keep running
+//!     zv-testkit fixture DIR USERS [KB]    write a Pryv-like volume of USERS users (~KB kB each, default 1000)
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,8 +18,34 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        [cmd, dir, users, rest @ ..] if cmd == "fixture" && rest.len() <= 1 => {
+            let users = users.parse::<usize>();
+            let kb = rest.first().map_or(Ok(1000), |k| k.parse::<usize>());
+            match (users, kb) {
+                (Ok(users), Ok(kb)) => {
+                    let spec = zonevault_testkit::fixture::Spec::new(users, kb * 1000);
+                    match zonevault_testkit::fixture::write_pryv_volume(
+                        std::path::Path::new(dir),
+                        &spec,
+                    ) {
+                        Ok(ids) => {
+                            println!("wrote {} users (~{} kB each) to {dir}", ids.len(), kb);
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => {
+                            eprintln!("error: {e:#}");
+                            ExitCode::FAILURE
+                        }
+                    }
+                }
+                _ => {
+                    eprintln!("usage: zv-testkit fixture DIR USERS [KB]");
+                    ExitCode::from(2)
+                }
+            }
+        }
         _ => {
-            eprintln!("usage: zv-testkit fleet DIR");
+            eprintln!("usage: zv-testkit fleet DIR | zv-testkit fixture DIR USERS [KB]");
             ExitCode::from(2)
         }
     }

@@ -1,0 +1,314 @@
+//! backup → snapshots → restore against two Garage zones, with the real
+//! age/zstd/tar tools for the disaster path.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::{Fleet, fleet, output_text, zv};
+use zonevault_testkit::fixture::{self, Spec};
+
+/// Runs a command, asserts the exit code, returns (stdout, stderr).
+fn run(cmd: &mut assert_cmd::Command, code: i32) -> (String, String) {
+    let out = cmd.output().unwrap();
+    let (stdout, stderr) = output_text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    (stdout, stderr)
+}
+
+fn backup(core: &Path) -> serde_json::Value {
+    let (stdout, _) = run(zv(core).args(["backup", "--json"]), 0);
+    serde_json::from_str(&stdout).unwrap()
+}
+
+fn restore(core: &Path, key: &Path, to: &Path, extra: &[&str], code: i32) -> (String, String) {
+    run(
+        zv(core)
+            .args(["restore", "--snapshot", "latest", "--identity"])
+            .arg(key)
+            .arg("--to")
+            .arg(to)
+            .args(extra),
+        code,
+    )
+}
+
+/// A fleet whose core-ch-1 has a generated users volume of `users` users.
+fn fleet_with_users(dir: &Path, users: usize, bytes: usize) -> (Fleet, PathBuf, Vec<String>) {
+    let (fleet, core) = fleet(dir);
+    let ids = fleet
+        .users_fixture("core-ch-1", &Spec::new(users, bytes))
+        .unwrap();
+    (fleet, core, ids)
+}
+
+fn object_keys(fleet: &Fleet, region: &str) -> Vec<String> {
+    fleet
+        .garage(region)
+        .keys()
+        .unwrap()
+        .into_iter()
+        .filter(|k| k.contains("/objects/"))
+        .collect()
+}
+
+#[test]
+fn round_trip_of_200_users_stays_in_the_zone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core, ids) = fleet_with_users(dir.path(), 200, 20_000);
+    let report = backup(&core);
+    // 200 user units + the shared unit + the plain etc volume
+    assert_eq!(report["units"], 202, "{report}");
+
+    // listed from the cleartext index
+    let (stdout, _) = run(zv(&core).args(["snapshots", "--json"]), 0);
+    let list: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["id"], report["snapshot"]);
+    assert_eq!(list[0]["units"], 202);
+
+    // objects in both targets of zone ch, none in zone de, no user id in any key
+    let gva = object_keys(&fleet, "ch-gva-2");
+    let dk = object_keys(&fleet, "ch-dk-2");
+    assert_eq!(gva.len(), 202);
+    assert_eq!(gva, dk, "every object goes to each target of the zone");
+    assert!(fleet.garage("de-fra-1").keys().unwrap().is_empty());
+    for key in fleet.garage("ch-gva-2").keys().unwrap() {
+        for id in &ids {
+            assert!(!key.contains(id.as_str()), "{key} holds user id {id}");
+        }
+    }
+
+    // restore on "a fresh machine": only the configs, credentials and identity
+    std::fs::remove_dir_all(dir.path().join("state")).ok();
+    let to = dir.path().join("restored");
+    restore(&core, &fleet.identity("ch"), &to, &[], 0);
+    let source = fleet.volumes_dir("core-ch-1");
+    let mut expected = fixture::tree(&source).unwrap();
+    expected.retain(|p, _| !p.to_string_lossy().ends_with(".tmp")); // excluded by *.tmp
+    // The volume roots themselves are DIR/<volume>, made by restore: their
+    // own mode and mtime are not part of any unit.
+    let mut got = fixture::tree(&to).unwrap();
+    for root in ["users", "etc"] {
+        assert!(
+            got.remove(Path::new(root)).is_some() && expected.remove(Path::new(root)).is_some()
+        );
+    }
+    assert_same_tree(&got, &expected);
+}
+
+/// Asserts two tree digests are equal, printing only the entries that differ.
+fn assert_same_tree(
+    got: &std::collections::BTreeMap<PathBuf, String>,
+    want: &std::collections::BTreeMap<PathBuf, String>,
+) {
+    let mut diffs = Vec::new();
+    for (path, w) in want {
+        match got.get(path) {
+            Some(g) if g == w => {}
+            Some(g) => diffs.push(format!("{}: restored {g}, source {w}", path.display())),
+            None => diffs.push(format!("{}: missing", path.display())),
+        }
+    }
+    diffs.extend(
+        got.keys()
+            .filter(|p| !want.contains_key(*p))
+            .map(|p| format!("{}: extra", p.display())),
+    );
+    assert!(
+        diffs.is_empty(),
+        "{} differences, first ones:\n{}",
+        diffs.len(),
+        diffs[..diffs.len().min(10)].join("\n")
+    );
+}
+
+#[test]
+fn reference_tools_restore_a_unit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core, ids) = fleet_with_users(dir.path(), 3, 50_000);
+    backup(&core);
+    // find the object of user ids[1] through the manifest, as an operator would
+    let manifest_key = fleet
+        .garage("ch-gva-2")
+        .keys()
+        .unwrap()
+        .into_iter()
+        .find(|k| k.ends_with(".manifest.age"))
+        .unwrap();
+    let key = fleet.identity("ch");
+    let manifest = pipe(
+        "age",
+        &["-d", "-i", key.to_str().unwrap()],
+        &fleet.garage("ch-gva-2").get(&manifest_key).unwrap(),
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let unit = manifest["units"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["user"] == ids[1].as_str())
+        .unwrap();
+    let object = fleet
+        .garage("ch-gva-2")
+        .get(&format!("zonevault/{}", unit["object"].as_str().unwrap()))
+        .unwrap();
+
+    // age -d -i KEY OBJ | zstd -d | tar -x
+    let out = dir.path().join("by-hand");
+    std::fs::create_dir_all(&out).unwrap();
+    let tar = pipe(
+        "zstd",
+        &["-d"],
+        &pipe("age", &["-d", "-i", key.to_str().unwrap()], &object),
+    );
+    assert_eq!(
+        blake3::hash(&tar).to_hex().as_str(),
+        unit["blake3"].as_str().unwrap()
+    );
+    pipe("tar", &["-x", "-C", out.to_str().unwrap()], &tar);
+
+    let user_dir = fixture::user_dir(&ids[1]);
+    let source = fleet.volumes_dir("core-ch-1").join("users").join(&user_dir);
+    assert_same_tree(
+        &fixture::tree(&out.join(&user_dir)).unwrap(),
+        &fixture::tree(&source).unwrap(),
+    );
+}
+
+fn pipe(program: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} not found ({e}): run scripts/install-deps"));
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{program}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[test]
+fn spoofed_region_gets_zero_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut fleet, _) = fleet(dir.path());
+    let de = fleet.garage("de-fra-1");
+    let (endpoint, bucket, key_id, secret) = (
+        de.endpoint.clone(),
+        de.bucket.clone(),
+        de.key_id.clone(),
+        de.secret.clone(),
+    );
+    let t = &mut fleet.zone_mut("ch").targets[1];
+    (t.endpoint, t.bucket, t.key_id, t.secret) = (endpoint, bucket, key_id, secret);
+    fleet.zone_mut("de").targets[0].prefix = "zonevault-de".into();
+    let core = fleet.write_configs().unwrap();
+    let (_, stderr) = run(zv(&core).arg("backup"), 3);
+    assert!(
+        stderr.contains("de-fra-1") && stderr.contains("nothing written"),
+        "{stderr}"
+    );
+    assert!(fleet.garage("de-fra-1").keys().unwrap().is_empty());
+    assert!(fleet.garage("ch-gva-2").keys().unwrap().is_empty());
+}
+
+#[test]
+fn restore_errors_say_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core, ids) = fleet_with_users(dir.path(), 5, 10_000);
+    let snapshot = backup(&core)["snapshot"].as_str().unwrap().to_string();
+    let key = fleet.identity("ch");
+
+    // one user only
+    let to = dir.path().join("one-user");
+    restore(&core, &key, &to, &["--user", &ids[2]], 0);
+    let restored = fixture::tree(&to.join("users")).unwrap();
+    let user_dir = fixture::user_dir(&ids[2]);
+    assert!(!restored.is_empty());
+    assert!(
+        restored
+            .keys()
+            .all(|p| user_dir.starts_with(p) || p.starts_with(&user_dir)),
+        "{restored:?}"
+    );
+    assert!(!to.join("etc").exists());
+
+    // the wrong identity: one sentence
+    let (_, stderr) = restore(&core, &fleet.identity("de"), &dir.path().join("x1"), &[], 1);
+    assert_eq!(
+        stderr.trim(),
+        format!("error: this identity cannot decrypt snapshot {snapshot} of zone ch")
+    );
+
+    // a non-empty directory without --force; then with it
+    let busy = dir.path().join("busy");
+    std::fs::create_dir_all(&busy).unwrap();
+    std::fs::write(busy.join("keep.txt"), "x").unwrap();
+    let (_, stderr) = restore(&core, &key, &busy, &[], 2);
+    assert!(
+        stderr.contains("is not empty") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    restore(&core, &key, &busy, &["--force", "--volume", "etc"], 0);
+    assert!(busy.join("etc/core.yml").exists() && busy.join("keep.txt").exists());
+
+    // an unknown user
+    let (_, stderr) = restore(
+        &core,
+        &key,
+        &dir.path().join("x2"),
+        &["--user", "cnosuchuser0000"],
+        1,
+    );
+    assert!(
+        stderr.contains("user cnosuchuser0000 is not in snapshot"),
+        "{stderr}"
+    );
+
+    // another zone's core
+    let (_, stderr) = restore(
+        &core,
+        &key,
+        &dir.path().join("x3"),
+        &["--core", "core-de-1"],
+        3,
+    );
+    assert!(
+        stderr.contains("core core-de-1 belongs to zone de"),
+        "{stderr}"
+    );
+
+    // an unknown snapshot
+    let (_, stderr) = run(
+        zv(&core)
+            .args([
+                "restore",
+                "--snapshot",
+                "20990101T000000Z-0000",
+                "--identity",
+            ])
+            .arg(&key)
+            .arg("--to")
+            .arg(dir.path().join("x4")),
+        1,
+    );
+    assert!(
+        stderr.contains("no snapshot 20990101T000000Z-0000"),
+        "{stderr}"
+    );
+}
