@@ -312,3 +312,228 @@ fn restore_errors_say_what_is_wrong() {
         "{stderr}"
     );
 }
+
+/// The decrypted manifest of the only snapshot, read with the age CLI.
+fn manifest(fleet: &Fleet) -> serde_json::Value {
+    let gva = fleet.garage("ch-gva-2");
+    let key = gva
+        .keys()
+        .unwrap()
+        .into_iter()
+        .find(|k| k.ends_with(".manifest.age"))
+        .expect("a manifest");
+    let identity = fleet.identity("ch");
+    let plain = pipe(
+        "age",
+        &["-d", "-i", identity.to_str().unwrap()],
+        &gva.get(&key).unwrap(),
+    );
+    serde_json::from_slice(&plain).unwrap()
+}
+
+/// The object key (in the bucket) of `user`'s unit.
+fn object_of(fleet: &Fleet, user: &str) -> String {
+    let m = manifest(fleet);
+    let unit = m["units"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["user"] == user)
+        .unwrap();
+    format!("zonevault/{}", unit["object"].as_str().unwrap())
+}
+
+#[test]
+fn a_corrupted_object_fails_the_restore_naming_the_unit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core, ids) = fleet_with_users(dir.path(), 4, 200_000);
+    backup(&core);
+    let key = object_of(&fleet, &ids[3]);
+    let gva = fleet.garage("ch-gva-2");
+    let mut bytes = gva.get(&key).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    gva.put(&key, &bytes).unwrap();
+    let (_, stderr) = restore(&core, &fleet.identity("ch"), &dir.path().join("r"), &[], 1);
+    assert!(
+        stderr.contains(&format!("restoring users/user {}", ids[3])),
+        "{stderr}"
+    );
+}
+
+/// A tar holding `entries` (raw, unchecked paths), compressed and encrypted
+/// to zone ch as zonevault would: what an attacker with write access could put.
+fn hostile_object(fleet: &Fleet, entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, kind, content) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.as_gnu_mut().unwrap().name[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_entry_type(*kind);
+        h.set_mode(0o644);
+        if *kind == tar::EntryType::Symlink {
+            h.as_gnu_mut().unwrap().linkname[..content.len()].copy_from_slice(content.as_bytes());
+            h.set_size(0);
+            h.set_cksum();
+            builder.append(&h, std::io::empty()).unwrap();
+        } else {
+            h.set_size(content.len() as u64);
+            h.set_cksum();
+            builder.append(&h, content.as_bytes()).unwrap();
+        }
+    }
+    let tar = builder.into_inner().unwrap();
+    let recipient = &fleet.zone("ch").recipients[0];
+    pipe("age", &["-r", recipient], &pipe("zstd", &["-q"], &tar))
+}
+
+#[test]
+fn entries_that_escape_the_restore_directory_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core, ids) = fleet_with_users(dir.path(), 2, 10_000);
+    backup(&core);
+    let key = object_of(&fleet, &ids[0]);
+    let gva = fleet.garage("ch-gva-2");
+    let cases: [&[(&str, tar::EntryType, &str)]; 3] = [
+        &[("../../escape.txt", tar::EntryType::Regular, "pwned")],
+        &[(
+            "/tmp/zonevault-absolute-escape.txt",
+            tar::EntryType::Regular,
+            "pwned",
+        )],
+        &[
+            ("evil", tar::EntryType::Symlink, "../../.."),
+            ("evil/escape.txt", tar::EntryType::Regular, "pwned"),
+        ],
+    ];
+    for (i, entries) in cases.iter().enumerate() {
+        gva.put(&key, &hostile_object(&fleet, entries)).unwrap();
+        let to = dir.path().join(format!("r{i}"));
+        let (_, stderr) = restore(&core, &fleet.identity("ch"), &to, &[], 1);
+        assert!(stderr.contains("refused"), "case {i}: {stderr}");
+        assert!(
+            stderr.contains(&format!("users/user {}", ids[0])),
+            "case {i}: {stderr}"
+        );
+        assert!(!dir.path().join("escape.txt").exists());
+        assert!(!to.join("escape.txt").exists());
+        assert!(!Path::new("/tmp/zonevault-absolute-escape.txt").exists());
+    }
+}
+
+#[test]
+fn sigkill_during_an_upload_leaves_no_snapshot_and_the_next_run_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core, _) = fleet_with_users(dir.path(), 3, 10_000);
+    // one big incompressible unit, so that the run is still uploading when killed
+    let mut big = vec![0u8; 300 << 20];
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for chunk in big.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(fleet.volumes_dir("core-ch-1").join("etc/big.bin"), &big).unwrap();
+    drop(big);
+
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("zonevault"))
+        .arg("--config")
+        .arg(&core)
+        .args(["backup", "--jobs", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let gva = fleet.garage("ch-gva-2");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while gva.pending_uploads().unwrap() == 0 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup ended before an upload was seen"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no multipart upload started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let (stdout, _) = run(zv(&core).args(["snapshots", "--json"]), 0);
+    assert_eq!(stdout.trim(), "[]", "a killed run left a visible snapshot");
+    assert!(gva.pending_uploads().unwrap() > 0 || !object_keys(&fleet, "ch-gva-2").is_empty());
+
+    let report = backup(&core);
+    assert!(report["cleaned"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(gva.pending_uploads().unwrap(), 0);
+    assert_eq!(
+        object_keys(&fleet, "ch-gva-2").len() as u64,
+        report["units"].as_u64().unwrap()
+    );
+    let (stdout, _) = run(zv(&core).args(["snapshots", "--json"]), 0);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn a_target_failing_mid_run_fails_the_run_and_keeps_earlier_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut fleet, core, _) = fleet_with_users(dir.path(), 3, 10_000);
+    let first = backup(&core)["snapshot"].as_str().unwrap().to_string();
+    std::fs::write(
+        fleet.volumes_dir("core-ch-1").join("etc/big.bin"),
+        vec![7u8; 64 << 20],
+    )
+    .unwrap();
+
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("zonevault"))
+        .arg("--config")
+        .arg(&core)
+        .args(["backup", "--jobs", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while object_keys(&fleet, "ch-dk-2").len() <= 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second run wrote nothing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let dk = fleet
+        .garages
+        .iter_mut()
+        .find(|g| g.region == "ch-dk-2")
+        .unwrap();
+    dk.stop();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("ch-secondary"),
+        "the failing target is not named: {stderr}"
+    );
+
+    // the other target holds the first snapshot only, and no unfinished upload
+    let gva = fleet.garage("ch-gva-2");
+    let indexes: Vec<String> = gva
+        .keys()
+        .unwrap()
+        .into_iter()
+        .filter(|k| k.ends_with(".json") && k.contains("/snapshots/"))
+        .collect();
+    assert_eq!(
+        indexes,
+        vec![format!("zonevault/core-ch-1/snapshots/{first}.json")]
+    );
+    assert_eq!(gva.pending_uploads().unwrap(), 0);
+}

@@ -144,7 +144,7 @@ pub async fn run(config: &Config, options: &Options) -> Result<Report> {
     let id = snapshot::new_id(now);
     let zone = config.zone();
     let progress = Progress::new(options.progress, units.len() as u64, "backup");
-    let results: Vec<(UnitRecord, archive::WriteStats)> = futures::stream::iter(units)
+    let results: Result<Vec<(UnitRecord, archive::WriteStats)>> = futures::stream::iter(units)
         .map(|(unit, exclude)| {
             let targets = &targets;
             let progress = &progress;
@@ -167,8 +167,21 @@ pub async fn run(config: &Config, options: &Options) -> Result<Report> {
         })
         .buffer_unordered(options.jobs.max(1))
         .try_collect()
-        .await?;
+        .await;
     progress.finish();
+    let results = match results {
+        Ok(r) => r,
+        Err(e) => {
+            // Units still in flight were dropped with their uploads open:
+            // abort every upload of this core (the run lock makes them ours).
+            for t in &targets {
+                if let Err(abort) = abort_uploads(t, core).await {
+                    tracing::warn!(target = %t.target().name, error = %abort, "could not abort unfinished uploads; the next run removes them");
+                }
+            }
+            return Err(e);
+        }
+    };
 
     let mut records: Vec<UnitRecord> = Vec::new();
     let (mut changed, mut vanished, mut files) = (Vec::new(), Vec::new(), 0);
@@ -294,6 +307,18 @@ async fn backup_unit(
     Ok((record, sealed.extra))
 }
 
+/// Aborts every unfinished multipart upload of `core` on a target.
+async fn abort_uploads<S: Store>(target: &Writable<S>, core: &str) -> anyhow::Result<usize> {
+    let uploads = target
+        .store()
+        .list_uploads(&target.key(&layout::objects_dir(core)))
+        .await?;
+    for upload in &uploads {
+        target.abort_upload(&upload.key, &upload.upload_id).await?;
+    }
+    Ok(uploads.len())
+}
+
 /// Removes what runs that never committed left on a target: unfinished
 /// multipart uploads, objects and manifests that no index references.
 /// Never touches anything a committed snapshot references.
@@ -301,11 +326,7 @@ async fn clean_uncommitted<S: Store>(target: &Writable<S>, core: &str) -> anyhow
     let store = target.store();
     let objects_prefix = target.key(&layout::objects_dir(core));
     let snapshots_prefix = target.key(&layout::snapshots_dir(core));
-    let mut removed = 0;
-    for upload in store.list_uploads(&objects_prefix).await? {
-        target.abort_upload(&upload.key, &upload.upload_id).await?;
-        removed += 1;
-    }
+    let mut removed = abort_uploads(target, core).await?;
     let snapshot_files = store.list(&snapshots_prefix).await?;
     let mut referenced: HashSet<String> = HashSet::new();
     for f in &snapshot_files {

@@ -255,6 +255,20 @@ admin_token = "{admin_token}"
         })
     }
 
+    /// How many multipart uploads are in progress in the bucket.
+    pub fn pending_uploads(&self) -> Result<usize> {
+        block_on(async {
+            let client = self.client().await;
+            let out = client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .send()
+                .await
+                .context("listing uploads")?;
+            Ok(out.uploads().len())
+        })
+    }
+
     /// An object's bytes.
     pub fn get(&self, key: &str) -> Result<Vec<u8>> {
         block_on(async {
