@@ -91,7 +91,7 @@ fn throughput(bytes: u64, seconds: f64) -> String {
 /// The human form of `backup`.
 pub fn backup(r: &crate::commands::backup::Report) -> String {
     let mut s = format!(
-        "snapshot {} committed: core {}, zone {}, targets {}
+        "snapshot {} committed: core {}, zone {}, targets {}\n\
          {} units, {} files, {} plain, {} stored, {:.1} s, {}
 ",
         r.snapshot,
@@ -150,7 +150,7 @@ pub fn snapshots(indexes: &[crate::snapshot::Index]) -> String {
 /// The human form of `restore`.
 pub fn restore(r: &crate::commands::restore::Report) -> String {
     format!(
-        "restored snapshot {} of core {} (zone {}) into {}
+        "restored snapshot {} of core {} (zone {}) into {}\n\
          {} units, {} files, {} plain, {:.1} s, {}; every unit's BLAKE3 verified
 ",
         r.snapshot,

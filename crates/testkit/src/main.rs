@@ -1,6 +1,6 @@
 //! `zv-testkit`: starts a local two-zone Garage fleet for the demo.
 //!
-//!     zv-testkit fleet DIR                 start the fleet in DIR, write its config; servers keep running
+//!     zv-testkit fleet DIR [--one-target]  start the fleet in DIR, write its config; servers keep running
 //!     zv-testkit fixture DIR USERS [KB]    write a Pryv-like volume of USERS users (~KB kB each, default 1000)
 
 use std::path::PathBuf;
@@ -11,7 +11,7 @@ use zonevault_testkit::Fleet;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.as_slice() {
-        [cmd, dir] if cmd == "fleet" => match fleet(PathBuf::from(dir)) {
+        [cmd, dir, flags @ ..] if cmd == "fleet" && flags.iter().all(|f| f == "--one-target") => match fleet(PathBuf::from(dir), !flags.is_empty()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -45,14 +45,18 @@ fn main() -> ExitCode {
             }
         }
         _ => {
-            eprintln!("usage: zv-testkit fleet DIR | zv-testkit fixture DIR USERS [KB]");
+            eprintln!("usage: zv-testkit fleet DIR [--one-target] | zv-testkit fixture DIR USERS [KB]");
             ExitCode::from(2)
         }
     }
 }
 
-fn fleet(dir: PathBuf) -> anyhow::Result<()> {
-    let fleet = Fleet::start_detached(&dir)?;
+fn fleet(dir: PathBuf, one_target: bool) -> anyhow::Result<()> {
+    let mut fleet = Fleet::start_detached(&dir)?;
+    if one_target {
+        // zone ch backs up to ch-primary only (benchmarks compare with one restic repository)
+        fleet.zone_mut("ch").targets.truncate(1);
+    }
     let core = fleet.write_configs()?;
     let mut stop = String::from(
         "#!/bin/sh\n# stops the Garage servers of this demo fleet, by the PIDs they were started with\n",
