@@ -99,7 +99,6 @@ pub fn write_unit<W: Write>(
                     stats.files += 1;
                     continue;
                 }
-                links.insert(id, rel.to_path_buf());
             }
             let file = match std::fs::File::open(path) {
                 Ok(f) => f,
@@ -114,7 +113,7 @@ pub fn write_unit<W: Write>(
             let mut reader = ExactSize::new(&file, size);
             builder
                 .append_data(&mut header, rel, &mut reader)
-                .with_context(|| format!("cannot read {}", path.display()))?;
+                .with_context(|| format!("storing {}", path.display()))?;
             let after = file.metadata().ok();
             let changed = reader.short
                 || after.is_none_or(|a| {
@@ -125,6 +124,10 @@ pub fn write_unit<W: Write>(
             if changed {
                 tracing::warn!(path = %path.display(), "changed while read; stored as read");
                 stats.changed.push(path.to_path_buf());
+            }
+            if meta.nlink() > 1 {
+                // only now: a later name may link to this one since it is stored
+                links.insert((meta.dev(), meta.ino()), rel.to_path_buf());
             }
         } else {
             tracing::warn!(path = %path.display(), "not a file, directory or link; skipped");
@@ -208,6 +211,10 @@ pub fn extract<R: Read>(reader: R, dest: &Path, dirs: &mut Vec<DirMeta>) -> Resu
                 path
             )
         })?;
+        if rel.as_os_str().is_empty() {
+            continue; // "./": the volume root, which restore creates
+        }
+        refuse_linked_ancestors(dest, &rel)?;
         match entry.header().entry_type() {
             EntryType::Symlink | EntryType::Link => {
                 let target = entry
@@ -260,11 +267,36 @@ pub fn extract<R: Read>(reader: R, dest: &Path, dirs: &mut Vec<DirMeta>) -> Resu
     Ok(count)
 }
 
+/// Refuses an entry when a directory on its way inside `dest` is a symlink:
+/// writing through it could land anywhere, whatever the path's text says.
+fn refuse_linked_ancestors(dest: &Path, rel: &Path) -> Result<()> {
+    let mut at = dest.to_path_buf();
+    let parts: Vec<_> = rel.components().collect();
+    for part in &parts[..parts.len().saturating_sub(1)] {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => bail!(
+                "refused entry {}: {} is a symlink, and nothing is written through links",
+                rel.display(),
+                at.display()
+            ),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => bail!("cannot inspect {}: {e}", at.display()),
+        }
+    }
+    Ok(())
+}
+
 /// Sets the mode and mtime of restored directories, deepest first.
 pub fn finish_dirs(mut dirs: Vec<DirMeta>) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     dirs.sort_by_key(|d| std::cmp::Reverse(d.path.components().count()));
     for d in dirs {
+        // never follow a link that replaced a directory meanwhile
+        if !std::fs::symlink_metadata(&d.path).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
         std::fs::set_permissions(&d.path, std::fs::Permissions::from_mode(d.mode & 0o7777))
             .with_context(|| format!("cannot set the mode of {}", d.path.display()))?;
         filetime::set_file_mtime(&d.path, filetime::FileTime::from_unix_time(d.mtime, 0))
@@ -288,9 +320,6 @@ fn safe_relative(path: &Path) -> Result<PathBuf> {
             Component::RootDir | Component::Prefix(_) => bail!("{} is absolute", path.display()),
         }
     }
-    if out.as_os_str().is_empty() {
-        bail!("empty path");
-    }
     Ok(out)
 }
 
@@ -311,6 +340,7 @@ mod tests {
         assert!(safe_relative(Path::new("../etc/passwd")).is_err());
         assert!(safe_relative(Path::new("a/../../b")).is_err());
         assert!(safe_relative(Path::new("/etc/passwd")).is_err());
+        assert_eq!(safe_relative(Path::new("a/..")).unwrap(), PathBuf::new());
     }
 
     #[test]

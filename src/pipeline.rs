@@ -84,7 +84,9 @@ impl<R: Read> Read for HashingReader<R> {
 }
 
 /// Cuts the stream into parts of `part_size` bytes and sends them on; the
-/// channel's bound is what keeps memory flat.
+/// channel's bound is what keeps memory flat. After the last part, an empty
+/// part marks the end: a channel that closes without it means the producer
+/// failed, and the object must not be completed.
 pub struct PartSink {
     tx: mpsc::Sender<Bytes>,
     buf: BytesMut,
@@ -112,11 +114,14 @@ impl PartSink {
         Ok(())
     }
 
-    /// Sends the last (possibly short) part; returns the stored size.
+    /// Sends the last part and the end marker; returns the stored size.
     pub fn finish(mut self) -> io::Result<u64> {
-        if !self.buf.is_empty() || self.sent == 0 {
+        if !self.buf.is_empty() {
             self.send()?;
         }
+        self.tx
+            .blocking_send(Bytes::new())
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))?;
         Ok(self.sent)
     }
 }

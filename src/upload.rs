@@ -21,10 +21,12 @@ pub async fn upload<S: Store>(
     mut parts: mpsc::Receiver<Bytes>,
     concurrency: usize,
 ) -> Result<()> {
-    let Some(first) = parts.recv().await else {
+    let first = next_part(&mut parts, key).await?;
+    if first.is_empty() {
         anyhow::bail!("the pipeline produced no data for {key}");
-    };
-    let Some(second) = parts.recv().await else {
+    }
+    let second = next_part(&mut parts, key).await?;
+    if second.is_empty() {
         let puts = targets.iter().map(|t| {
             let body = first.clone();
             async move {
@@ -73,37 +75,43 @@ async fn send_parts<S: Store>(
 ) -> Result<()> {
     let mut done: Vec<Vec<(i32, String)>> = vec![Vec::new(); uploads.len()];
     let mut inflight = FuturesUnordered::new();
-    let mut queued = first.into_iter();
     let mut number = 0;
     let mut exhausted = false;
-    loop {
-        while !exhausted && inflight.len() < concurrency.max(1) {
-            let part = match queued.next() {
-                Some(p) => Some(p),
-                None => parts.recv().await,
-            };
-            let Some(part) = part else {
-                exhausted = true;
-                break;
-            };
-            number += 1;
-            for (i, (t, id)) in uploads.iter().enumerate() {
-                let body = part.clone();
-                inflight.push(async move {
-                    let etag = t
-                        .upload_part(key, id, number, body)
-                        .await
-                        .map_err(|e| context(e, &format!("uploading part {number} of"), t, key))?;
-                    Ok::<_, anyhow::Error>((i, number, etag))
-                });
+    // One future per part and target; receiving the next part and finishing
+    // uploads go on at the same time.
+    let limit = concurrency.max(1) * uploads.len();
+    let send = |number: i32, part: Bytes| {
+        uploads.iter().enumerate().map(move |(i, (t, id))| {
+            let body = part.clone();
+            async move {
+                let etag = t
+                    .upload_part(key, id, number, body)
+                    .await
+                    .map_err(|e| context(e, &format!("uploading part {number} of"), t, key))?;
+                Ok::<_, anyhow::Error>((i, number, etag))
             }
-        }
-        match inflight.next().await {
-            Some(r) => {
+        })
+    };
+    for part in first {
+        number += 1;
+        inflight.extend(send(number, part));
+    }
+    loop {
+        tokio::select! {
+            part = next_part(&mut parts, key), if !exhausted && inflight.len() < limit => {
+                let part = part?;
+                if part.is_empty() {
+                    exhausted = true;
+                } else {
+                    number += 1;
+                    inflight.extend(send(number, part));
+                }
+            }
+            Some(r) = inflight.next(), if !inflight.is_empty() => {
                 let (i, number, etag) = r?;
                 done[i].push((number, etag));
             }
-            None => break,
+            else => break,
         }
     }
     for ((t, id), mut parts) in uploads.iter().zip(done) {
@@ -113,6 +121,15 @@ async fn send_parts<S: Store>(
             .map_err(|e| context(e, "completing the upload of", t, key))?;
     }
     Ok(())
+}
+
+/// The next part; an empty part is the end marker. A channel closed without
+/// it means the producer failed: the object is incomplete.
+async fn next_part(parts: &mut mpsc::Receiver<Bytes>, key: &str) -> Result<Bytes> {
+    parts
+        .recv()
+        .await
+        .ok_or_else(|| anyhow::anyhow!("the data of {key} stopped before its end"))
 }
 
 fn context<S: Store>(

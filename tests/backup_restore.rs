@@ -370,6 +370,9 @@ fn hostile_object(fleet: &Fleet, entries: &[(&str, tar::EntryType, &str)]) -> Ve
         h.as_gnu_mut().unwrap().name[..path.len()].copy_from_slice(path.as_bytes());
         h.set_entry_type(*kind);
         h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
         if *kind == tar::EntryType::Symlink {
             h.as_gnu_mut().unwrap().linkname[..content.len()].copy_from_slice(content.as_bytes());
             h.set_size(0);
@@ -393,7 +396,7 @@ fn entries_that_escape_the_restore_directory_are_refused() {
     backup(&core);
     let key = object_of(&fleet, &ids[0]);
     let gva = fleet.garage("ch-gva-2");
-    let cases: [&[(&str, tar::EntryType, &str)]; 3] = [
+    let cases: [&[(&str, tar::EntryType, &str)]; 5] = [
         &[("../../escape.txt", tar::EntryType::Regular, "pwned")],
         &[(
             "/tmp/zonevault-absolute-escape.txt",
@@ -403,6 +406,17 @@ fn entries_that_escape_the_restore_directory_are_refused() {
         &[
             ("evil", tar::EntryType::Symlink, "../../.."),
             ("evil/escape.txt", tar::EntryType::Regular, "pwned"),
+        ],
+        // a chain of links, each harmless on its own text
+        &[
+            ("a/b/up", tar::EntryType::Symlink, ".."),
+            ("x", tar::EntryType::Symlink, "a/b/up/../.."),
+            ("x/escape.txt", tar::EntryType::Regular, "pwned"),
+        ],
+        &[
+            ("a/b/up", tar::EntryType::Symlink, ".."),
+            ("a/b/up/up2", tar::EntryType::Symlink, "../.."),
+            ("a/b/up/up2/escape.txt", tar::EntryType::Regular, "pwned"),
         ],
     ];
     for (i, entries) in cases.iter().enumerate() {
@@ -536,4 +550,45 @@ fn a_target_failing_mid_run_fails_the_run_and_keeps_earlier_snapshots() {
         vec![format!("zonevault/core-ch-1/snapshots/{first}.json")]
     );
     assert_eq!(gva.pending_uploads().unwrap(), 0);
+}
+
+#[test]
+fn a_forged_volume_name_in_the_manifest_is_refused() {
+    // The recipients are public: anyone who can write to the bucket can forge
+    // a manifest. Its volume names must not steer restore outside DIR.
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core, _) = fleet_with_users(dir.path(), 2, 10_000);
+    backup(&core);
+    let gva = fleet.garage("ch-gva-2");
+    let key = gva
+        .keys()
+        .unwrap()
+        .into_iter()
+        .find(|k| k.ends_with(".manifest.age"))
+        .unwrap();
+    let mut m = manifest(&fleet);
+    for u in m["units"].as_array_mut().unwrap() {
+        u["volume"] = serde_json::json!("../../forged");
+    }
+    let recipient = &fleet.zone("ch").recipients[0];
+    gva.put(
+        &key,
+        &pipe("age", &["-r", recipient], &serde_json::to_vec(&m).unwrap()),
+    )
+    .unwrap();
+    let to = dir.path().join("r");
+    let (_, stderr) = restore(&core, &fleet.identity("ch"), &to, &[], 1);
+    assert!(stderr.contains("not a valid volume name"), "{stderr}");
+    assert!(!dir.path().join("forged").exists());
+}
+
+#[test]
+fn backup_of_one_volume_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_fleet, core, _) = fleet_with_users(dir.path(), 3, 10_000);
+    let (stdout, _) = run(zv(&core).args(["backup", "--volume", "etc", "--json"]), 0);
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["units"], 1);
+    let (_, stderr) = run(zv(&core).args(["backup", "--volume", "nope"]), 2);
+    assert!(stderr.contains("no volume named \"nope\""), "{stderr}");
 }

@@ -231,8 +231,17 @@ pub async fn run(config: &Config, options: &Options) -> Result<Report> {
     let index_json = Bytes::from(serde_json::to_vec_pretty(&index).map_err(anyhow::Error::from)?);
     let sealed = Bytes::from(sealed);
     put_everywhere(&targets, &manifest_key, &sealed).await?;
-    // The commit: the index is the last write of the run.
-    put_everywhere(&targets, &layout::index_key(core, &id), &index_json).await?;
+    // The commit: the index is the last write of the run. It must land on
+    // every target or on none, so a failure takes back the copies written.
+    let index_key = layout::index_key(core, &id);
+    if let Err(e) = put_everywhere(&targets, &index_key, &index_json).await {
+        for t in &targets {
+            if let Err(undo) = t.delete(&t.key(&index_key)).await {
+                tracing::warn!(target = %t.target().name, error = %undo, "could not take back a partial commit");
+            }
+        }
+        return Err(e);
+    }
 
     Ok(Report {
         snapshot: id,
@@ -290,6 +299,10 @@ async fn backup_unit(
     // The producer's error is the cause when it failed first (the upload then
     // only saw the channel close); otherwise the upload's error is.
     let sealed = match (sealed, uploaded) {
+        // The producer saw the upload stop: the upload's error is the cause.
+        (Err(p), Err(u)) if is_broken_pipe(&p) => {
+            return Err(Error::Failed(u.context(format!("backing up {label}"))));
+        }
         (Err(e), _) => return Err(Error::Failed(e.context(format!("backing up {label}")))),
         (Ok(_), Err(e)) => return Err(Error::Failed(e.context(format!("backing up {label}")))),
         (Ok(s), Ok(())) => s,
@@ -305,6 +318,13 @@ async fn backup_unit(
         files: sealed.extra.files,
     };
     Ok((record, sealed.extra))
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Aborts every unfinished multipart upload of `core` on a target.

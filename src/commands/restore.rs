@@ -110,6 +110,12 @@ pub async fn run(config: &Config, options: &Options) -> Result<Report> {
         }
     };
 
+    if manifest.snapshot != index.id || manifest.core != index.core || manifest.zone != index.zone {
+        return Err(Error::failed(format!(
+            "the manifest of snapshot {} does not match its index (it names snapshot {} of core {} in zone {})",
+            index.id, manifest.snapshot, manifest.core, manifest.zone
+        )));
+    }
     let selected = select(&manifest, &options.volumes, &options.users)?;
     std::fs::create_dir_all(&options.to)
         .with_context(|| format!("cannot create {}", options.to.display()))?;
@@ -216,6 +222,20 @@ fn check_destination(to: &std::path::Path, force: bool) -> Result<()> {
 
 /// The units to restore: all, or those of some volumes, or some users' units.
 fn select(manifest: &Manifest, volumes: &[String], users: &[String]) -> Result<Vec<UnitRecord>> {
+    // The volume name becomes a directory under DIR: one plain name only.
+    for u in &manifest.units {
+        let plain = !u.volume.is_empty()
+            && !u.volume.starts_with('.')
+            && u.volume
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !plain {
+            return Err(Error::failed(format!(
+                "the manifest of snapshot {} names volume {:?}, which is not a valid volume name: refusing to restore it",
+                manifest.snapshot, u.volume
+            )));
+        }
+    }
     for v in volumes {
         if !manifest.units.iter().any(|u| &u.volume == v) {
             return Err(Error::failed(format!(
@@ -236,11 +256,18 @@ fn select(manifest: &Manifest, volumes: &[String], users: &[String]) -> Result<V
             )));
         }
     }
-    Ok(manifest
+    let selected: Vec<UnitRecord> = manifest
         .units
         .iter()
         .filter(|u| volumes.is_empty() || volumes.contains(&u.volume))
         .filter(|u| users.is_empty() || matches!(&u.kind, UnitKind::User(id) if users.contains(id)))
         .cloned()
-        .collect())
+        .collect();
+    if selected.is_empty() {
+        return Err(Error::failed(format!(
+            "nothing in snapshot {} matches --volume {volumes:?} --user {users:?}",
+            manifest.snapshot
+        )));
+    }
+    Ok(selected)
 }

@@ -11,13 +11,15 @@ use zonevault_testkit::Fleet;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.as_slice() {
-        [cmd, dir, flags @ ..] if cmd == "fleet" && flags.iter().all(|f| f == "--one-target") => match fleet(PathBuf::from(dir), !flags.is_empty()) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
+        [cmd, dir, flags @ ..] if cmd == "fleet" && flags.iter().all(|f| f == "--one-target") => {
+            match fleet(PathBuf::from(dir), !flags.is_empty()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         [cmd, dir, users, rest @ ..] if cmd == "fixture" && rest.len() <= 1 => {
             let users = users.parse::<usize>();
             let kb = rest.first().map_or(Ok(1000), |k| k.parse::<usize>());
@@ -45,7 +47,9 @@ fn main() -> ExitCode {
             }
         }
         _ => {
-            eprintln!("usage: zv-testkit fleet DIR [--one-target] | zv-testkit fixture DIR USERS [KB]");
+            eprintln!(
+                "usage: zv-testkit fleet DIR [--one-target] | zv-testkit fixture DIR USERS [KB]"
+            );
             ExitCode::from(2)
         }
     }
