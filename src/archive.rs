@@ -187,6 +187,8 @@ pub struct DirMeta {
     pub path: PathBuf,
     pub mode: u32,
     pub mtime: i64,
+    /// Numeric owner, applied when restoring as root.
+    pub owner: Option<(u32, u32)>,
 }
 
 /// Extracts a unit's tar under `dest` (the volume's restore directory).
@@ -200,7 +202,8 @@ pub fn extract<R: Read>(reader: R, dest: &Path, dirs: &mut Vec<DirMeta>) -> Resu
     archive.set_overwrite(true);
     archive.set_unpack_xattrs(false);
     // SAFETY: geteuid has no preconditions.
-    archive.set_preserve_ownerships(unsafe { libc::geteuid() } == 0);
+    let root = unsafe { libc::geteuid() } == 0;
+    archive.set_preserve_ownerships(root);
     let mut count = 0;
     for entry in archive.entries()? {
         let mut entry = entry?;
@@ -243,6 +246,11 @@ pub fn extract<R: Read>(reader: R, dest: &Path, dirs: &mut Vec<DirMeta>) -> Resu
                     path: dest.join(&rel),
                     mode: entry.header().mode()?,
                     mtime: entry.header().mtime()? as i64,
+                    owner: if root {
+                        Some((entry.header().uid()? as u32, entry.header().gid()? as u32))
+                    } else {
+                        None
+                    },
                 });
                 count += 1;
                 continue;
@@ -296,6 +304,10 @@ pub fn finish_dirs(mut dirs: Vec<DirMeta>) -> Result<()> {
         // never follow a link that replaced a directory meanwhile
         if !std::fs::symlink_metadata(&d.path).is_ok_and(|m| m.is_dir()) {
             continue;
+        }
+        if let Some((uid, gid)) = d.owner {
+            std::os::unix::fs::lchown(&d.path, Some(uid), Some(gid))
+                .with_context(|| format!("cannot set the owner of {}", d.path.display()))?;
         }
         std::fs::set_permissions(&d.path, std::fs::Permissions::from_mode(d.mode & 0o7777))
             .with_context(|| format!("cannot set the mode of {}", d.path.display()))?;

@@ -58,11 +58,11 @@ enum Command {
         /// Only this volume (repeatable); default: all.
         #[arg(long = "volume", value_name = "NAME")]
         volumes: Vec<String>,
-        /// Units processed at once (default: the number of CPUs).
+        /// Units processed at once (default: twice the number of CPUs).
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
-        /// Upload parts in flight per unit.
-        #[arg(long, value_name = "N", default_value_t = 4)]
+        /// Upload parts (8 MiB) in flight per unit.
+        #[arg(long, value_name = "N", default_value_t = 2)]
         part_jobs: usize,
         /// Print the summary as JSON.
         #[arg(long)]
@@ -100,7 +100,7 @@ enum Command {
         /// Restore into a non-empty directory, overwriting files.
         #[arg(long)]
         force: bool,
-        /// Units restored at once (default: the number of CPUs).
+        /// Units restored at once (default: twice the number of CPUs).
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
         /// Print the summary as JSON.
@@ -210,7 +210,7 @@ fn run(cli: Cli) -> Result<Exit, Error> {
                 volumes,
                 core,
                 force,
-                jobs: jobs.unwrap_or_else(|| commands::backup::Options::new().jobs),
+                jobs: jobs.unwrap_or_else(commands::backup::default_jobs),
                 progress: !json,
             };
             let report = runtime()?.block_on(commands::restore::run(&config, &options))?;

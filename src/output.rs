@@ -151,7 +151,7 @@ pub fn snapshots(indexes: &[crate::snapshot::Index]) -> String {
 pub fn restore(r: &crate::commands::restore::Report) -> String {
     format!(
         "restored snapshot {} of core {} (zone {}) into {}\n\
-         {} units, {} files, {} plain, {:.1} s, {}; every unit's BLAKE3 verified
+         {} units, {} files, {} plain, {} stored, {:.1} s, {}; every unit's BLAKE3 verified
 ",
         r.snapshot,
         r.core,
@@ -160,6 +160,7 @@ pub fn restore(r: &crate::commands::restore::Report) -> String {
         r.units,
         r.files,
         bytes(r.plain_bytes),
+        bytes(r.stored_bytes),
         r.seconds,
         throughput(r.plain_bytes, r.seconds)
     )

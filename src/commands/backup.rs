@@ -48,16 +48,23 @@ pub struct Options {
 pub const DEFAULT_PART_SIZE: usize = 8 << 20;
 
 impl Options {
-    /// Defaults: every volume, one unit per CPU, 4 parts in flight.
+    /// Defaults: every volume, two units per CPU (a unit waits on the network
+    /// as much as on the CPU), 2 parts in flight per unit. At most
+    /// `jobs × (part_jobs + 2)` parts of 8 MiB are in memory: 128 MiB on 2 CPUs.
     pub fn new() -> Options {
         Options {
             volumes: Vec::new(),
-            jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            part_jobs: 4,
+            jobs: default_jobs(),
+            part_jobs: 2,
             part_size: DEFAULT_PART_SIZE,
             progress: false,
         }
     }
+}
+
+/// Two units per CPU.
+pub fn default_jobs() -> usize {
+    2 * std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl Default for Options {

@@ -48,6 +48,7 @@ pub struct Report {
     pub units: usize,
     pub files: u64,
     pub plain_bytes: u64,
+    pub stored_bytes: u64,
     pub seconds: f64,
     pub users: Vec<String>,
 }
@@ -165,6 +166,7 @@ pub async fn run(config: &Config, options: &Options) -> Result<Report> {
         units: selected.len(),
         files,
         plain_bytes: selected.iter().map(|r| r.plain_size).sum(),
+        stored_bytes: selected.iter().map(|r| r.stored_size).sum(),
         seconds: started.elapsed().as_secs_f64(),
         users: selected
             .iter()

@@ -93,6 +93,7 @@ impl Garage {
             r#"metadata_dir = "{dir}/meta"
 data_dir = "{dir}/data"
 db_engine = "sqlite"
+compression_level = "none"
 replication_factor = 1
 metadata_fsync = false
 data_fsync = false
