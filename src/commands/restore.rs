@@ -190,7 +190,11 @@ fn restore_unit(
     let mut hashing = HashingReader::new(plain);
     let mut dirs = Vec::new();
     std::fs::create_dir_all(dest).with_context(|| format!("cannot create {}", dest.display()))?;
-    let files = archive::extract(&mut hashing, dest, &mut dirs)?;
+    let files = archive::extract(
+        std::io::BufReader::with_capacity(256 << 10, &mut hashing),
+        dest,
+        &mut dirs,
+    )?;
     let (blake3, size) = hashing.finish().context("reading the end of the object")?;
     if blake3 != rec.blake3 || size != rec.plain_size {
         anyhow::bail!(
