@@ -3,11 +3,10 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-use common::{Fleet, fleet, output_text, zv};
+use common::{Fleet, fleet, output_text, spoof_ch_secondary, tool, zv};
 use zonevault_testkit::fixture::{self, Spec};
 
 /// Runs a command, asserts the exit code, returns (stdout, stderr).
@@ -143,7 +142,7 @@ fn reference_tools_restore_a_unit() {
         .find(|k| k.ends_with(".manifest.age"))
         .unwrap();
     let key = fleet.identity("ch");
-    let manifest = pipe(
+    let manifest = tool(
         "age",
         &["-d", "-i", key.to_str().unwrap()],
         &fleet.garage("ch-gva-2").get(&manifest_key).unwrap(),
@@ -163,16 +162,16 @@ fn reference_tools_restore_a_unit() {
     // age -d -i KEY OBJ | zstd -d | tar -x
     let out = dir.path().join("by-hand");
     std::fs::create_dir_all(&out).unwrap();
-    let tar = pipe(
+    let tar = tool(
         "zstd",
         &["-d"],
-        &pipe("age", &["-d", "-i", key.to_str().unwrap()], &object),
+        &tool("age", &["-d", "-i", key.to_str().unwrap()], &object),
     );
     assert_eq!(
         blake3::hash(&tar).to_hex().as_str(),
         unit["blake3"].as_str().unwrap()
     );
-    pipe("tar", &["-x", "-C", out.to_str().unwrap()], &tar);
+    tool("tar", &["-x", "-C", out.to_str().unwrap()], &tar);
 
     let user_dir = fixture::user_dir(&ids[1]);
     let source = fleet.volumes_dir("core-ch-1").join("users").join(&user_dir);
@@ -182,42 +181,11 @@ fn reference_tools_restore_a_unit() {
     );
 }
 
-fn pipe(program: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{program} not found ({e}): run scripts/install-deps"));
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let writer = std::thread::spawn(move || stdin.write_all(&input));
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap().unwrap();
-    assert!(
-        out.status.success(),
-        "{program}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
 #[test]
 fn spoofed_region_gets_zero_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let (mut fleet, _) = fleet(dir.path());
-    let de = fleet.garage("de-fra-1");
-    let (endpoint, bucket, key_id, secret) = (
-        de.endpoint.clone(),
-        de.bucket.clone(),
-        de.key_id.clone(),
-        de.secret.clone(),
-    );
-    let t = &mut fleet.zone_mut("ch").targets[1];
-    (t.endpoint, t.bucket, t.key_id, t.secret) = (endpoint, bucket, key_id, secret);
-    fleet.zone_mut("de").targets[0].prefix = "zonevault-de".into();
-    let core = fleet.write_configs().unwrap();
+    let core = spoof_ch_secondary(&mut fleet);
     let (_, stderr) = run(zv(&core).arg("backup"), 3);
     assert!(
         stderr.contains("de-fra-1") && stderr.contains("nothing written"),
@@ -323,7 +291,7 @@ fn manifest(fleet: &Fleet) -> serde_json::Value {
         .find(|k| k.ends_with(".manifest.age"))
         .expect("a manifest");
     let identity = fleet.identity("ch");
-    let plain = pipe(
+    let plain = tool(
         "age",
         &["-d", "-i", identity.to_str().unwrap()],
         &gva.get(&key).unwrap(),
@@ -386,7 +354,7 @@ fn hostile_object(fleet: &Fleet, entries: &[(&str, tar::EntryType, &str)]) -> Ve
     }
     let tar = builder.into_inner().unwrap();
     let recipient = &fleet.zone("ch").recipients[0];
-    pipe("age", &["-r", recipient], &pipe("zstd", &["-q"], &tar))
+    tool("age", &["-r", recipient], &tool("zstd", &["-q"], &tar))
 }
 
 #[test]
@@ -573,7 +541,7 @@ fn a_forged_volume_name_in_the_manifest_is_refused() {
     let recipient = &fleet.zone("ch").recipients[0];
     gva.put(
         &key,
-        &pipe("age", &["-r", recipient], &serde_json::to_vec(&m).unwrap()),
+        &tool("age", &["-r", recipient], &serde_json::to_vec(&m).unwrap()),
     )
     .unwrap();
     let to = dir.path().join("r");

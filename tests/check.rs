@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{fleet, output_text, zv};
+use common::{fleet, output_text, spoof_ch_secondary, zv};
 
 #[test]
 fn good_fleet_passes_both_targets() {
@@ -32,22 +32,7 @@ fn good_fleet_passes_both_targets() {
 fn spoofed_region_is_refused_and_nothing_written() {
     let dir = tempfile::tempdir().unwrap();
     let (mut fleet, _) = fleet(dir.path());
-    // ch-secondary claims ch-dk-2 but its endpoint is the German Garage.
-    let de = fleet.garage("de-fra-1");
-    let (endpoint, bucket, key_id, secret) = (
-        de.endpoint.clone(),
-        de.bucket.clone(),
-        de.key_id.clone(),
-        de.secret.clone(),
-    );
-    let t = &mut fleet.zone_mut("ch").targets[1];
-    t.endpoint = endpoint;
-    t.bucket = bucket;
-    t.key_id = key_id;
-    t.secret = secret;
-    // the German zone must not list the same bucket: give it another prefix
-    fleet.zone_mut("de").targets[0].prefix = "zonevault-de".into();
-    let core = fleet.write_configs().unwrap();
+    let core = spoof_ch_secondary(&mut fleet);
     let out = zv(&core).arg("check").output().unwrap();
     let (stdout, stderr) = output_text(&out);
     assert_eq!(

@@ -5,29 +5,8 @@ mod common;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
-use common::{output_text, zonevault};
-
-/// Runs a reference tool, feeding `input`, and returns its stdout. Fails the
-/// test (never skips) when the tool is missing.
-fn tool(program: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{program} not found ({e}): run scripts/install-deps"));
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
+use common::{output_text, tool, zonevault};
 
 fn keygen(path: &Path) -> String {
     let out = zonevault()

@@ -2,7 +2,9 @@
 
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command as Process, Stdio};
 
 use assert_cmd::Command;
 pub use zonevault_testkit::Fleet;
@@ -23,7 +25,7 @@ pub fn zv(config: &Path) -> Command {
 
 /// Starts the two-zone fleet in `dir` and writes its configs. Panics (fails
 /// the test) when Garage is missing: these tests never skip.
-pub fn fleet(dir: &Path) -> (Fleet, std::path::PathBuf) {
+pub fn fleet(dir: &Path) -> (Fleet, PathBuf) {
     let fleet = Fleet::start(dir).unwrap_or_else(|e| panic!("starting the Garage fleet: {e:#}"));
     let core = fleet.write_configs().expect("writing the fleet's configs");
     (fleet, core)
@@ -35,4 +37,44 @@ pub fn output_text(out: &std::process::Output) -> (String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Points target ch-secondary (which claims region ch-dk-2) at the German
+/// Garage, as a copied or mistyped config would, and writes the configs.
+pub fn spoof_ch_secondary(fleet: &mut Fleet) -> PathBuf {
+    let de = fleet.garage("de-fra-1");
+    let (endpoint, bucket, key_id, secret) = (
+        de.endpoint.clone(),
+        de.bucket.clone(),
+        de.key_id.clone(),
+        de.secret.clone(),
+    );
+    let t = &mut fleet.zone_mut("ch").targets[1];
+    (t.endpoint, t.bucket, t.key_id, t.secret) = (endpoint, bucket, key_id, secret);
+    // the German zone must not list the same bucket+prefix: give it another prefix
+    fleet.zone_mut("de").targets[0].prefix = "zonevault-de".into();
+    fleet.write_configs().unwrap()
+}
+
+/// Runs a reference tool (age, age-keygen, zstd, tar), feeding `input`, and
+/// returns its stdout. Fails the test (never skips) when the tool is missing.
+pub fn tool(program: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
+    let mut child = Process::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} not found ({e}): run scripts/install-deps"));
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
