@@ -43,7 +43,7 @@ pub fn write_unit<W: Write>(
             Ok(e) => e,
             Err(e) if units::is_vanished(&e) => {
                 let path = e.path().map(Path::to_path_buf).unwrap_or_default();
-                tracing::warn!(path = %path.display(), "vanished during the backup; skipped");
+                tracing::debug!(path = %path.display(), "vanished during the backup; skipped");
                 stats.vanished.push(path);
                 continue;
             }
@@ -66,7 +66,7 @@ pub fn write_unit<W: Write>(
         let meta = match std::fs::symlink_metadata(path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                tracing::warn!(path = %path.display(), "vanished during the backup; skipped");
+                tracing::debug!(path = %path.display(), "vanished during the backup; skipped");
                 stats.vanished.push(path.to_path_buf());
                 continue;
             }
@@ -103,7 +103,7 @@ pub fn write_unit<W: Write>(
             let file = match std::fs::File::open(path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    tracing::warn!(path = %path.display(), "vanished during the backup; skipped");
+                    tracing::debug!(path = %path.display(), "vanished during the backup; skipped");
                     stats.vanished.push(path.to_path_buf());
                     continue;
                 }

@@ -107,24 +107,27 @@ pub fn backup(r: &crate::commands::backup::Report) -> String {
     );
     if r.cleaned > 0 {
         s.push_str(&format!(
-            "removed {} leftover(s) of uncommitted runs
-",
+            "removed {} leftover(s) of uncommitted runs\n",
             r.cleaned
         ));
     }
-    for p in &r.changed {
-        s.push_str(&format!(
-            "changed while read (stored as read): {p}
-"
-        ));
-    }
-    for p in &r.vanished {
-        s.push_str(&format!(
-            "vanished during the walk (skipped): {p}
-"
-        ));
-    }
+    list_some(&mut s, "changed while read (stored as read)", &r.changed);
+    list_some(&mut s, "vanished during the walk (skipped)", &r.vanished);
     s
+}
+
+/// "what: path" for the first 20 paths, then how many more (`--json` has all).
+fn list_some(s: &mut String, what: &str, paths: &[String]) {
+    const SHOWN: usize = 20;
+    for p in paths.iter().take(SHOWN) {
+        s.push_str(&format!("{what}: {p}\n"));
+    }
+    if paths.len() > SHOWN {
+        s.push_str(&format!(
+            "{what}: ... and {} more (--json lists all)\n",
+            paths.len() - SHOWN
+        ));
+    }
 }
 
 /// The human form of `snapshots`.

@@ -560,3 +560,76 @@ fn backup_of_one_volume_only() {
     let (_, stderr) = run(zv(&core).args(["backup", "--volume", "nope"]), 2);
     assert!(stderr.contains("no volume named \"nope\""), "{stderr}");
 }
+
+#[test]
+fn a_file_that_changes_while_read_is_stored_and_flagged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core, _) = fleet_with_users(dir.path(), 1, 10_000);
+    let growing = fleet.volumes_dir("core-ch-1").join("etc/growing.log");
+    std::fs::write(&growing, vec![b'x'; 64 << 20]).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, growing) = (stop.clone(), growing.clone());
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&growing)
+                .unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                f.write_all(&[b'y'; 4096]).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        })
+    };
+    let (stdout, _) = run(zv(&core).args(["backup", "--volume", "etc", "--json"]), 0);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let changed: Vec<&str> = report["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert!(
+        changed.iter().any(|c| c.ends_with("etc/growing.log")),
+        "{report}"
+    );
+    // and the human summary says so
+    let out = zv(&core)
+        .args(["backup", "--volume", "users"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn files_vanishing_during_the_walk_do_not_fail_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core, _) = fleet_with_users(dir.path(), 1, 10_000);
+    let many = fleet.volumes_dir("core-ch-1").join("etc/many");
+    std::fs::create_dir_all(&many).unwrap();
+    let names: Vec<PathBuf> = (0..20_000).map(|i| many.join(format!("f{i:05}"))).collect();
+    for n in &names {
+        std::fs::write(n, b"short-lived").unwrap();
+    }
+    let deleter = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        for n in names.iter().rev() {
+            let _ = std::fs::remove_file(n);
+        }
+    });
+    let (stdout, stderr) = run(zv(&core).args(["backup", "--volume", "etc", "--json"]), 0);
+    deleter.join().unwrap();
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let vanished = report["vanished"].as_array().unwrap();
+    // 20,000 files take far longer to store than the 30 ms before deletion starts
+    assert!(!vanished.is_empty(), "nothing vanished: {report}");
+    assert!(stderr.contains("vanished during the backup"), "{stderr}");
+    assert!(
+        vanished
+            .iter()
+            .all(|v| v.as_str().unwrap().contains("etc/many/f"))
+    );
+}

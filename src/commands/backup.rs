@@ -199,6 +199,12 @@ pub async fn run(config: &Config, options: &Options) -> Result<Report> {
         records.push(rec);
     }
     records.sort_by(|a, b| (&a.volume, &a.kind).cmp(&(&b.volume, &b.kind)));
+    if !vanished.is_empty() {
+        tracing::warn!(
+            "{} entries vanished during the backup and were skipped",
+            vanished.len()
+        );
+    }
 
     let manifest = Manifest {
         format: layout::FORMAT,
