@@ -633,3 +633,52 @@ fn files_vanishing_during_the_walk_do_not_fail_the_run() {
             .all(|v| v.as_str().unwrap().contains("etc/many/f"))
     );
 }
+
+#[test]
+fn an_unreadable_file_fails_the_run_naming_it() {
+    // Tests run as root, whom mode bits never stop: run zonevault as `nobody`
+    // (setpriv, util-linux), with one file of the volume readable by root only.
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core, _) = fleet_with_users(dir.path(), 2, 10_000);
+    let secret = fleet.volumes_dir("core-ch-1").join("etc/shadow-copy");
+    std::fs::write(&secret, b"root only").unwrap();
+    let binary = dir.path().join("zonevault");
+    std::fs::copy(assert_cmd::cargo::cargo_bin("zonevault"), &binary).unwrap();
+    let chown = |path: &Path| {
+        let status = std::process::Command::new("chown")
+            .args(["-R", "65534:65534"])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    chown(&fleet.dir);
+    chown(&binary);
+    std::os::unix::fs::chown(&secret, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&binary)
+        .arg("--config")
+        .arg(&core)
+        .arg("backup")
+        .env("HOME", dir.path())
+        .output()
+        .expect("setpriv (util-linux)");
+    let (stdout, stderr) = output_text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("cannot read {}", secret.display()))
+            && stderr.contains("Permission denied"),
+        "{stderr}"
+    );
+    let (stdout, _) = run(zv(&core).args(["snapshots", "--json"]), 0);
+    assert_eq!(stdout.trim(), "[]");
+}
