@@ -312,17 +312,33 @@ fn object_of(fleet: &Fleet, user: &str) -> String {
 }
 
 #[test]
-fn a_corrupted_object_fails_the_restore_naming_the_unit() {
+fn a_corrupted_object_is_read_from_the_other_target_or_fails_naming_the_unit() {
     let dir = tempfile::tempdir().unwrap();
     let (fleet, core, ids) = fleet_with_users(dir.path(), 4, 200_000);
     backup(&core);
     let key = object_of(&fleet, &ids[3]);
-    let gva = fleet.garage("ch-gva-2");
-    let mut bytes = gva.get(&key).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x55;
-    gva.put(&key, &bytes).unwrap();
-    let (_, stderr) = restore(&core, &fleet.identity("ch"), &dir.path().join("r"), &[], 1);
+    let corrupt = |region: &str| {
+        let g = fleet.garage(region);
+        let mut bytes = g.get(&key).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x55;
+        g.put(&key, &bytes).unwrap();
+    };
+
+    // one damaged copy: the other target's copy restores, with a warning
+    corrupt("ch-gva-2");
+    let to = dir.path().join("r1");
+    let (_, stderr) = restore(&core, &fleet.identity("ch"), &to, &[], 0);
+    assert!(stderr.contains("trying the next"), "{stderr}");
+    let user_dir = fixture::user_dir(&ids[3]);
+    assert_same_tree(
+        &fixture::tree(&to.join("users").join(&user_dir)).unwrap(),
+        &fixture::tree(&fleet.volumes_dir("core-ch-1").join("users").join(&user_dir)).unwrap(),
+    );
+
+    // both copies damaged: the restore fails naming the unit
+    corrupt("ch-dk-2");
+    let (_, stderr) = restore(&core, &fleet.identity("ch"), &dir.path().join("r2"), &[], 1);
     assert!(
         stderr.contains(&format!("restoring users/user {}", ids[3])),
         "{stderr}"
@@ -388,7 +404,10 @@ fn entries_that_escape_the_restore_directory_are_refused() {
         ],
     ];
     for (i, entries) in cases.iter().enumerate() {
-        gva.put(&key, &hostile_object(&fleet, entries)).unwrap();
+        // on both targets, or restore takes the good copy from the other one
+        let hostile = hostile_object(&fleet, entries);
+        gva.put(&key, &hostile).unwrap();
+        fleet.garage("ch-dk-2").put(&key, &hostile).unwrap();
         let to = dir.path().join(format!("r{i}"));
         let (_, stderr) = restore(&core, &fleet.identity("ch"), &to, &[], 1);
         assert!(stderr.contains("refused"), "case {i}: {stderr}");

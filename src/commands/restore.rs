@@ -2,7 +2,7 @@
 //! into a directory, on any machine that has the configs, credentials and an
 //! identity. Needs no local state.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,13 +12,14 @@ use serde::Serialize;
 use tokio_util::io::SyncIoBridge;
 
 use crate::archive::{self, DirMeta};
-use crate::config::Config;
+use crate::config::{Config, Target};
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::pipeline::{self, HashingReader, OpenError};
 use crate::progress::Progress;
 use crate::snapshot::{Index, Manifest, UnitRecord};
-use crate::storage::Store;
+use crate::storage::{Store, s3::S3Store};
+use crate::targets;
 use crate::units::{self, UnitKind};
 
 use super::snapshots;
@@ -121,29 +122,36 @@ pub async fn run(config: &Config, options: &Options) -> Result<Report> {
     std::fs::create_dir_all(&options.to)
         .with_context(|| format!("cannot create {}", options.to.display()))?;
     let progress = Progress::new(options.progress, selected.len() as u64, "restore");
+    // Every target of the zone holds every object: the one that listed the
+    // snapshot first, the others as fallbacks for a missing or damaged copy.
+    let first = target.name.clone();
+    let mut sources = vec![(target, store)];
+    sources.extend(
+        targets::open(config)
+            .await
+            .into_iter()
+            .filter(|(t, _)| t.name != first),
+    );
     let results: Vec<(u64, Vec<DirMeta>)> = futures::stream::iter(selected.iter())
         .map(|rec| {
-            let (store, target, identities, progress) = (&store, &target, &identities, &progress);
+            let (sources, identities, progress) = (&sources, &identities, &progress);
             async move {
                 let label = units::label(&rec.volume, &rec.kind);
-                let body = store
-                    .get_stream(&target.key(&rec.object))
-                    .await
-                    .map_err(anyhow::Error::from)
-                    .and_then(|b| b.with_context(|| format!("object {} is missing", rec.object)))
-                    .map_err(|e| Error::Failed(e.context(format!("restoring {label}"))))?;
-                let reader = SyncIoBridge::new(body);
-                let dest = options.to.join(&rec.volume);
-                let rec = rec.clone();
-                let identities = Arc::clone(identities);
-                let r = tokio::task::spawn_blocking(move || {
-                    restore_unit(reader, &identities, &dest, &rec)
-                })
-                .await
-                .map_err(Error::failed)?
-                .map_err(|e| Error::Failed(e.context(format!("restoring {label}"))))?;
-                progress.unit_done(r.1);
-                Ok::<_, Error>((r.0, r.2))
+                let mut first_error = None;
+                for (target, store) in sources {
+                    match restore_from(store, target, rec, identities, &options.to).await {
+                        Ok((files, bytes, dirs)) => {
+                            progress.unit_done(bytes);
+                            return Ok((files, dirs));
+                        }
+                        Err(e) => {
+                            tracing::warn!(unit = %label, target = %target.name, error = %format!("{e:#}"), "cannot restore from this target; trying the next");
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+                let e = first_error.expect("the zone has at least one target");
+                Err(Error::Failed(e.context(format!("restoring {label}"))))
             }
         })
         .buffer_unordered(options.jobs.max(1))
@@ -176,6 +184,24 @@ pub async fn run(config: &Config, options: &Options) -> Result<Report> {
             })
             .collect(),
     })
+}
+
+/// Fetches one unit's object from one target and restores it.
+async fn restore_from(
+    store: &S3Store,
+    target: &Target,
+    rec: &UnitRecord,
+    identities: &Arc<Vec<Box<dyn age::Identity + Send + Sync>>>,
+    to: &Path,
+) -> anyhow::Result<(u64, u64, Vec<DirMeta>)> {
+    let body = store
+        .get_stream(&target.key(&rec.object))
+        .await?
+        .with_context(|| format!("object {} is missing on target {}", rec.object, target.name))?;
+    let reader = SyncIoBridge::new(body);
+    let dest = to.join(&rec.volume);
+    let (rec, identities) = (rec.clone(), Arc::clone(identities));
+    tokio::task::spawn_blocking(move || restore_unit(reader, &identities, &dest, &rec)).await?
 }
 
 /// Extracts one unit and checks its BLAKE3. Returns (entries, plain bytes, dirs).
