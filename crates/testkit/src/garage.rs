@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use aws_sdk_s3::config::{Credentials, Region};
 
+/// What Garage logs when a port it was given is taken meanwhile.
+const PORT_TAKEN: &str = "Address already in use";
+
 /// The Garage version the project is tested with.
 pub const GARAGE_VERSION: &str = "2.5.0";
 
@@ -85,9 +88,26 @@ impl Garage {
     }
 
     fn spawn(dir: &Path, region: &str, bucket: &str, detached: bool) -> Result<Garage> {
+        // Free ports are found by binding and releasing them, so another
+        // server started at the same moment may take one first: try again
+        // with new ports when that happens.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::spawn_once(dir, region, bucket, detached) {
+                Err(e) if attempt < 5 && format!("{e:#}").contains(PORT_TAKEN) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    fn spawn_once(dir: &Path, region: &str, bucket: &str, detached: bool) -> Result<Garage> {
         let binary = garage_binary()?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let dir = dir.canonicalize()?;
+        for sub in ["meta", "data"] {
+            let _ = std::fs::remove_dir_all(dir.join(sub)); // a failed earlier attempt
+        }
         let (rpc, s3, admin) = (free_port()?, free_port()?, free_port()?);
         let config = format!(
             r#"metadata_dir = "{dir}/meta"
@@ -195,6 +215,10 @@ admin_token = "{admin_token}"
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            let log = std::fs::read_to_string(self.dir.join("garage.log")).unwrap_or_default();
+            if log.contains(PORT_TAKEN) {
+                bail!("{PORT_TAKEN}");
+            }
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {
