@@ -7,6 +7,7 @@ use crate::config::{Config, Target};
 use crate::error::Exit;
 use crate::residency::{self, Verdict};
 use crate::storage::{StoreError, s3::S3Store};
+use crate::targets;
 
 /// The result of checking one target.
 #[derive(Debug, Clone, Serialize)]
@@ -56,7 +57,10 @@ impl CheckReport {
 /// Checks every target of the core's zone, concurrently.
 pub async fn run(config: &Config) -> CheckReport {
     let zone = config.zone();
-    let checks = zone.targets.iter().map(|t| check_target(config, t));
+    let stores = targets::open(config).await;
+    let checks = stores
+        .into_iter()
+        .map(|(t, store)| async move { check_target(config, &t, store).await });
     let targets = futures::future::join_all(checks).await;
     CheckReport {
         core: config.core.core_id.clone(),
@@ -67,8 +71,7 @@ pub async fn run(config: &Config) -> CheckReport {
     }
 }
 
-async fn check_target(config: &Config, target: &Target) -> TargetReport {
-    let store = S3Store::connect(target, config.credentials(&target.name)).await;
+async fn check_target(config: &Config, target: &Target, store: S3Store) -> TargetReport {
     let verdict = residency::verify(config, target, store).await;
     let (reported_region, verdict, reason) = match verdict {
         Verdict::Passed(w) => {
