@@ -24,6 +24,9 @@ pub struct WriteStats {
     pub changed: Vec<PathBuf>,
     /// Entries that disappeared during the walk: skipped.
     pub vanished: Vec<PathBuf>,
+    /// Symlinks whose target is absolute or leaves the volume: stored as
+    /// they are, but `zonevault restore` refuses them (see [`extract`]).
+    pub escaping_links: Vec<PathBuf>,
 }
 
 /// Writes the tar of `unit` to `out`. An unreadable file fails naming its path.
@@ -88,6 +91,10 @@ pub fn write_unit<W: Write>(
                 Err(e) => bail!("cannot read link {}: {e}", path.display()),
             };
             header.set_size(0);
+            if link_escapes(rel, &target) {
+                tracing::warn!(path = %path.display(), target = %target.display(), "symlink points outside the volume: stored, but zonevault restore will refuse it");
+                stats.escaping_links.push(path.to_path_buf());
+            }
             builder.append_link(&mut header, rel, &target)?;
         } else if ft.is_file() {
             if meta.nlink() > 1 {
@@ -227,9 +234,7 @@ pub fn extract<R: Read>(reader: R, dest: &Path, dirs: &mut Vec<DirMeta>) -> Resu
                 let escapes = if entry.header().entry_type() == EntryType::Link {
                     safe_relative(&target).is_err()
                 } else {
-                    target.is_absolute()
-                        || safe_relative(&rel.parent().unwrap_or(Path::new("")).join(&target))
-                            .is_err()
+                    link_escapes(&rel, &target)
                 };
                 if escapes {
                     bail!(
@@ -315,6 +320,13 @@ pub fn finish_dirs(mut dirs: Vec<DirMeta>) -> Result<()> {
             .with_context(|| format!("cannot set the mtime of {}", d.path.display()))?;
     }
     Ok(())
+}
+
+/// Whether a symlink at `rel` (relative to the volume root) pointing to
+/// `target` leaves the volume. One rule for backup's warning and restore's refusal.
+fn link_escapes(rel: &Path, target: &Path) -> bool {
+    target.is_absolute()
+        || safe_relative(&rel.parent().unwrap_or(Path::new("")).join(target)).is_err()
 }
 
 /// `path` with `.` parts removed, if it is relative and has no `..`.

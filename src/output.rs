@@ -113,6 +113,11 @@ pub fn backup(r: &crate::commands::backup::Report) -> String {
     }
     list_some(&mut s, "changed while read (stored as read)", &r.changed);
     list_some(&mut s, "vanished during the walk (skipped)", &r.vanished);
+    list_some(
+        &mut s,
+        "symlink out of its volume (stored; restore refuses it)",
+        &r.escaping_links,
+    );
     s
 }
 

@@ -701,3 +701,27 @@ fn an_unreadable_file_fails_the_run_naming_it() {
     let (stdout, _) = run(zv(&core).args(["snapshots", "--json"]), 0);
     assert_eq!(stdout.trim(), "[]");
 }
+
+#[test]
+fn symlinks_out_of_the_volume_are_reported_at_backup_time() {
+    // Restore refuses links that leave the restore directory; the operator
+    // learns it when backing up, not during a disaster.
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core, _) = fleet_with_users(dir.path(), 1, 10_000);
+    let etc = fleet.volumes_dir("core-ch-1").join("etc");
+    std::os::unix::fs::symlink("/etc/hostname", etc.join("absolute-link")).unwrap();
+    std::os::unix::fs::symlink("../../outside", etc.join("escaping-link")).unwrap();
+    std::os::unix::fs::symlink("core.yml", etc.join("fine-link")).unwrap();
+    let (stdout, stderr) = run(zv(&core).args(["backup", "--volume", "etc", "--json"]), 0);
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let links: Vec<&str> = report["escaping_links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    assert_eq!(links.len(), 2, "{report}");
+    assert!(links.iter().any(|l| l.ends_with("etc/absolute-link")));
+    assert!(links.iter().any(|l| l.ends_with("etc/escaping-link")));
+    assert!(stderr.contains("restore will refuse it"), "{stderr}");
+}

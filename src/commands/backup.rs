@@ -89,6 +89,8 @@ pub struct Report {
     pub changed: Vec<String>,
     /// Entries that vanished during the walk (skipped).
     pub vanished: Vec<String>,
+    /// Symlinks pointing outside their volume: stored, but restore refuses them.
+    pub escaping_links: Vec<String>,
     /// Leftovers of uncommitted runs removed before this one.
     pub cleaned: usize,
 }
@@ -191,11 +193,13 @@ pub async fn run(config: &Config, options: &Options) -> Result<Report> {
     };
 
     let mut records: Vec<UnitRecord> = Vec::new();
-    let (mut changed, mut vanished, mut files) = (Vec::new(), Vec::new(), 0);
+    let (mut changed, mut vanished, mut escaping_links, mut files) =
+        (Vec::new(), Vec::new(), Vec::new(), 0);
     for (rec, stats) in results {
         files += rec.files;
         changed.extend(stats.changed.iter().map(|p| p.display().to_string()));
         vanished.extend(stats.vanished.iter().map(|p| p.display().to_string()));
+        escaping_links.extend(stats.escaping_links.iter().map(|p| p.display().to_string()));
         records.push(rec);
     }
     records.sort_by(|a, b| (&a.volume, &a.kind).cmp(&(&b.volume, &b.kind)));
@@ -268,6 +272,7 @@ pub async fn run(config: &Config, options: &Options) -> Result<Report> {
         seconds: started.elapsed().as_secs_f64(),
         changed,
         vanished,
+        escaping_links,
         cleaned,
     })
 }
