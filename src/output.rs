@@ -84,26 +84,25 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-fn throughput(bytes: u64, seconds: f64) -> String {
-    format!("{:.1} MB/s", bytes as f64 / 1e6 / seconds.max(1e-6))
+/// The second line of the backup and restore summaries.
+fn totals(units: usize, files: u64, plain: u64, stored: u64, seconds: f64) -> String {
+    format!(
+        "{units} units, {files} files, {} plain, {} stored, {seconds:.1} s, {:.1} MB/s",
+        bytes(plain),
+        bytes(stored),
+        plain as f64 / 1e6 / seconds.max(1e-6)
+    )
 }
 
 /// The human form of `backup`.
 pub fn backup(r: &crate::commands::backup::Report) -> String {
     let mut s = format!(
-        "snapshot {} committed: core {}, zone {}, targets {}\n\
-         {} units, {} files, {} plain, {} stored, {:.1} s, {}
-",
+        "snapshot {} committed: core {}, zone {}, targets {}\n{}\n",
         r.snapshot,
         r.core,
         r.zone,
         r.targets.join(", "),
-        r.units,
-        r.files,
-        bytes(r.plain_bytes),
-        bytes(r.stored_bytes),
-        r.seconds,
-        throughput(r.plain_bytes, r.seconds)
+        totals(r.units, r.files, r.plain_bytes, r.stored_bytes, r.seconds)
     );
     if r.cleaned > 0 {
         s.push_str(&format!(
@@ -158,19 +157,12 @@ pub fn snapshots(indexes: &[crate::snapshot::Index]) -> String {
 /// The human form of `restore`.
 pub fn restore(r: &crate::commands::restore::Report) -> String {
     format!(
-        "restored snapshot {} of core {} (zone {}) into {}\n\
-         {} units, {} files, {} plain, {} stored, {:.1} s, {}; every unit's BLAKE3 verified
-",
+        "restored snapshot {} of core {} (zone {}) into {}\n{}; every unit's BLAKE3 verified\n",
         r.snapshot,
         r.core,
         r.zone,
         r.to.display(),
-        r.units,
-        r.files,
-        bytes(r.plain_bytes),
-        bytes(r.stored_bytes),
-        r.seconds,
-        throughput(r.plain_bytes, r.seconds)
+        totals(r.units, r.files, r.plain_bytes, r.stored_bytes, r.seconds)
     )
 }
 

@@ -235,31 +235,26 @@ fn restore_errors_say_what_is_wrong() {
     restore(&core, &key, &busy, &["--force", "--volume", "etc"], 0);
     assert!(busy.join("etc/core.yml").exists() && busy.join("keep.txt").exists());
 
-    // an unknown user
-    let (_, stderr) = restore(
-        &core,
-        &key,
-        &dir.path().join("x2"),
-        &["--user", "cnosuchuser0000"],
-        1,
-    );
-    assert!(
-        stderr.contains("user cnosuchuser0000 is not in snapshot"),
-        "{stderr}"
-    );
-
-    // another zone's core
-    let (_, stderr) = restore(
-        &core,
-        &key,
-        &dir.path().join("x3"),
-        &["--core", "core-de-1"],
-        3,
-    );
-    assert!(
-        stderr.contains("core core-de-1 belongs to zone de"),
-        "{stderr}"
-    );
+    // an unknown user; another zone's core: exit code and message
+    for (i, (args, code, message)) in [
+        (
+            ["--user", "cnosuchuser0000"],
+            1,
+            "user cnosuchuser0000 is not in snapshot",
+        ),
+        (
+            ["--core", "core-de-1"],
+            3,
+            "core core-de-1 belongs to zone de",
+        ),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let to = dir.path().join(format!("x{i}"));
+        let (_, stderr) = restore(&core, &key, &to, args, *code);
+        assert!(stderr.contains(message), "{stderr}");
+    }
 
     // an unknown snapshot
     let (_, stderr) = run(
