@@ -59,3 +59,48 @@ pub fn snapshot_of_index(key: &str) -> Option<&str> {
     let name = key.rsplit('/').next()?;
     name.strip_suffix(".json")
 }
+
+/// `<core>/audit/`: the encrypted copies of the core's audit log.
+pub fn audit_dir(core: &str) -> String {
+    format!("{core}/audit/")
+}
+
+/// `<core>/audit/<first>-<last>.jsonl.age`: a copy of records `first..=last`.
+/// Sequence numbers are zero-padded to 12 digits so the copies list in order.
+pub fn audit_copy_key(core: &str, first: u64, last: u64) -> String {
+    format!("{core}/audit/{first:012}-{last:012}.jsonl.age")
+}
+
+/// The record range of an audit copy's key (relative or full), if it is one.
+pub fn audit_copy_range(key: &str) -> Option<(u64, u64)> {
+    let name = key.rsplit('/').next()?.strip_suffix(".jsonl.age")?;
+    let (first, last) = name.split_once('-')?;
+    let (first, last) = (first.parse().ok()?, last.parse().ok()?);
+    (first >= 1 && first <= last).then_some((first, last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_copy_keys_round_trip_and_sort() {
+        let key = audit_copy_key("core-ch-1", 7, 1234);
+        assert_eq!(key, "core-ch-1/audit/000000000007-000000001234.jsonl.age");
+        assert_eq!(audit_copy_range(&key), Some((7, 1234)));
+        assert_eq!(
+            audit_copy_range(&format!("zonevault/{key}")),
+            Some((7, 1234))
+        );
+        assert!(audit_copy_key("c", 9, 9) < audit_copy_key("c", 10, 10));
+        for bad in [
+            "c/audit/5-4.jsonl.age",
+            "c/audit/0-4.jsonl.age",
+            "c/audit/x-4.jsonl.age",
+            "c/audit/4.jsonl.age",
+            "c/audit/1-2.json",
+        ] {
+            assert_eq!(audit_copy_range(bad), None, "{bad}");
+        }
+    }
+}

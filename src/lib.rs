@@ -15,6 +15,7 @@
 //! `docs/architecture.md` tells the same story for a new maintainer.
 
 pub mod archive;
+pub mod audit;
 pub mod commands;
 pub mod config;
 pub mod error;

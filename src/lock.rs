@@ -25,15 +25,22 @@ impl RunLock {
             .write(true)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        // SAFETY: flock on a file descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if flock(&file, libc::LOCK_EX | libc::LOCK_NB).is_err() {
             tracing::warn!(lock = %path.display(), "another zonevault run holds the lock; waiting");
-            // SAFETY: as above.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                return Err(std::io::Error::last_os_error())
-                    .with_context(|| format!("cannot lock {}", path.display()));
-            }
+            flock(&file, libc::LOCK_EX)
+                .with_context(|| format!("cannot lock {}", path.display()))?;
         }
         Ok(RunLock { _file: file })
     }
+}
+
+/// `flock(2)` on `file`: `op` is `LOCK_EX`, `LOCK_UN`, ... (with `LOCK_NB`).
+/// The lock belongs to the open file, and the kernel drops it when the
+/// process dies, so a killed run never leaves a stale lock behind.
+pub fn flock(file: &File, op: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: flock on a file descriptor that `file` keeps open.
+    if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

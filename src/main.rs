@@ -2,8 +2,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use zonevault::audit::AuditLog;
 use zonevault::commands;
 use zonevault::config::{Config, DEFAULT_CONFIG_PATH};
 use zonevault::{Error, Exit, output};
@@ -17,6 +19,8 @@ Examples:
   zonevault snapshots                           list this core's snapshots
   zonevault restore --snapshot latest --to /srv/restore --identity /root/zone-ch.key
   zonevault restore --snapshot latest --to /tmp/u --identity KEY --user c123456789abc
+  zonevault audit where --user c123456789abc    every backup object holding that user's data
+  zonevault audit verify --remote --identity KEY
 
 Exit codes: 0 ok, 1 failure, 2 configuration or usage error, 3 residency refused.";
 
@@ -107,6 +111,54 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask the audit log: verify its chain, where a user's data is, what happened.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of the local log; name the first bad line.
+    Verify {
+        /// Also check that the log agrees with its encrypted copies in the zone.
+        #[arg(long, requires = "identity")]
+        remote: bool,
+        /// The age identity that decrypts the copies (with --remote).
+        #[arg(long, value_name = "FILE", requires = "remote")]
+        identity: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every object that holds a user's data and has not been deleted.
+    Where {
+        /// The user id.
+        #[arg(long, value_name = "ID")]
+        user: String,
+        /// Print the list as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print records, oldest first.
+    Show {
+        /// Only records since: an RFC 3339 time, a date, or a duration (36h, 7d).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Only this event kind (repeatable), e.g. object_put, residency_refused.
+        #[arg(long = "event", value_name = "KIND")]
+        events: Vec<String>,
+        /// Print the records as a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild a missing local log from the zone's copies (a fresh machine).
+    Pull {
+        /// The age identity that decrypts the copies.
+        #[arg(long, value_name = "FILE")]
+        identity: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -138,7 +190,8 @@ fn run(cli: Cli) -> Result<Exit, Error> {
         }
         Command::Check { json } => {
             let config = Config::load(&cli.config)?;
-            let report = runtime()?.block_on(commands::check::run(&config));
+            let audit = open_audit(&config, "check")?;
+            let report = runtime()?.block_on(commands::check::run(&config, &audit));
             if json {
                 output::json(&report).map_err(|e| Error::failed(format!("writing stdout: {e}")))?;
             } else {
@@ -164,6 +217,13 @@ fn run(cli: Cli) -> Result<Exit, Error> {
                 ),
                 _ => {}
             }
+            if exit != Exit::Ok {
+                let failure = match exit {
+                    Exit::Refused => Error::Residency("residency refused".into()),
+                    _ => Error::failed("targets could not be checked"),
+                };
+                audit.run_failed("check", &failure);
+            }
             Ok(exit)
         }
         Command::Backup {
@@ -173,12 +233,13 @@ fn run(cli: Cli) -> Result<Exit, Error> {
             json,
         } => {
             let config = Config::load(&cli.config)?;
+            let audit = open_audit(&config, "backup")?;
             let mut options = commands::backup::Options::new();
             options.volumes = volumes;
             options.jobs = jobs.unwrap_or(options.jobs);
             options.part_jobs = part_jobs;
             options.progress = !json;
-            let report = runtime()?.block_on(commands::backup::run(&config, &options))?;
+            let report = runtime()?.block_on(commands::backup::run(&config, &audit, &options))?;
             print(json, &report, output::backup)?;
             Ok(Exit::Ok)
         }
@@ -202,6 +263,7 @@ fn run(cli: Cli) -> Result<Exit, Error> {
             json,
         } => {
             let config = Config::load(&cli.config)?;
+            let audit = open_audit(&config, "restore")?;
             let options = commands::restore::Options {
                 snapshot,
                 to,
@@ -213,11 +275,54 @@ fn run(cli: Cli) -> Result<Exit, Error> {
                 jobs: jobs.unwrap_or_else(commands::backup::default_jobs),
                 progress: !json,
             };
-            let report = runtime()?.block_on(commands::restore::run(&config, &options))?;
+            let report = runtime()?.block_on(commands::restore::run(&config, &audit, &options))?;
             print(json, &report, output::restore)?;
             Ok(Exit::Ok)
         }
+        Command::Audit { command } => audit(&Config::load(&cli.config)?, command),
     }
+}
+
+fn audit(config: &Config, command: AuditCommand) -> Result<Exit, Error> {
+    use commands::audit;
+    match command {
+        AuditCommand::Verify { identity, json, .. } => {
+            let report = runtime()?.block_on(audit::verify(config, identity.as_deref()))?;
+            print(json, &report, output::audit_verify)?;
+        }
+        AuditCommand::Where { user, json } => {
+            let locations = audit::where_(config, &user)?;
+            print(json, &locations, |l| output::audit_where(&user, l))?;
+        }
+        AuditCommand::Show {
+            since,
+            events,
+            json,
+        } => {
+            let filter = zonevault::audit::query::Filter {
+                since: since.as_deref().map(audit::parse_since).transpose()?,
+                events,
+            };
+            let records = audit::show(config, &filter)?;
+            print(json, &records, |r| output::audit_show(r))?;
+        }
+        AuditCommand::Pull { identity } => {
+            let report = runtime()?.block_on(audit::pull(config, &identity))?;
+            eprintln!(
+                "rebuilt {} with {} records from the zone's copies; `zonevault audit verify` checks it",
+                report.log.display(),
+                report.records
+            );
+        }
+    }
+    Ok(Exit::Ok)
+}
+
+/// Opens the audit log for a command that acts, recording its config.
+fn open_audit(config: &Config, command: &str) -> Result<Arc<AuditLog>, Error> {
+    AuditLog::start(config, command)
+        .map(Arc::new)
+        .map_err(|e| Error::Failed(e.context("zonevault records every run in its audit log")))
 }
 
 /// Prints a report as JSON or in its human form.

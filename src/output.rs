@@ -166,6 +166,86 @@ pub fn restore(r: &crate::commands::restore::Report) -> String {
     )
 }
 
+/// The human form of `audit verify`.
+pub fn audit_verify(r: &crate::commands::audit::VerifyReport) -> String {
+    let mut s = format!(
+        "audit log {}: {} records, the chain holds\n",
+        r.log.display(),
+        r.records
+    );
+    if let Some(copied) = &r.copied {
+        for (target, last) in copied {
+            s.push_str(&format!(
+                "target {target}: copies of records 1 to {last} agree with the log\n"
+            ));
+        }
+        let lowest = copied.values().copied().min().unwrap_or(0);
+        if lowest < r.records {
+            s.push_str(&format!(
+                "{} record(s) not yet copied to every target (the next run copies them)\n",
+                r.records - lowest
+            ));
+        }
+    }
+    s
+}
+
+/// The human form of `audit where`.
+pub fn audit_where(user: &str, locations: &[crate::audit::query::Location]) -> String {
+    if locations.is_empty() {
+        return format!("no object holds data of user {user} (none written, or all deleted)\n");
+    }
+    let mut rows = vec![
+        [
+            "ZONE", "TARGET", "ENDPOINT", "BUCKET", "REGION", "KEY", "SNAPSHOT", "TIME",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for l in locations {
+        rows.push(vec![
+            l.zone.clone(),
+            l.place.target.clone(),
+            l.place.endpoint.clone(),
+            l.place.bucket.clone(),
+            l.place.region.clone(),
+            l.key.clone(),
+            l.snapshot.clone().unwrap_or_else(|| "-".into()),
+            l.time.clone(),
+        ]);
+    }
+    table(&rows)
+}
+
+/// The human form of `audit show`: one line per record, `seq time event`
+/// then the event's fields.
+pub fn audit_show(records: &[serde_json::Map<String, serde_json::Value>]) -> String {
+    const HEAD: [&str; 7] = ["seq", "time", "event", "core", "zone", "prev", "hash"];
+    let mut s = String::new();
+    for r in records {
+        let field = |k: &str| match r.get(k) {
+            Some(serde_json::Value::String(v)) => v.clone(),
+            Some(v) => v.to_string(),
+            None => "-".into(),
+        };
+        s.push_str(&format!(
+            "{:>6}  {}  {:<18}",
+            field("seq"),
+            field("time"),
+            field("event")
+        ));
+        for (k, v) in r.iter().filter(|(k, _)| !HEAD.contains(&k.as_str())) {
+            let v = match v {
+                serde_json::Value::String(v) => v.clone(),
+                other => other.to_string(),
+            };
+            s.push_str(&format!("  {k}={v}"));
+        }
+        s.push('\n');
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::table;

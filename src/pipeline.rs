@@ -107,33 +107,65 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// Cuts the stream into parts of `part_size` bytes and sends them on; the
-/// channel's bound is what keeps memory flat. After the last part, an empty
-/// part marks the end: a channel that closes without it means the producer
-/// failed, and the object must not be completed.
+/// Size and BLAKE3 (hex) of a stored object, as the audit log records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digest {
+    pub bytes: u64,
+    pub blake3: String,
+}
+
+impl Digest {
+    /// The digest of a whole object in memory.
+    pub fn of(body: &[u8]) -> Digest {
+        Digest {
+            bytes: body.len() as u64,
+            blake3: blake3::hash(body).to_hex().to_string(),
+        }
+    }
+}
+
+/// What travels from the pipeline to the upload: the parts, then the end.
+#[derive(Debug)]
+pub enum Part {
+    Data(Bytes),
+    /// The object is complete; its size and hash.
+    End(Digest),
+}
+
+/// Cuts the stream into parts of `part_size` bytes, hashes them and sends
+/// them on; the channel's bound is what keeps memory flat. After the last
+/// part, [`Part::End`] marks the end: a channel that closes without it means
+/// the producer failed, and the object must not be completed.
 pub struct PartSink {
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Part>,
     buf: BytesMut,
     part_size: usize,
+    hasher: blake3::Hasher,
     sent: u64,
 }
 
 impl PartSink {
-    pub fn new(tx: mpsc::Sender<Bytes>, part_size: usize) -> Self {
+    pub fn new(tx: mpsc::Sender<Part>, part_size: usize) -> Self {
         PartSink {
             tx,
             buf: BytesMut::with_capacity(part_size),
             part_size,
+            hasher: blake3::Hasher::new(),
             sent: 0,
         }
     }
 
-    fn send(&mut self) -> io::Result<()> {
-        let part = self.buf.split().freeze();
-        self.sent += part.len() as u64;
+    fn send(&mut self, part: Part) -> io::Result<()> {
         self.tx
             .blocking_send(part)
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))?;
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
+    }
+
+    fn send_buffered(&mut self) -> io::Result<()> {
+        let part = self.buf.split().freeze();
+        self.sent += part.len() as u64;
+        self.hasher.update(&part);
+        self.send(Part::Data(part))?;
         self.buf.reserve(self.part_size);
         Ok(())
     }
@@ -141,11 +173,13 @@ impl PartSink {
     /// Sends the last part and the end marker; returns the stored size.
     pub fn finish(mut self) -> io::Result<u64> {
         if !self.buf.is_empty() {
-            self.send()?;
+            self.send_buffered()?;
         }
-        self.tx
-            .blocking_send(Bytes::new())
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))?;
+        let digest = Digest {
+            bytes: self.sent,
+            blake3: self.hasher.finalize().to_hex().to_string(),
+        };
+        self.send(Part::End(digest))?;
         Ok(self.sent)
     }
 }
@@ -156,7 +190,7 @@ impl Write for PartSink {
         let n = room.min(buf.len());
         self.buf.extend_from_slice(&buf[..n]);
         if self.buf.len() == self.part_size {
-            self.send()?;
+            self.send_buffered()?;
         }
         Ok(n)
     }

@@ -14,12 +14,42 @@
 //! a [`WritePermit`]; its only constructor is private to this module and the
 //! permit never leaves the `Writable` that holds it. So no code path can write
 //! to a target that has not passed the check: the compiler enforces it.
+//!
+//! The gate is also where the audit log learns of every verdict and of every
+//! object written or deleted: a `Writable` records each write itself, after
+//! it succeeded and before it returns.
 
+use std::sync::Arc;
+
+use anyhow::Context;
 use bytes::Bytes;
 
+use crate::audit::{AuditLog, Event, ObjectKind, Place};
 use crate::config::{Config, Target};
 use crate::layout::{self, Marker};
+use crate::pipeline::Digest;
 use crate::storage::{Store, StoreError};
+
+/// What an object holds, for its audit record.
+#[derive(Debug, Clone, Copy)]
+pub struct Contents<'a> {
+    pub kind: ObjectKind,
+    /// The snapshot it belongs to.
+    pub snapshot: Option<&'a str>,
+    /// The users whose data it holds.
+    pub users: &'a [String],
+}
+
+impl Contents<'_> {
+    /// An object of `kind` that belongs to no snapshot and holds no user's data.
+    pub fn of(kind: ObjectKind) -> Contents<'static> {
+        Contents {
+            kind,
+            snapshot: None,
+            users: &[],
+        }
+    }
+}
 
 /// Proof that the residency check passed. Needed by every write of a
 /// [`Store`]; it cannot be created outside this module.
@@ -34,6 +64,7 @@ pub struct Writable<S> {
     store: S,
     reported_region: String,
     marker_present: bool,
+    audit: Arc<AuditLog>,
     permit: WritePermit,
 }
 
@@ -63,9 +94,53 @@ impl<S: Store> Writable<S> {
         self.target.key(rel)
     }
 
-    /// Writes a whole object under the target's prefix (`rel` is relative to it).
-    pub async fn put(&self, rel: &str, body: Bytes) -> Result<(), StoreError> {
-        self.store.put(&self.permit, &self.key(rel), body).await
+    /// The audit log that this target's writes are recorded in.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// Where this target is, for audit records.
+    pub fn place(&self) -> Place {
+        Place::from(&self.target)
+    }
+
+    /// Writes a whole object under the target's prefix (`rel` is relative
+    /// to it) and records it.
+    pub async fn put(&self, rel: &str, body: Bytes, contents: &Contents<'_>) -> anyhow::Result<()> {
+        let digest = Digest::of(&body);
+        self.put_digested(rel, body, contents, &digest).await
+    }
+
+    /// [`Writable::put`] of a body whose digest the caller already has.
+    pub async fn put_digested(
+        &self,
+        rel: &str,
+        body: Bytes,
+        contents: &Contents<'_>,
+        digest: &Digest,
+    ) -> anyhow::Result<()> {
+        self.store.put(&self.permit, &self.key(rel), body).await?;
+        self.record_put(rel, contents, digest)
+    }
+
+    fn record_put(
+        &self,
+        rel: &str,
+        contents: &Contents<'_>,
+        digest: &Digest,
+    ) -> anyhow::Result<()> {
+        self.audit
+            .append(&Event::ObjectPut {
+                place: self.place(),
+                key: self.key(rel),
+                kind: contents.kind,
+                bytes: digest.bytes,
+                blake3: digest.blake3.clone(),
+                snapshot: contents.snapshot.map(str::to_string),
+                users: contents.users.to_vec(),
+            })
+            .map(|_| ())
+            .with_context(|| format!("recording the write of {}", self.key(rel)))
     }
 
     /// Starts a multipart upload of `rel`; returns its id.
@@ -86,16 +161,20 @@ impl<S: Store> Writable<S> {
             .await
     }
 
-    /// Completes a multipart upload of `rel`.
+    /// Completes a multipart upload of `rel`, whose parts hash to `digest`,
+    /// and records the object.
     pub async fn complete_upload(
         &self,
         rel: &str,
         upload_id: &str,
         parts: Vec<(i32, String)>,
-    ) -> Result<(), StoreError> {
+        contents: &Contents<'_>,
+        digest: &Digest,
+    ) -> anyhow::Result<()> {
         self.store
             .complete_upload(&self.permit, &self.key(rel), upload_id, parts)
-            .await
+            .await?;
+        self.record_put(rel, contents, digest)
     }
 
     /// Abandons a multipart upload. `key` is a full key (as listed).
@@ -103,19 +182,31 @@ impl<S: Store> Writable<S> {
         self.store.abort_upload(&self.permit, key, upload_id).await
     }
 
-    /// Deletes an object. `key` is a full key (as listed).
-    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.store.delete(&self.permit, key).await
+    /// Deletes an object (`key` is a full key, as listed) and records why.
+    pub async fn delete(&self, key: &str, reason: &str) -> anyhow::Result<()> {
+        self.store.delete(&self.permit, key).await?;
+        self.audit
+            .append(&Event::ObjectDeleted {
+                place: self.place(),
+                key: key.to_string(),
+                reason: reason.to_string(),
+            })
+            .map(|_| ())
+            .with_context(|| format!("recording the deletion of {key}"))
     }
 
     /// Writes this zone's marker if the target had none at the check.
-    pub async fn ensure_marker(&self) -> Result<(), StoreError> {
+    pub async fn ensure_marker(&self) -> anyhow::Result<()> {
         if self.marker_present {
             return Ok(());
         }
-        let marker = serde_json::to_vec(&Marker::new(&self.target.zone))
-            .map_err(|e| StoreError::Other(e.to_string()))?;
-        self.put(layout::MARKER, Bytes::from(marker)).await
+        let marker = serde_json::to_vec(&Marker::new(&self.target.zone))?;
+        self.put(
+            layout::MARKER,
+            Bytes::from(marker),
+            &Contents::of(ObjectKind::Marker),
+        )
+        .await
     }
 }
 
@@ -140,8 +231,44 @@ pub enum Verdict<S> {
 }
 
 /// Checks `target` for this core's zone, asking `store` (a client for the
-/// target, signing for the target's configured region).
-pub async fn verify<S: Store>(config: &Config, target: &Target, store: S) -> Verdict<S> {
+/// target, signing for the target's configured region), and records the
+/// verdict in `audit`. A verdict that cannot be recorded makes the target
+/// unavailable: nothing is written that the log does not show was allowed.
+pub async fn verify<S: Store>(
+    config: &Config,
+    audit: &Arc<AuditLog>,
+    target: &Target,
+    store: S,
+) -> Verdict<S> {
+    let verdict = judge(config, audit, target, store).await;
+    let place = Place::from(target);
+    let event = match &verdict {
+        Verdict::Passed(w) => Event::ResidencyPassed {
+            place,
+            reported_region: w.reported_region.clone(),
+        },
+        Verdict::Refused(r) => Event::ResidencyRefused {
+            place,
+            reported_region: r.reported_region.clone(),
+            reason: r.reason.clone(),
+        },
+        Verdict::Unavailable(e) => Event::TargetUnavailable {
+            place,
+            reason: e.to_string(),
+        },
+    };
+    match audit.append(&event) {
+        Ok(_) => verdict,
+        Err(e) => Verdict::Unavailable(StoreError::Other(format!("{e:#}"))),
+    }
+}
+
+async fn judge<S: Store>(
+    config: &Config,
+    audit: &Arc<AuditLog>,
+    target: &Target,
+    store: S,
+) -> Verdict<S> {
     let zone = config.zone();
     let refuse = |reported_region: Option<String>, reason: String| {
         Verdict::Refused(Refusal {
@@ -246,6 +373,7 @@ pub async fn verify<S: Store>(config: &Config, target: &Target, store: S) -> Ver
         store,
         reported_region: reported,
         marker_present,
+        audit: Arc::clone(audit),
         permit: WritePermit(()),
     })
 }

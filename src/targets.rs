@@ -1,6 +1,9 @@
 //! The zone's targets as the commands need them: stores to read from, and
 //! writable targets that passed the residency gate.
 
+use std::sync::Arc;
+
+use crate::audit::AuditLog;
 use crate::config::{Config, Target};
 use crate::error::Error;
 use crate::residency::{self, Verdict, Writable};
@@ -19,15 +22,16 @@ pub async fn open(config: &Config) -> Vec<(Target, S3Store)> {
 
 /// Every target of the zone, checked. Any refusal is an [`Error::Residency`]
 /// (exit 3) and any unreachable target an [`Error::Failed`]: a run writes to
-/// all of the zone's targets or to none.
-pub async fn writable(config: &Config) -> Result<Vec<Writable<S3Store>>, Error> {
-    let verdicts = futures::future::join_all(
-        open(config)
-            .await
-            .into_iter()
-            .map(|(t, store)| async move { (residency::verify(config, &t, store).await, t) }),
-    )
-    .await;
+/// all of the zone's targets or to none. Every verdict is in `audit`.
+pub async fn writable(
+    config: &Config,
+    audit: &Arc<AuditLog>,
+) -> Result<Vec<Writable<S3Store>>, Error> {
+    let verdicts =
+        futures::future::join_all(open(config).await.into_iter().map(|(t, store)| async move {
+            (residency::verify(config, audit, &t, store).await, t)
+        }))
+        .await;
     let mut writable = Vec::new();
     let mut refused = Vec::new();
     let mut failed = Vec::new();

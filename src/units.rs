@@ -23,6 +23,16 @@ pub enum UnitKind {
     Volume,
 }
 
+impl UnitKind {
+    /// The users whose data a unit of this kind holds.
+    pub fn users(&self) -> Vec<String> {
+        match self {
+            UnitKind::User(id) => vec![id.clone()],
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// One unit of one volume: becomes one object.
 #[derive(Debug, Clone)]
 pub struct Unit {

@@ -3,40 +3,46 @@
 //! Parts arrive on a channel from the pipeline. An object that fits in one
 //! part is a single PUT; a larger one is a multipart upload on each target,
 //! up to `concurrency` parts in flight. On any failure every started multipart upload is
-//! aborted, so a failed run leaves no half object behind.
+//! aborted, so a failed run leaves no half object behind. Each target
+//! records the object in the audit log as it completes.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::sync::mpsc;
 
-use crate::residency::Writable;
+use crate::pipeline::{Digest, Part};
+use crate::residency::{Contents, Writable};
 use crate::storage::Store;
 
 /// Receives the parts of object `key` and writes it to every target.
+/// Returns the stored object's digest.
 pub async fn upload<S: Store>(
     targets: &[Writable<S>],
     key: &str,
-    mut parts: mpsc::Receiver<Bytes>,
+    mut parts: mpsc::Receiver<Part>,
     concurrency: usize,
-) -> Result<()> {
-    let first = next_part(&mut parts, key).await?;
-    if first.is_empty() {
-        anyhow::bail!("the pipeline produced no data for {key}");
-    }
-    let second = next_part(&mut parts, key).await?;
-    if second.is_empty() {
-        let puts = targets.iter().map(|t| {
-            let body = first.clone();
-            async move {
-                t.put(key, body)
-                    .await
-                    .map_err(|e| context(e, "writing", t, key))
-            }
-        });
-        futures::future::try_join_all(puts).await?;
-        return Ok(());
+    contents: &Contents<'_>,
+) -> Result<Digest> {
+    let first = match next_part(&mut parts, key).await? {
+        Part::Data(first) => first,
+        Part::End(_) => anyhow::bail!("the pipeline produced no data for {key}"),
+    };
+    let second = match next_part(&mut parts, key).await? {
+        Part::Data(second) => second,
+        Part::End(digest) => {
+            let puts = targets.iter().map(|t| {
+                let (body, digest) = (first.clone(), &digest);
+                async move {
+                    t.put_digested(key, body, contents, digest)
+                        .await
+                        .with_context(|| describe("writing", t, key))
+                }
+            });
+            futures::future::try_join_all(puts).await?;
+            return Ok(digest);
+        }
     };
 
     let ids = futures::future::join_all(targets.iter().map(|t| t.create_upload(key))).await;
@@ -51,8 +57,8 @@ pub async fn upload<S: Store>(
         }
     }
     if failure.is_none() {
-        match send_parts(&uploads, key, [first, second], parts, concurrency).await {
-            Ok(()) => return Ok(()),
+        match send_parts(&uploads, key, [first, second], parts, concurrency, contents).await {
+            Ok(digest) => return Ok(digest),
             Err(e) => failure = Some(e),
         }
     }
@@ -70,13 +76,14 @@ async fn send_parts<S: Store>(
     uploads: &[(&Writable<S>, String)],
     key: &str,
     first: [Bytes; 2],
-    mut parts: mpsc::Receiver<Bytes>,
+    mut parts: mpsc::Receiver<Part>,
     concurrency: usize,
-) -> Result<()> {
+    contents: &Contents<'_>,
+) -> Result<Digest> {
     let mut done: Vec<Vec<(i32, String)>> = vec![Vec::new(); uploads.len()];
     let mut inflight = FuturesUnordered::new();
     let mut number = 0;
-    let mut exhausted = false;
+    let mut end: Option<Digest> = None;
     // One future per part and target; receiving the next part and finishing
     // uploads go on at the same time.
     let limit = concurrency.max(1) * uploads.len();
@@ -98,13 +105,13 @@ async fn send_parts<S: Store>(
     }
     loop {
         tokio::select! {
-            part = next_part(&mut parts, key), if !exhausted && inflight.len() < limit => {
-                let part = part?;
-                if part.is_empty() {
-                    exhausted = true;
-                } else {
-                    number += 1;
-                    inflight.extend(send(number, part));
+            part = next_part(&mut parts, key), if end.is_none() && inflight.len() < limit => {
+                match part? {
+                    Part::Data(part) => {
+                        number += 1;
+                        inflight.extend(send(number, part));
+                    }
+                    Part::End(digest) => end = Some(digest),
                 }
             }
             Some(r) = inflight.next(), if !inflight.is_empty() => {
@@ -114,18 +121,19 @@ async fn send_parts<S: Store>(
             else => break,
         }
     }
+    let digest = end.expect("the loop ends after the end marker");
     for ((t, id), mut parts) in uploads.iter().zip(done) {
         parts.sort_by_key(|(n, _)| *n);
-        t.complete_upload(key, id, parts)
+        t.complete_upload(key, id, parts, contents, &digest)
             .await
-            .map_err(|e| context(e, "completing the upload of", t, key))?;
+            .with_context(|| describe("completing the upload of", t, key))?;
     }
-    Ok(())
+    Ok(digest)
 }
 
-/// The next part; an empty part is the end marker. A channel closed without
-/// it means the producer failed: the object is incomplete.
-async fn next_part(parts: &mut mpsc::Receiver<Bytes>, key: &str) -> Result<Bytes> {
+/// The next part. A channel closed before [`Part::End`] means the producer
+/// failed: the object is incomplete.
+async fn next_part(parts: &mut mpsc::Receiver<Part>, key: &str) -> Result<Part> {
     parts
         .recv()
         .await
@@ -138,9 +146,9 @@ fn context<S: Store>(
     t: &Writable<S>,
     key: &str,
 ) -> anyhow::Error {
-    anyhow::Error::new(e).context(format!(
-        "{what} {} to target {}",
-        t.key(key),
-        t.target().name
-    ))
+    anyhow::Error::new(e).context(describe(what, t, key))
+}
+
+fn describe<S: Store>(what: &str, t: &Writable<S>, key: &str) -> String {
+    format!("{what} {} to target {}", t.key(key), t.target().name)
 }

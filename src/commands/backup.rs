@@ -7,6 +7,7 @@
 //! is visible; the next run removes what an uncommitted run left.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -16,13 +17,14 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::archive;
-use crate::config::Config;
+use crate::audit::{AuditLog, Event, ObjectKind, remote};
+use crate::config::{Config, Volume};
 use crate::error::{Error, Result};
 use crate::layout;
 use crate::lock::RunLock;
-use crate::pipeline::{self, PartSink};
+use crate::pipeline::{self, Part, PartSink};
 use crate::progress::Progress;
-use crate::residency::Writable;
+use crate::residency::{Contents, Writable};
 use crate::snapshot::{self, Index, IndexObject, Manifest, UnitRecord};
 use crate::storage::{Store, s3::S3Store};
 use crate::targets;
@@ -95,14 +97,50 @@ pub struct Report {
     pub cleaned: usize,
 }
 
-/// Runs one backup.
-pub async fn run(config: &Config, options: &Options) -> Result<Report> {
+/// Runs one backup. Every step is in `audit`, a failure included; at the
+/// end, success or failure, the run's records are copied to the targets.
+pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> Result<Report> {
     let started = Instant::now();
-    let volumes: Vec<_> = if options.volumes.is_empty() {
+    let failed = |e: Error| {
+        audit.run_failed("backup", &e);
+        e
+    };
+    let volumes = select_volumes(config, &options.volumes).map_err(failed)?;
+    let state_dir = config.core.state_dir.clone();
+    let lock_dir = state_dir.clone();
+    let _lock = tokio::task::spawn_blocking(move || RunLock::acquire(&lock_dir))
+        .await
+        .map_err(Error::failed)
+        .and_then(|r| r.map_err(Error::from))
+        .map_err(failed)?;
+    let targets = targets::writable(config, audit).await.map_err(failed)?;
+    remote::check_continuity(audit, &state_dir, &targets)
+        .await
+        .map_err(|e| failed(e.into()))?;
+    let result = snapshot(config, options, &targets, &volumes, started)
+        .await
+        .map_err(failed);
+    let copied = remote::copy(audit, &state_dir, &targets, &config.zone().recipients).await;
+    match (result, copied) {
+        (Ok(report), Ok(())) => Ok(report),
+        (Ok(report), Err(e)) => Err(failed(Error::Failed(e.context(format!(
+            "snapshot {} is committed, but its audit records could not be copied to the zone",
+            report.snapshot
+        ))))),
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(copy)) => {
+            tracing::warn!(error = %format!("{copy:#}"), "the audit records of this failed run could not be copied; the next run copies them");
+            Err(e)
+        }
+    }
+}
+
+/// The volumes named (all when none is).
+fn select_volumes(config: &Config, names: &[String]) -> Result<Vec<Volume>> {
+    Ok(if names.is_empty() {
         config.core.volumes.clone()
     } else {
-        options
-            .volumes
+        names
             .iter()
             .map(|name| {
                 config
@@ -122,28 +160,32 @@ pub async fn run(config: &Config, options: &Options) -> Result<Report> {
                     })
             })
             .collect::<Result<_>>()?
-    };
-    let state_dir = config.core.state_dir.clone();
-    let _lock = tokio::task::spawn_blocking(move || RunLock::acquire(&state_dir))
-        .await
-        .map_err(Error::failed)??;
+    })
+}
 
-    let targets = targets::writable(config).await?;
-    for t in &targets {
+/// Takes the snapshot into `targets`, which passed the gate.
+async fn snapshot(
+    config: &Config,
+    options: &Options,
+    targets: &[Writable<S3Store>],
+    volumes: &[Volume],
+    started: Instant,
+) -> Result<Report> {
+    for t in targets {
         t.ensure_marker()
             .await
             .with_context(|| format!("writing the marker of target {}", t.target().name))?;
     }
     let core = &config.core.core_id;
     let mut cleaned = 0;
-    for t in &targets {
+    for t in targets {
         cleaned += clean_uncommitted(t, core)
             .await
             .with_context(|| format!("cleaning up target {}", t.target().name))?;
     }
 
     let mut units: Vec<(Unit, globset::GlobSet)> = Vec::new();
-    for v in &volumes {
+    for v in volumes {
         let found = units::units_of(v)
             .with_context(|| format!("reading volume {} ({})", v.name, v.path.display()))?;
         units.extend(found.into_iter().map(|u| (u, v.exclude.clone())));
@@ -155,19 +197,17 @@ pub async fn run(config: &Config, options: &Options) -> Result<Report> {
     let progress = Progress::new(options.progress, units.len() as u64, "backup");
     let results: Result<Vec<(UnitRecord, archive::WriteStats)>> = futures::stream::iter(units)
         .map(|(unit, exclude)| {
-            let targets = &targets;
-            let progress = &progress;
+            let (progress, id) = (&progress, &id);
             async move {
-                let r = backup_unit(
+                let run = UnitRun {
                     targets,
                     core,
-                    &zone.recipients,
-                    config.core.zstd_level,
+                    snapshot: id,
+                    recipients: &zone.recipients,
+                    level: config.core.zstd_level,
                     options,
-                    unit,
-                    exclude,
-                )
-                .await;
+                };
+                let r = backup_unit(&run, unit, exclude).await;
                 if let Ok((rec, _)) = &r {
                     progress.unit_done(rec.plain_size);
                 }
@@ -183,7 +223,7 @@ pub async fn run(config: &Config, options: &Options) -> Result<Report> {
         Err(e) => {
             // Units still in flight were dropped with their uploads open:
             // abort every upload of this core (the run lock makes them ours).
-            for t in &targets {
+            for t in targets {
                 if let Err(abort) = abort_uploads(t, core).await {
                     tracing::warn!(target = %t.target().name, error = %abort, "could not abort unfinished uploads; the next run removes them");
                 }
@@ -247,17 +287,48 @@ pub async fn run(config: &Config, options: &Options) -> Result<Report> {
     };
     let index_json = Bytes::from(serde_json::to_vec_pretty(&index).map_err(anyhow::Error::from)?);
     let sealed = Bytes::from(sealed);
-    put_everywhere(&targets, &manifest_key, &sealed).await?;
+    let of_snapshot = |kind| Contents {
+        kind,
+        snapshot: Some(&id),
+        users: &[],
+    };
+    put_everywhere(
+        targets,
+        &manifest_key,
+        &sealed,
+        &of_snapshot(ObjectKind::Manifest),
+    )
+    .await?;
     // The commit: the index is the last write of the run. It must land on
     // every target or on none, so a failure takes back the copies written.
     let index_key = layout::index_key(core, &id);
-    if let Err(e) = put_everywhere(&targets, &index_key, &index_json).await {
-        for t in &targets {
-            if let Err(undo) = t.delete(&t.key(&index_key)).await {
-                tracing::warn!(target = %t.target().name, error = %undo, "could not take back a partial commit");
+    if let Err(e) = put_everywhere(
+        targets,
+        &index_key,
+        &index_json,
+        &of_snapshot(ObjectKind::Index),
+    )
+    .await
+    {
+        for t in targets {
+            if let Err(undo) = t
+                .delete(&t.key(&index_key), "taking back a partial commit")
+                .await
+            {
+                tracing::warn!(target = %t.target().name, error = %format!("{undo:#}"), "could not take back a partial commit");
             }
         }
         return Err(e);
+    }
+    for t in targets {
+        t.audit().append(&Event::SnapshotCommitted {
+            place: t.place(),
+            snapshot: id.clone(),
+            key: t.key(&index_key),
+            units: index.units,
+            plain_bytes: index.plain_bytes,
+            stored_bytes: index.stored_bytes,
+        })?;
     }
 
     Ok(Report {
@@ -277,9 +348,14 @@ pub async fn run(config: &Config, options: &Options) -> Result<Report> {
     })
 }
 
-async fn put_everywhere<S: Store>(targets: &[Writable<S>], key: &str, body: &Bytes) -> Result<()> {
+async fn put_everywhere<S: Store>(
+    targets: &[Writable<S>],
+    key: &str,
+    body: &Bytes,
+    contents: &Contents<'_>,
+) -> Result<()> {
     let puts = targets.iter().map(|t| async move {
-        t.put(key, body.clone())
+        t.put(key, body.clone(), contents)
             .await
             .with_context(|| format!("writing {} to target {}", t.key(key), t.target().name))
     });
@@ -287,21 +363,27 @@ async fn put_everywhere<S: Store>(targets: &[Writable<S>], key: &str, body: &Byt
     Ok(())
 }
 
+/// What every unit of a run shares.
+struct UnitRun<'a> {
+    targets: &'a [Writable<S3Store>],
+    core: &'a str,
+    snapshot: &'a str,
+    recipients: &'a [age::x25519::Recipient],
+    level: i32,
+    options: &'a Options,
+}
+
 /// One unit: tar → zstd → age → parts on a blocking thread, parts uploaded
 /// to every target as they come.
 async fn backup_unit(
-    targets: &[Writable<S3Store>],
-    core: &str,
-    recipients: &[age::x25519::Recipient],
-    level: i32,
-    options: &Options,
+    run: &UnitRun<'_>,
     unit: Unit,
     exclude: globset::GlobSet,
 ) -> Result<(UnitRecord, archive::WriteStats)> {
-    let key = layout::new_object_key(core);
-    let (tx, rx) = mpsc::channel::<Bytes>(1);
-    let sink = PartSink::new(tx, options.part_size);
-    let recipients = recipients.to_vec();
+    let key = layout::new_object_key(run.core);
+    let (tx, rx) = mpsc::channel::<Part>(1);
+    let sink = PartSink::new(tx, run.options.part_size);
+    let (recipients, level) = (run.recipients.to_vec(), run.level);
     let label = unit.label();
     let producer_unit = unit.clone();
     let producer = tokio::task::spawn_blocking(move || {
@@ -310,7 +392,14 @@ async fn backup_unit(
             Ok(stats)
         })
     });
-    let uploaded = crate::upload::upload(targets, &key, rx, options.part_jobs).await;
+    let users = unit.kind.users();
+    let contents = Contents {
+        kind: ObjectKind::Unit,
+        snapshot: Some(run.snapshot),
+        users: &users,
+    };
+    let uploaded =
+        crate::upload::upload(run.targets, &key, rx, run.options.part_jobs, &contents).await;
     let sealed = producer
         .await
         .map_err(|e| Error::failed(format!("{label}: {e}")))?;
@@ -323,7 +412,7 @@ async fn backup_unit(
         }
         (Err(e), _) => return Err(Error::Failed(e.context(format!("backing up {label}")))),
         (Ok(_), Err(e)) => return Err(Error::Failed(e.context(format!("backing up {label}")))),
-        (Ok(s), Ok(())) => s,
+        (Ok(s), Ok(_)) => s,
     };
     tracing::debug!(unit = %label, key, plain = sealed.plain_size, stored = sealed.stored_size, "unit stored");
     let record = UnitRecord {
@@ -390,7 +479,9 @@ async fn clean_uncommitted<S: Store>(target: &Writable<S>, core: &str) -> anyhow
     for f in objects.iter().chain(manifests) {
         if !referenced.contains(&f.key) {
             tracing::info!(target = %target.target().name, key = %f.key, "removing what an uncommitted run left");
-            target.delete(&f.key).await?;
+            target
+                .delete(&f.key, "left by a run that never committed")
+                .await?;
             removed += 1;
         }
     }

@@ -1,8 +1,12 @@
 //! `zonevault check`: the config is valid (it was loaded), and every target of
-//! this core's zone passes the residency check. Writes nothing.
+//! this core's zone passes the residency check. Writes nothing to the
+//! targets; its verdicts go to the audit log.
+
+use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::audit::AuditLog;
 use crate::config::{Config, Target};
 use crate::error::Exit;
 use crate::residency::{self, Verdict};
@@ -55,12 +59,12 @@ impl CheckReport {
 }
 
 /// Checks every target of the core's zone, concurrently.
-pub async fn run(config: &Config) -> CheckReport {
+pub async fn run(config: &Config, audit: &Arc<AuditLog>) -> CheckReport {
     let zone = config.zone();
     let stores = targets::open(config).await;
     let checks = stores
         .into_iter()
-        .map(|(t, store)| async move { check_target(config, &t, store).await });
+        .map(|(t, store)| async move { check_target(config, audit, &t, store).await });
     let targets = futures::future::join_all(checks).await;
     CheckReport {
         core: config.core.core_id.clone(),
@@ -71,8 +75,13 @@ pub async fn run(config: &Config) -> CheckReport {
     }
 }
 
-async fn check_target(config: &Config, target: &Target, store: S3Store) -> TargetReport {
-    let verdict = residency::verify(config, target, store).await;
+async fn check_target(
+    config: &Config,
+    audit: &Arc<AuditLog>,
+    target: &Target,
+    store: S3Store,
+) -> TargetReport {
+    let verdict = residency::verify(config, audit, target, store).await;
     let (reported_region, verdict, reason) = match verdict {
         Verdict::Passed(w) => {
             let marker = if w.marker_present() {

@@ -2,6 +2,7 @@
 //! did; printing is in [`crate::output`] so that `--json` and the human form
 //! show the same facts.
 
+pub mod audit;
 pub mod backup;
 pub mod check;
 pub mod keygen;

@@ -12,6 +12,7 @@ use serde::Serialize;
 use tokio_util::io::SyncIoBridge;
 
 use crate::archive::{self, DirMeta};
+use crate::audit::{AuditLog, Event, Place};
 use crate::config::{Config, Target};
 use crate::error::{Error, Result};
 use crate::keys;
@@ -54,8 +55,28 @@ pub struct Report {
     pub users: Vec<String>,
 }
 
-/// Runs a restore.
-pub async fn run(config: &Config, options: &Options) -> Result<Report> {
+/// Runs a restore. Every object read, the restore done or its failure, is
+/// recorded in `audit` (each read before it starts).
+pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> Result<Report> {
+    let report = restore(config, audit, options)
+        .await
+        .inspect_err(|e| audit.run_failed("restore", e))?;
+    let (os_user, host) = crate::audit::who();
+    audit.append(&Event::RestoreDone {
+        snapshot: report.snapshot.clone(),
+        source_core: report.core.clone(),
+        to: report.to.display().to_string(),
+        users: options.users.clone(),
+        volumes: options.volumes.clone(),
+        units: report.units,
+        files: report.files,
+        os_user,
+        host,
+    })?;
+    Ok(report)
+}
+
+async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> Result<Report> {
     let started = Instant::now();
     let identities = Arc::new(
         keys::load_identities(&options.identity).map_err(|e| Error::Usage(format!("{e:#}")))?,
@@ -119,6 +140,7 @@ pub async fn run(config: &Config, options: &Options) -> Result<Report> {
         )));
     }
     let selected = select(&manifest, &options.volumes, &options.users)?;
+    let reads = Reads::new(audit, &index.id);
     std::fs::create_dir_all(&options.to)
         .with_context(|| format!("cannot create {}", options.to.display()))?;
     let progress = Progress::new(options.progress, selected.len() as u64, "restore");
@@ -134,12 +156,16 @@ pub async fn run(config: &Config, options: &Options) -> Result<Report> {
     );
     let results: Vec<(u64, Vec<DirMeta>)> = futures::stream::iter(selected.iter())
         .map(|rec| {
-            let (sources, identities, progress) = (&sources, &identities, &progress);
+            let (sources, identities, progress, reads) = (&sources, &identities, &progress, &reads);
             async move {
                 let label = units::label(&rec.volume, &rec.kind);
                 let mut first_error = None;
                 for (target, store) in sources {
-                    match restore_from(store, target, rec, identities, &options.to).await {
+                    let restored = match reads.record(target, rec) {
+                        Ok(()) => restore_from(store, target, rec, identities, &options.to).await,
+                        Err(e) => Err(e),
+                    };
+                    match restored {
                         Ok((files, bytes, dirs)) => {
                             progress.unit_done(bytes);
                             return Ok((files, dirs));
@@ -184,6 +210,38 @@ pub async fn run(config: &Config, options: &Options) -> Result<Report> {
             })
             .collect(),
     })
+}
+
+/// Records each object read, before the read.
+struct Reads<'a> {
+    audit: &'a AuditLog,
+    snapshot: String,
+    os_user: String,
+    host: String,
+}
+
+impl<'a> Reads<'a> {
+    fn new(audit: &'a AuditLog, snapshot: &str) -> Reads<'a> {
+        let (os_user, host) = crate::audit::who();
+        Reads {
+            audit,
+            snapshot: snapshot.to_string(),
+            os_user,
+            host,
+        }
+    }
+
+    fn record(&self, target: &Target, rec: &UnitRecord) -> anyhow::Result<()> {
+        self.audit.append(&Event::ObjectRead {
+            place: Place::from(target),
+            key: target.key(&rec.object),
+            snapshot: self.snapshot.clone(),
+            users: rec.kind.users(),
+            os_user: self.os_user.clone(),
+            host: self.host.clone(),
+        })?;
+        Ok(())
+    }
 }
 
 /// Fetches one unit's object from one target and restores it.

@@ -29,21 +29,30 @@ pub struct Config {
     pub path: PathBuf,
     pub core: CoreConfig,
     pub map: ZoneMap,
+    /// BLAKE3 of the two files as read, for the audit log.
+    pub digests: Digests,
     zone: String,
+}
+
+/// BLAKE3 (hex) of the configuration files a [`Config`] was loaded from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digests {
+    pub core: String,
+    pub zone_map: String,
 }
 
 impl Config {
     /// Reads the core config at `path`, then the zone map it names, and
     /// validates both.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let (file, _) = file::read_toml::<core::CoreFile>(path, "core config")?;
+        let (file, core_text) = file::read_toml::<core::CoreFile>(path, "core config")?;
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
             .to_path_buf();
         let mut core = core::validate(path, &dir, &file)?;
-        let map = ZoneMap::load(&core.zone_map)?;
+        let (map, map_text) = ZoneMap::read(&core.zone_map)?;
         let zone = map.zone_of_core(&core.core_id).ok_or_else(|| {
             ConfigError::field(
                 path,
@@ -62,6 +71,10 @@ impl Config {
             path: path.to_path_buf(),
             core,
             map,
+            digests: Digests {
+                core: blake3::hash(core_text.as_bytes()).to_hex().to_string(),
+                zone_map: blake3::hash(map_text.as_bytes()).to_hex().to_string(),
+            },
             zone,
         })
     }

@@ -161,8 +161,13 @@ pub struct Schedule {
 impl ZoneMap {
     /// Reads and validates the zone map at `path`.
     pub fn load(path: &Path) -> Result<ZoneMap, ConfigError> {
-        let (file, _) = super::file::read_toml::<ZoneMapFile>(path, "zone map")?;
-        validate(path, file)
+        Ok(ZoneMap::read(path)?.0)
+    }
+
+    /// [`ZoneMap::load`], also returning the file's text.
+    pub fn read(path: &Path) -> Result<(ZoneMap, String), ConfigError> {
+        let (file, text) = super::file::read_toml::<ZoneMapFile>(path, "zone map")?;
+        Ok((validate(path, file)?, text))
     }
 
     /// The zone that `core` belongs to.

@@ -1,0 +1,339 @@
+//! The local log, `<state_dir>/audit.jsonl`: appending a record, durably and
+//! safely beside other zonevault processes, and reading the lines back.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{Context, Result, bail};
+use chrono::SecondsFormat;
+
+use super::record::{self, Event, GENESIS, Stored};
+use crate::config::Config;
+use crate::lock::flock;
+
+/// The file name of the log inside the state dir.
+pub const FILE_NAME: &str = "audit.jsonl";
+
+/// An open audit log. Appends are serialized inside the process by a mutex
+/// and between processes by `flock` on the file, so records of concurrent
+/// zonevault processes never interleave, tear or share a `seq`.
+#[derive(Debug)]
+pub struct AuditLog {
+    path: PathBuf,
+    core: String,
+    zone: String,
+    file: Mutex<File>,
+}
+
+impl AuditLog {
+    /// Opens (creating it, and the state dir, if needed) the log of `core`.
+    pub fn open(state_dir: &Path, core: &str, zone: &str) -> Result<AuditLog> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .with_context(|| {
+                format!(
+                    "cannot create the state directory {} that holds the audit log",
+                    state_dir.display()
+                )
+            })?;
+        let path = state_dir.join(FILE_NAME);
+        let file = File::options()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot open the audit log {}", path.display()))?;
+        Ok(AuditLog {
+            path,
+            core: core.to_string(),
+            zone: zone.to_string(),
+            file: Mutex::new(file),
+        })
+    }
+
+    /// Opens the log of the configured core and records that `command`
+    /// loaded this configuration (with the BLAKE3 of both files).
+    pub fn start(config: &Config, command: &str) -> Result<AuditLog> {
+        let log = AuditLog::open(
+            &config.core.state_dir,
+            &config.core.core_id,
+            &config.zone().id,
+        )?;
+        log.append(&Event::ConfigLoaded {
+            command: command.to_string(),
+            core_config: config.path.display().to_string(),
+            core_config_blake3: config.digests.core.clone(),
+            zone_map: config.core.zone_map.display().to_string(),
+            zone_map_blake3: config.digests.zone_map.clone(),
+        })?;
+        Ok(log)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn core(&self) -> &str {
+        &self.core
+    }
+
+    /// Records that `command` failed with `error`. A failure to record is
+    /// logged: the command's own error is what the operator must see.
+    pub fn run_failed(&self, command: &str, error: &crate::Error) {
+        let event = Event::RunFailed {
+            command: command.to_string(),
+            exit: error.exit().code(),
+            reason: error.to_string(),
+        };
+        if let Err(e) = self.append(&event) {
+            tracing::error!(error = %format!("{e:#}"), "cannot record the failure in the audit log");
+        }
+    }
+
+    /// Appends one record and returns its `seq` once it is on disk (fsync).
+    /// Callers report an action done only after its record is appended.
+    pub fn append(&self, event: &Event) -> Result<u64> {
+        let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        flock(&file, libc::LOCK_EX)
+            .with_context(|| format!("cannot lock the audit log {}", self.path.display()))?;
+        let appended = self.append_locked(&file, event);
+        // The lock also goes when the file is closed; unlocking now lets the
+        // other processes go on.
+        let _ = flock(&file, libc::LOCK_UN);
+        appended
+    }
+
+    fn append_locked(&self, mut file: &File, event: &Event) -> Result<u64> {
+        let (seq, prev) = match last_record(file, &self.path)? {
+            Some((seq, hash)) => (seq + 1, hash),
+            None => (1, GENESIS.to_string()),
+        };
+        let time = chrono::Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+        let (mut line, _) = record::seal(event, seq, &time, &self.core, &self.zone, &prev);
+        line.push('\n');
+        file.write_all(line.as_bytes())
+            .and_then(|()| file.sync_data())
+            .with_context(|| format!("cannot write to the audit log {}", self.path.display()))?;
+        Ok(seq)
+    }
+}
+
+/// The `seq` and `hash` of the last record of the log, `None` when empty.
+fn last_record(file: &File, path: &Path) -> Result<Option<(u64, String)>> {
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    // Read backwards until the line before the last one ends.
+    let mut tail: Vec<u8> = Vec::new();
+    let mut pos = len;
+    loop {
+        let chunk = pos.min(64 << 10);
+        pos -= chunk;
+        let mut buf = vec![0; chunk as usize];
+        file.read_exact_at(&mut buf, pos)?;
+        buf.extend_from_slice(&tail);
+        tail = buf;
+        if pos == 0 || tail[..tail.len() - 1].contains(&b'\n') {
+            break;
+        }
+    }
+    let damaged = |what: &str| {
+        anyhow::anyhow!(
+            "the audit log {} {what}; nothing is appended to a damaged log: `zonevault audit verify` names the bad line",
+            path.display()
+        )
+    };
+    if tail.last() != Some(&b'\n') {
+        return Err(damaged("ends in a partial line"));
+    }
+    let body = &tail[..tail.len() - 1];
+    let start = body.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let last = std::str::from_utf8(&body[start..])
+        .ok()
+        .and_then(Stored::parse)
+        .ok_or_else(|| damaged("ends in a line that is not a record"))?;
+    match (last.seq(), last.hash()) {
+        (Some(seq), Some(hash)) => Ok(Some((seq, hash.to_string()))),
+        _ => Err(damaged("ends in a record without seq or hash")),
+    }
+}
+
+/// One line of a log as read back.
+#[derive(Debug)]
+pub struct Line {
+    /// 1-based line number.
+    pub number: u64,
+    pub text: String,
+    /// Whether the line ended with a newline (the last one may not).
+    pub complete: bool,
+}
+
+/// The lines of the log at `path`, in order, streamed. A missing log has none.
+pub fn lines(path: &Path) -> Result<Lines> {
+    let reader = match File::open(path) {
+        Ok(f) => Some(BufReader::with_capacity(256 << 10, f)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read the audit log {}", path.display()));
+        }
+    };
+    Ok(Lines {
+        reader,
+        path: path.to_path_buf(),
+        number: 0,
+    })
+}
+
+/// Iterator over the lines of a log; see [`lines`].
+pub struct Lines {
+    reader: Option<BufReader<File>>,
+    path: PathBuf,
+    number: u64,
+}
+
+impl Iterator for Lines {
+    type Item = Result<Line>;
+
+    fn next(&mut self) -> Option<Result<Line>> {
+        let reader = self.reader.as_mut()?;
+        let mut buf = Vec::new();
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) => None,
+            Ok(_) => {
+                self.number += 1;
+                let complete = buf.last() == Some(&b'\n');
+                if complete {
+                    buf.pop();
+                }
+                Some(Ok(Line {
+                    number: self.number,
+                    text: String::from_utf8_lossy(&buf).into_owned(),
+                    complete,
+                }))
+            }
+            Err(e) => {
+                self.reader = None;
+                Some(Err(anyhow::Error::new(e).context(format!(
+                    "cannot read the audit log {}",
+                    self.path.display()
+                ))))
+            }
+        }
+    }
+}
+
+/// Every line of the log at `path`.
+pub fn read_lines(path: &Path) -> Result<Vec<Line>> {
+    lines(path)?.collect()
+}
+
+/// Writes a whole log at `path` from `lines` (each without its newline),
+/// replacing nothing: the file must not exist or be empty. Used by `audit pull`.
+pub fn write_new(path: &Path, lines: &[String]) -> Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
+        bail!(
+            "{} already holds records; `audit pull` only rebuilds a missing log",
+            path.display()
+        );
+    }
+    let tmp = path.with_extension("jsonl.pull");
+    let mut file = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    for line in lines {
+        file.write_all(line.as_bytes())?;
+        file.write_all(b"\n")?;
+    }
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(n: u8) -> Event {
+        Event::RunFailed {
+            command: "test".into(),
+            exit: n,
+            reason: format!("reason {n}"),
+        }
+    }
+
+    #[test]
+    fn appends_chain_records_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), "core-1", "ch").unwrap();
+        assert_eq!(log.append(&failed(1)).unwrap(), 1);
+        assert_eq!(log.append(&failed(2)).unwrap(), 2);
+        drop(log);
+        let log = AuditLog::open(dir.path(), "core-1", "ch").unwrap();
+        assert_eq!(log.append(&failed(3)).unwrap(), 3);
+        let lines = read_lines(log.path()).unwrap();
+        let records: Vec<Stored> = lines
+            .iter()
+            .map(|l| Stored::parse(&l.text).unwrap())
+            .collect();
+        assert_eq!(records[0].prev(), Some(GENESIS));
+        for pair in records.windows(2) {
+            assert_eq!(pair[1].prev(), pair[0].hash());
+        }
+        assert!(records.iter().all(Stored::hash_holds));
+        assert_eq!(records[2].str("core"), Some("core-1"));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(log.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn threads_appending_at_once_get_distinct_consecutive_seqs() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), "c", "z").unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let log = &log;
+                s.spawn(move || {
+                    for _ in 0..50 {
+                        log.append(&failed(t)).unwrap();
+                    }
+                });
+            }
+        });
+        let lines = read_lines(log.path()).unwrap();
+        assert_eq!(lines.len(), 200);
+        for (i, l) in lines.iter().enumerate() {
+            assert_eq!(Stored::parse(&l.text).unwrap().seq(), Some(i as u64 + 1));
+        }
+    }
+
+    #[test]
+    fn a_log_ending_in_a_partial_line_takes_no_more_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), "c", "z").unwrap();
+        log.append(&failed(1)).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(log.path())
+            .unwrap()
+            .write_all(b"{\"seq\":2,")
+            .unwrap();
+        let e = format!("{:#}", log.append(&failed(2)).unwrap_err());
+        assert!(e.contains("ends in a partial line"), "{e}");
+    }
+}

@@ -1,0 +1,333 @@
+//! The copies of the log off the core: `<prefix>/<core>/audit/<first>-<last>.jsonl.age`
+//! on every target of the zone, encrypted to the zone's recipients.
+//!
+//! At the end of every run that writes, the records that a target does not
+//! hold yet go to it as one copy; `<state_dir>/audit.copied.json` remembers,
+//! per target, the last record copied. A log rewritten on the core, chain and
+//! all, no longer matches the copies (`audit verify --remote`), and a lost
+//! log can be rebuilt from them (`audit pull`).
+//!
+//! A core whose targets hold copies of records that its own log never copied
+//! is not the machine that wrote them (a reinstalled core, say): it refuses
+//! to run before writing anything, so it never overwrites them with a new
+//! chain. `audit pull` brings the log back first.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use super::chain;
+use super::log::{self, AuditLog, Line};
+use super::record::{ObjectKind, Stored, canonical};
+use crate::config::Target;
+use crate::layout;
+use crate::pipeline;
+use crate::residency::{Contents, Writable};
+use crate::storage::Store;
+
+const COPIED_FILE: &str = "audit.copied.json";
+
+/// Per target, the last record copied to it.
+type Copied = BTreeMap<String, u64>;
+
+fn copied_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(COPIED_FILE)
+}
+
+fn load_copied(state_dir: &Path) -> Result<Copied> {
+    let path = copied_path(state_dir);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).with_context(|| format!("{} is damaged", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Copied::new()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn save_copied(state_dir: &Path, copied: &Copied) -> Result<()> {
+    let path = copied_path(state_dir);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(copied)?)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The highest record that `store` holds a copy of for `core` (0 for none).
+async fn highest_copied<S: Store>(store: &S, target: &Target, core: &str) -> Result<u64> {
+    let listed = store
+        .list(&target.key(&layout::audit_dir(core)))
+        .await
+        .with_context(|| format!("listing the audit copies on target {}", target.name))?;
+    Ok(listed
+        .iter()
+        .filter_map(|o| layout::audit_copy_range(&o.key))
+        .map(|(_, last)| last)
+        .max()
+        .unwrap_or(0))
+}
+
+/// Refuses a run whose log would start a second chain next to the zone's
+/// copies: see the module docs. Call before the first write of a run.
+pub async fn check_continuity<S: Store>(
+    audit: &AuditLog,
+    state_dir: &Path,
+    targets: &[Writable<S>],
+) -> Result<()> {
+    let copied = load_copied(state_dir)?;
+    for t in targets {
+        let remote = highest_copied(t.store(), t.target(), audit.core()).await?;
+        let local = copied.get(&t.target().name).copied().unwrap_or(0);
+        if remote > local {
+            bail!(
+                "target {} holds copies of audit records up to {remote} of core {}, but this machine's audit log ({}) copied only up to {local}: it is not the log that wrote them. Rebuild it first with `zonevault audit pull --identity FILE` (an operator's identity), then run again",
+                t.target().name,
+                audit.core(),
+                audit.path().display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Copies the records that each target lacks to it. Call at the end of a run,
+/// after its last record.
+pub async fn copy<S: Store>(
+    audit: &AuditLog,
+    state_dir: &Path,
+    targets: &[Writable<S>],
+    recipients: &[age::x25519::Recipient],
+) -> Result<()> {
+    let mut copied = load_copied(state_dir)?;
+    let from = targets
+        .iter()
+        .map(|t| copied.get(&t.target().name).copied().unwrap_or(0))
+        .min()
+        .unwrap_or(0);
+    let mut lines: Vec<(u64, String)> = Vec::new();
+    for line in log::lines(audit.path())? {
+        let line = line?;
+        let seq = Stored::parse(&line.text).and_then(|r| r.seq());
+        match seq {
+            Some(seq) if seq > from && line.complete => lines.push((seq, line.text)),
+            Some(_) => {}
+            None => bail!(
+                "line {} of the audit log {} is not a record; `zonevault audit verify` tells more",
+                line.number,
+                audit.path().display()
+            ),
+        }
+    }
+    let Some(&(last, _)) = lines.last() else {
+        return Ok(());
+    };
+    for t in targets {
+        let done = copied.get(&t.target().name).copied().unwrap_or(0);
+        let records: Vec<&str> = lines
+            .iter()
+            .filter(|(seq, _)| *seq > done)
+            .map(|(_, text)| text.as_str())
+            .collect();
+        if records.is_empty() {
+            continue;
+        }
+        let mut plain = records.join("\n");
+        plain.push('\n');
+        let key = layout::audit_copy_key(audit.core(), done + 1, last);
+        let sealed = pipeline::encrypt_small(recipients, plain.as_bytes())?;
+        t.put(
+            &key,
+            Bytes::from(sealed),
+            &Contents::of(ObjectKind::AuditCopy),
+        )
+        .await
+        .with_context(|| format!("copying the audit log to target {}", t.target().name))?;
+        copied.insert(t.target().name.clone(), last);
+        save_copied(state_dir, &copied)?;
+    }
+    Ok(())
+}
+
+/// One record as a copy holds it.
+#[derive(Debug, Clone)]
+struct Copy {
+    target: String,
+    key: String,
+    fields: Map<String, Value>,
+}
+
+/// Every record that the copies on `stores` hold, by seq. Copies that
+/// overlap must agree; a copy must be a chain of its own.
+async fn fetch<S: Store>(
+    stores: &[(Target, S)],
+    core: &str,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+) -> Result<(BTreeMap<u64, Copy>, BTreeMap<String, u64>)> {
+    let mut merged: BTreeMap<u64, Copy> = BTreeMap::new();
+    let mut highest: BTreeMap<String, u64> = BTreeMap::new();
+    for (target, store) in stores {
+        let listed = store
+            .list(&target.key(&layout::audit_dir(core)))
+            .await
+            .with_context(|| format!("listing the audit copies on target {}", target.name))?;
+        for object in listed {
+            let Some((first, last)) = layout::audit_copy_range(&object.key) else {
+                continue;
+            };
+            let where_ = format!("copy {} on target {}", object.key, target.name);
+            let sealed = store
+                .get(&object.key)
+                .await
+                .with_context(|| format!("reading {where_}"))?
+                .with_context(|| format!("{where_} vanished while read"))?;
+            let plain = pipeline::decrypt_small(&sealed, identities)
+                .map_err(|e| anyhow::anyhow!("{where_} cannot be decrypted: {e}"))?;
+            let text = String::from_utf8(plain).with_context(|| format!("{where_} is not text"))?;
+            let mut prev_hash: Option<String> = None;
+            let mut expected = first;
+            for line in text.lines() {
+                let record = Stored::parse(line)
+                    .filter(Stored::hash_holds)
+                    .with_context(|| format!("{where_} holds a damaged record"))?;
+                if record.seq() != Some(expected)
+                    || prev_hash
+                        .as_deref()
+                        .is_some_and(|h| record.prev() != Some(h))
+                {
+                    bail!("{where_} is not a chain of records {first} to {last}");
+                }
+                prev_hash = record.hash().map(str::to_string);
+                let copy = Copy {
+                    target: target.name.clone(),
+                    key: object.key.clone(),
+                    fields: record.fields,
+                };
+                if let Some(other) = merged.get(&expected) {
+                    if other.fields != copy.fields {
+                        bail!(
+                            "the copies disagree on record {expected}: {where_} and copy {} on target {}",
+                            other.key,
+                            other.target
+                        );
+                    }
+                } else {
+                    merged.insert(expected, copy);
+                }
+                expected += 1;
+            }
+            if expected != last + 1 {
+                bail!("{where_} is not a chain of records {first} to {last}");
+            }
+            let h = highest.entry(target.name.clone()).or_insert(0);
+            *h = (*h).max(last);
+        }
+    }
+    Ok((merged, highest))
+}
+
+/// What `audit verify --remote` found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RemoteReport {
+    /// Records in the local log.
+    pub local: u64,
+    /// Per target, the highest record it holds a copy of.
+    pub copied: BTreeMap<String, u64>,
+}
+
+/// Checks that the local log agrees with every copy in the zone. `Ok(Err)`
+/// names the first line that does not.
+pub async fn verify<S: Store>(
+    path: &Path,
+    stores: &[(Target, S)],
+    core: &str,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+) -> Result<Result<RemoteReport, chain::Break>> {
+    let holds = match chain::verify_file(path)? {
+        Ok(h) => h,
+        Err(b) => return Ok(Err(b)),
+    };
+    let (remote, copied) = fetch(stores, core, identities).await?;
+    let mut count = 0;
+    for line in log::lines(path)? {
+        let Line { number, text, .. } = line?;
+        count = number;
+        let local = Stored::parse(&text).expect("the chain holds, so every line parses");
+        if let Some(copy) = local.seq().and_then(|s| remote.get(&s))
+            && copy.fields != local.fields
+        {
+            return Ok(Err(chain::Break {
+                line: number,
+                what: format!(
+                    "differs from copy {} on target {}: the local log was rewritten",
+                    copy.key, copy.target
+                ),
+            }));
+        }
+    }
+    if let Some((&highest, copy)) = remote.last_key_value()
+        && highest > count
+    {
+        return Ok(Err(chain::Break {
+            line: count + 1,
+            what: format!(
+                "missing: the local log ends at record {count}, but copy {} on target {} holds records up to {highest} (records were removed from the end)",
+                copy.key, copy.target
+            ),
+        }));
+    }
+    Ok(Ok(RemoteReport {
+        local: holds.records,
+        copied,
+    }))
+}
+
+/// Rebuilds a missing local log from the zone's copies. Returns the number
+/// of records written.
+pub async fn pull<S: Store>(
+    state_dir: &Path,
+    stores: &[(Target, S)],
+    core: &str,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+) -> Result<u64> {
+    let path = state_dir.join(log::FILE_NAME);
+    let (remote, copied) = fetch(stores, core, identities).await?;
+    if remote.is_empty() {
+        bail!("the zone holds no audit copy of core {core}");
+    }
+    let lines: Vec<String> = remote
+        .iter()
+        .enumerate()
+        .map(|(i, (seq, copy))| {
+            if *seq != i as u64 + 1 {
+                bail!(
+                    "record {} is in no copy: the copies do not cover the whole log",
+                    i + 1
+                );
+            }
+            Ok(canonical(&Value::Object(copy.fields.clone())))
+        })
+        .collect::<Result<_>>()?;
+    let check = lines.iter().enumerate().map(|(i, text)| {
+        Ok(Line {
+            number: i as u64 + 1,
+            text: text.clone(),
+            complete: true,
+        })
+    });
+    if let Err(b) = chain::verify(check)? {
+        bail!(
+            "the copies do not form a valid chain: record {}: {}",
+            b.line,
+            b.what
+        );
+    }
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("cannot create {}", state_dir.display()))?;
+    log::write_new(&path, &lines)?;
+    save_copied(state_dir, &copied)?;
+    Ok(lines.len() as u64)
+}
