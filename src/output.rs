@@ -234,7 +234,14 @@ pub fn audit_show(records: &[serde_json::Map<String, serde_json::Value>]) -> Str
             field("time"),
             field("event")
         ));
-        for (k, v) in r.iter().filter(|(k, _)| !HEAD.contains(&k.as_str())) {
+        // what an operator looks for first, then the rest in name order
+        const FIRST: [&str; 6] = ["target", "key", "kind", "snapshot", "users", "reason"];
+        let mut fields: Vec<(&String, &serde_json::Value)> = r
+            .iter()
+            .filter(|(k, _)| !HEAD.contains(&k.as_str()))
+            .collect();
+        fields.sort_by_key(|(k, _)| FIRST.iter().position(|f| f == k).unwrap_or(FIRST.len()));
+        for (k, v) in fields {
             let v = match v {
                 serde_json::Value::String(v) => v.clone(),
                 other => other.to_string(),

@@ -95,7 +95,7 @@ impl<S: Store> Writable<S> {
     }
 
     /// The audit log that this target's writes are recorded in.
-    pub fn audit(&self) -> &AuditLog {
+    pub fn audit(&self) -> &Arc<AuditLog> {
         &self.audit
     }
 
@@ -120,17 +120,17 @@ impl<S: Store> Writable<S> {
         digest: &Digest,
     ) -> anyhow::Result<()> {
         self.store.put(&self.permit, &self.key(rel), body).await?;
-        self.record_put(rel, contents, digest)
+        self.record_put(rel, contents, digest).await
     }
 
-    fn record_put(
+    async fn record_put(
         &self,
         rel: &str,
         contents: &Contents<'_>,
         digest: &Digest,
     ) -> anyhow::Result<()> {
         self.audit
-            .append(&Event::ObjectPut {
+            .record(Event::ObjectPut {
                 place: self.place(),
                 key: self.key(rel),
                 kind: contents.kind,
@@ -139,6 +139,7 @@ impl<S: Store> Writable<S> {
                 snapshot: contents.snapshot.map(str::to_string),
                 users: contents.users.to_vec(),
             })
+            .await
             .map(|_| ())
             .with_context(|| format!("recording the write of {}", self.key(rel)))
     }
@@ -174,7 +175,7 @@ impl<S: Store> Writable<S> {
         self.store
             .complete_upload(&self.permit, &self.key(rel), upload_id, parts)
             .await?;
-        self.record_put(rel, contents, digest)
+        self.record_put(rel, contents, digest).await
     }
 
     /// Abandons a multipart upload. `key` is a full key (as listed).
@@ -186,11 +187,12 @@ impl<S: Store> Writable<S> {
     pub async fn delete(&self, key: &str, reason: &str) -> anyhow::Result<()> {
         self.store.delete(&self.permit, key).await?;
         self.audit
-            .append(&Event::ObjectDeleted {
+            .record(Event::ObjectDeleted {
                 place: self.place(),
                 key: key.to_string(),
                 reason: reason.to_string(),
             })
+            .await
             .map(|_| ())
             .with_context(|| format!("recording the deletion of {key}"))
     }
@@ -257,7 +259,7 @@ pub async fn verify<S: Store>(
             reason: e.to_string(),
         },
     };
-    match audit.append(&event) {
+    match audit.record(event).await {
         Ok(_) => verdict,
         Err(e) => Verdict::Unavailable(StoreError::Other(format!("{e:#}"))),
     }

@@ -6,20 +6,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use common::{Fleet, fleet, output_text, spoof_ch_secondary, tool, zv};
+use common::{Fleet, fleet, output_text, run, spoof_ch_secondary, tool, zv};
 use zonevault_testkit::fixture::{self, Spec};
-
-/// Runs a command, asserts the exit code, returns (stdout, stderr).
-fn run(cmd: &mut assert_cmd::Command, code: i32) -> (String, String) {
-    let out = cmd.output().unwrap();
-    let (stdout, stderr) = output_text(&out);
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    (stdout, stderr)
-}
 
 fn backup(core: &Path) -> serde_json::Value {
     let (stdout, _) = run(zv(core).args(["backup", "--json"]), 0);
@@ -505,12 +493,7 @@ fn a_target_failing_mid_run_fails_the_run_and_keeps_earlier_snapshots() {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let dk = fleet
-        .garages
-        .iter_mut()
-        .find(|g| g.region == "ch-dk-2")
-        .unwrap();
-    dk.stop();
+    fleet.garage_mut("ch-dk-2").stop();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");

@@ -321,14 +321,16 @@ async fn snapshot(
         return Err(e);
     }
     for t in targets {
-        t.audit().append(&Event::SnapshotCommitted {
-            place: t.place(),
-            snapshot: id.clone(),
-            key: t.key(&index_key),
-            units: index.units,
-            plain_bytes: index.plain_bytes,
-            stored_bytes: index.stored_bytes,
-        })?;
+        t.audit()
+            .record(Event::SnapshotCommitted {
+                place: t.place(),
+                snapshot: id.clone(),
+                key: t.key(&index_key),
+                units: index.units,
+                plain_bytes: index.plain_bytes,
+                stored_bytes: index.stored_bytes,
+            })
+            .await?;
     }
 
     Ok(Report {

@@ -62,17 +62,19 @@ pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
         .await
         .inspect_err(|e| audit.run_failed("restore", e))?;
     let (os_user, host) = crate::audit::who();
-    audit.append(&Event::RestoreDone {
-        snapshot: report.snapshot.clone(),
-        source_core: report.core.clone(),
-        to: report.to.display().to_string(),
-        users: options.users.clone(),
-        volumes: options.volumes.clone(),
-        units: report.units,
-        files: report.files,
-        os_user,
-        host,
-    })?;
+    audit
+        .record(Event::RestoreDone {
+            snapshot: report.snapshot.clone(),
+            source_core: report.core.clone(),
+            to: report.to.display().to_string(),
+            users: options.users.clone(),
+            volumes: options.volumes.clone(),
+            units: report.units,
+            files: report.files,
+            os_user,
+            host,
+        })
+        .await?;
     Ok(report)
 }
 
@@ -161,7 +163,7 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
                 let label = units::label(&rec.volume, &rec.kind);
                 let mut first_error = None;
                 for (target, store) in sources {
-                    let restored = match reads.record(target, rec) {
+                    let restored = match reads.record(target, rec).await {
                         Ok(()) => restore_from(store, target, rec, identities, &options.to).await,
                         Err(e) => Err(e),
                     };
@@ -214,14 +216,14 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
 
 /// Records each object read, before the read.
 struct Reads<'a> {
-    audit: &'a AuditLog,
+    audit: &'a Arc<AuditLog>,
     snapshot: String,
     os_user: String,
     host: String,
 }
 
 impl<'a> Reads<'a> {
-    fn new(audit: &'a AuditLog, snapshot: &str) -> Reads<'a> {
+    fn new(audit: &'a Arc<AuditLog>, snapshot: &str) -> Reads<'a> {
         let (os_user, host) = crate::audit::who();
         Reads {
             audit,
@@ -231,15 +233,17 @@ impl<'a> Reads<'a> {
         }
     }
 
-    fn record(&self, target: &Target, rec: &UnitRecord) -> anyhow::Result<()> {
-        self.audit.append(&Event::ObjectRead {
-            place: Place::from(target),
-            key: target.key(&rec.object),
-            snapshot: self.snapshot.clone(),
-            users: rec.kind.users(),
-            os_user: self.os_user.clone(),
-            host: self.host.clone(),
-        })?;
+    async fn record(&self, target: &Target, rec: &UnitRecord) -> anyhow::Result<()> {
+        self.audit
+            .record(Event::ObjectRead {
+                place: Place::from(target),
+                key: target.key(&rec.object),
+                snapshot: self.snapshot.clone(),
+                users: rec.kind.users(),
+                os_user: self.os_user.clone(),
+                host: self.host.clone(),
+            })
+            .await?;
         Ok(())
     }
 }

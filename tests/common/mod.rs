@@ -39,6 +39,18 @@ pub fn output_text(out: &std::process::Output) -> (String, String) {
     )
 }
 
+/// Runs a command, asserts the exit code, returns (stdout, stderr).
+pub fn run(cmd: &mut Command, code: i32) -> (String, String) {
+    let out = cmd.output().unwrap();
+    let (stdout, stderr) = output_text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    (stdout, stderr)
+}
+
 /// Points target ch-secondary (which claims region ch-dk-2) at the German
 /// Garage, as a copied or mistyped config would, and writes the configs.
 pub fn spoof_ch_secondary(fleet: &mut Fleet) -> PathBuf {

@@ -132,6 +132,14 @@ impl Fleet {
             .unwrap_or_else(|| panic!("the fleet has no Garage for region {region}"))
     }
 
+    /// The Garage that reports `region`, to stop it.
+    pub fn garage_mut(&mut self, region: &str) -> &mut Garage {
+        self.garages
+            .iter_mut()
+            .find(|g| g.region == region)
+            .unwrap_or_else(|| panic!("the fleet has no Garage for region {region}"))
+    }
+
     /// The zone `id`.
     pub fn zone(&self, id: &str) -> &ZoneSpec {
         self.zones

@@ -1,0 +1,434 @@
+//! The audit log against two Garage zones: where a user's data is, refusals
+//! and failures on record, tampering caught, racing runs, copies in the zone.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{fleet, run, spoof_ch_secondary, tool, zv};
+use serde_json::Value;
+use zonevault::audit::record::{self, Stored};
+use zonevault_testkit::fixture::Spec;
+
+fn log_path(dir: &Path) -> PathBuf {
+    dir.join("state/core-ch-1/audit.jsonl")
+}
+
+fn json(stdout: &str) -> Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// `audit show --json` with extra arguments.
+fn show(core: &Path, extra: &[&str]) -> Vec<Value> {
+    let (stdout, _) = run(zv(core).args(["audit", "show", "--json"]).args(extra), 0);
+    json(&stdout).as_array().unwrap().clone()
+}
+
+/// `audit verify --remote --identity KEY`, expecting exit `code`.
+fn verify_remote(core: &Path, key: &Path, code: i32) -> (String, String) {
+    run(
+        zv(core)
+            .args(["audit", "verify", "--remote", "--identity"])
+            .arg(key),
+        code,
+    )
+}
+
+/// A config for the same core with its own (empty) state dir: a fresh machine.
+fn fresh_machine(dir: &Path, core: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(core)
+        .unwrap()
+        .replace("state/core-ch-1", "state/fresh");
+    let path = dir.join("fresh.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn where_lists_exactly_the_objects_holding_a_user_on_every_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core) = fleet(dir.path());
+    let ids = fleet
+        .users_fixture("core-ch-1", &Spec::new(200, 4_000))
+        .unwrap();
+    run(zv(&core).args(["backup", "--json"]), 0);
+    let user = &ids[17];
+
+    let (stdout, _) = run(
+        zv(&core).args(["audit", "where", "--user", user, "--json"]),
+        0,
+    );
+    let found = json(&stdout);
+    let found = found.as_array().unwrap();
+    assert_eq!(
+        found.len(),
+        2,
+        "one object, on each of the zone's two targets: {found:?}"
+    );
+    let targets: Vec<&str> = found
+        .iter()
+        .map(|l| l["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(targets, ["ch-primary", "ch-secondary"]);
+    assert_eq!(found[0]["key"], found[1]["key"]);
+    for l in found {
+        assert_eq!(l["zone"], "ch");
+        let region = l["region"].as_str().unwrap();
+        let garage = fleet.garage(region);
+        assert_eq!(l["bucket"], garage.bucket.as_str());
+        assert_eq!(l["endpoint"], garage.endpoint.as_str());
+        // the object exists, and holds that user's files and no one else's
+        let object = garage.get(l["key"].as_str().unwrap()).unwrap();
+        let identity = fleet.identity("ch");
+        let tar = tool("age", &["-d", "-i", identity.to_str().unwrap()], &object);
+        let listing =
+            String::from_utf8(tool("tar", &["-t"], &tool("zstd", &["-d"], &tar))).unwrap();
+        let dir = zonevault_testkit::fixture::user_dir(user);
+        assert!(
+            listing
+                .lines()
+                .all(|p| p.starts_with(dir.to_str().unwrap())),
+            "{listing}"
+        );
+    }
+    // every unit object of the run is on record for exactly its user
+    let puts = show(&core, &["--event", "object_put"]);
+    let units: Vec<&Value> = puts.iter().filter(|r| r["kind"] == "unit").collect();
+    assert_eq!(units.len(), 2 * 202);
+    let with_user: Vec<&&Value> = units
+        .iter()
+        .filter(|r| r["users"][0] == user.as_str())
+        .collect();
+    assert_eq!(with_user.len(), 2);
+
+    // a second snapshot adds its objects; an unknown user has none
+    run(zv(&core).args(["backup", "--json"]), 0);
+    let (stdout, _) = run(
+        zv(&core).args(["audit", "where", "--user", user, "--json"]),
+        0,
+    );
+    assert_eq!(json(&stdout).as_array().unwrap().len(), 4);
+    let (stdout, _) = run(
+        zv(&core).args(["audit", "where", "--user", "nobody-here"]),
+        0,
+    );
+    assert!(
+        stdout.contains("no object holds data of user nobody-here"),
+        "{stdout}"
+    );
+    let (stdout, _) = run(zv(&core).args(["audit", "where", "--user", user]), 0);
+    assert!(stdout.starts_with("ZONE"), "{stdout}");
+    assert_eq!(stdout.lines().count(), 5, "{stdout}");
+    run(zv(&core).args(["audit", "verify"]), 0);
+}
+
+#[test]
+fn refusals_and_failed_runs_are_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut spoofed, _) = fleet(dir.path());
+    let core = spoof_ch_secondary(&mut spoofed);
+    let (_, stderr) = run(zv(&core).arg("backup"), 3);
+    assert!(stderr.contains("residency check refused"), "{stderr}");
+    let refused = show(&core, &["--event", "residency_refused"]);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["target"], "ch-secondary");
+    assert_eq!(refused[0]["reported_region"], "de-fra-1");
+    let failed = show(&core, &["--event", "run_failed"]);
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["command"], "backup");
+    assert_eq!(failed[0]["exit"], 3);
+    assert!(
+        show(&core, &["--event", "object_put"]).is_empty(),
+        "nothing written"
+    );
+    // check refuses too, and says so in the log
+    run(zv(&core).arg("check"), 3);
+    assert_eq!(show(&core, &["--event", "residency_refused"]).len(), 2);
+
+    // a target that cannot be reached: recorded as unavailable, the run as failed
+    let dir = tempfile::tempdir().unwrap();
+    let (mut fleet, core) = fleet(dir.path());
+    fleet.garage_mut("ch-dk-2").stop();
+    run(zv(&core).arg("backup"), 1);
+    let unavailable = show(&core, &["--event", "target_unavailable"]);
+    assert_eq!(unavailable.len(), 1);
+    assert_eq!(unavailable[0]["target"], "ch-secondary");
+    let failed = show(&core, &["--event", "run_failed"]);
+    assert_eq!(failed[0]["exit"], 1);
+    assert!(
+        failed[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("ch-secondary")
+    );
+    run(zv(&core).args(["audit", "verify"]), 0);
+}
+
+/// Rewrites the log with `edit` applied to its lines, runs `audit verify`,
+/// and returns its stderr after checking exit code 1.
+fn tampered(core: &Path, log: &Path, edit: impl FnOnce(&mut Vec<String>)) -> String {
+    let original = std::fs::read_to_string(log).unwrap();
+    let mut lines: Vec<String> = original.lines().map(str::to_string).collect();
+    edit(&mut lines);
+    let mut text = lines.join("\n");
+    text.push('\n');
+    std::fs::write(log, text).unwrap();
+    let (_, stderr) = run(zv(core).args(["audit", "verify"]), 1);
+    std::fs::write(log, original).unwrap();
+    stderr
+}
+
+#[test]
+fn tampering_is_caught_at_the_right_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_fleet, core) = fleet(dir.path());
+    run(zv(&core).args(["backup", "--json"]), 0);
+    let log = log_path(dir.path());
+    let (stdout, _) = run(zv(&core).args(["audit", "verify"]), 0);
+    assert!(stdout.contains("the chain holds"), "{stdout}");
+    let count = std::fs::read_to_string(&log).unwrap().lines().count();
+    assert!(count > 12, "{count} records");
+
+    let e = tampered(&core, &log, |l| {
+        l[9] = l[9].replace("\"event\":\"object_put\"", "\"event\":\"object_read\"");
+        assert!(l[9].contains("object_read"));
+    });
+    assert!(e.contains("line 10: edited"), "{e}");
+
+    let e = tampered(&core, &log, |l| {
+        l.remove(6);
+    });
+    assert!(
+        e.contains("line 7: record 7 is missing before this line (removed)"),
+        "{e}"
+    );
+
+    let e = tampered(&core, &log, |l| l.swap(4, 5));
+    assert!(e.contains("line 5: reordered"), "{e}");
+
+    // a forged record with a correct hash, chained to the line before it
+    let e = tampered(&core, &log, |l| {
+        let before = Stored::parse(&l[7]).unwrap();
+        let event = record::Event::ObjectDeleted {
+            place: serde_json::from_value(serde_json::json!({
+                "target": "ch-primary", "endpoint": "x", "bucket": "b", "region": "ch-gva-2"
+            }))
+            .unwrap(),
+            key: "zonevault/core-ch-1/objects/forged".into(),
+            reason: "forged".into(),
+        };
+        let (forged, _) = record::seal(
+            &event,
+            before.seq().unwrap() + 1,
+            "2026-11-26T00:00:00.000Z",
+            "core-ch-1",
+            "ch",
+            before.hash().unwrap(),
+        );
+        l.insert(8, forged);
+    });
+    assert!(e.contains("line 9: inserted"), "{e}");
+
+    // truncated: the last record cut in the middle
+    let original = std::fs::read(&log).unwrap();
+    std::fs::write(&log, &original[..original.len() - 40]).unwrap();
+    let (_, e) = run(zv(&core).args(["audit", "verify"]), 1);
+    assert!(e.contains(&format!("line {count}: cut short")), "{e}");
+    // ... and a damaged log takes no more records: the next run fails, saying why
+    let (_, e) = run(zv(&core).arg("check"), 1);
+    assert!(e.contains("ends in a partial line"), "{e}");
+    std::fs::write(&log, &original).unwrap();
+    run(zv(&core).args(["audit", "verify"]), 0);
+}
+
+#[test]
+fn a_wholesale_rewrite_is_caught_by_the_copies_in_the_zone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core) = fleet(dir.path());
+    run(zv(&core).args(["backup", "--json"]), 0);
+    let key = fleet.identity("ch");
+    let (stdout, _) = verify_remote(&core, &key, 0);
+    assert!(
+        stdout.contains("target ch-primary: copies of records 1 to"),
+        "{stdout}"
+    );
+    assert!(
+        fleet
+            .garage("ch-gva-2")
+            .keys()
+            .unwrap()
+            .iter()
+            .any(|k| k.starts_with("zonevault/core-ch-1/audit/000000000001-"))
+    );
+
+    // rewrite every record with a consistent chain, hiding the third one's target
+    let log = log_path(dir.path());
+    let original = std::fs::read_to_string(&log).unwrap();
+    let mut prev = record::GENESIS.to_string();
+    let mut rewritten = String::new();
+    for (i, line) in original.lines().enumerate() {
+        let mut fields = Stored::parse(line).unwrap().fields;
+        if i == 2 {
+            fields.insert("target".into(), "elsewhere".into());
+        }
+        fields.remove("hash");
+        fields.insert("prev".into(), prev.clone().into());
+        let hash = record::hash(&prev, &fields);
+        fields.insert("hash".into(), hash.clone().into());
+        rewritten.push_str(&record::canonical(&Value::Object(fields)));
+        rewritten.push('\n');
+        prev = hash;
+    }
+    std::fs::write(&log, rewritten).unwrap();
+    run(zv(&core).args(["audit", "verify"]), 0);
+    let (_, e) = verify_remote(&core, &key, 1);
+    assert!(
+        e.contains("line 3: differs from copy zonevault/core-ch-1/audit/"),
+        "{e}"
+    );
+    assert!(e.contains("the local log was rewritten"), "{e}");
+
+    // records cut from the end are missing from the local log
+    let kept: String = original.lines().take(5).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&log, kept).unwrap();
+    run(zv(&core).args(["audit", "verify"]), 0);
+    let (_, e) = verify_remote(&core, &key, 1);
+    assert!(
+        e.contains("line 6: missing: the local log ends at record 5"),
+        "{e}"
+    );
+
+    // a wrong identity is one sentence, not a chain of library errors
+    std::fs::write(&log, &original).unwrap();
+    let other = fleet.identity("de");
+    let (_, e) = verify_remote(&core, &other, 1);
+    assert!(
+        e.contains("cannot be decrypted: none of the identities can decrypt it"),
+        "{e}"
+    );
+}
+
+#[test]
+fn racing_runs_leave_a_valid_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core) = fleet(dir.path());
+    fleet
+        .users_fixture("core-ch-1", &Spec::new(40, 4_000))
+        .unwrap();
+    let spawn = |args: &[&str]| {
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("zonevault"))
+            .arg("--config")
+            .arg(&core)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let children: Vec<_> = [
+        spawn(&["backup", "--json"]),
+        spawn(&["backup", "--json"]),
+        spawn(&["check"]),
+        spawn(&["check"]),
+        spawn(&["check"]),
+    ]
+    .into_iter()
+    .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (stdout, _) = run(zv(&core).args(["audit", "verify"]), 0);
+    assert!(stdout.contains("the chain holds"), "{stdout}");
+    let commits = show(&core, &["--event", "snapshot_committed"]);
+    assert_eq!(commits.len(), 4, "two snapshots on two targets");
+    let loaded = show(&core, &["--event", "config_loaded"]);
+    assert_eq!(loaded.len(), 5);
+    let key = fleet.identity("ch");
+    verify_remote(&core, &key, 0);
+}
+
+#[test]
+fn pull_rebuilds_the_log_on_a_fresh_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core) = fleet(dir.path());
+    run(zv(&core).args(["backup", "--json"]), 0);
+    run(zv(&core).args(["backup", "--json"]), 0);
+    let fresh = fresh_machine(dir.path(), &core);
+    let key = fleet.identity("ch");
+
+    // a fresh machine's log would start a second chain beside the zone's copies
+    let (_, e) = run(zv(&fresh).arg("backup"), 1);
+    assert!(e.contains("it is not the log that wrote them"), "{e}");
+    assert!(e.contains("zonevault audit pull"), "{e}");
+    std::fs::remove_dir_all(dir.path().join("state/fresh")).unwrap();
+
+    let (_, e) = run(zv(&fresh).args(["audit", "verify"]), 1);
+    assert!(e.contains("there is no audit log"), "{e}");
+    let (_, stderr) = run(
+        zv(&fresh).args(["audit", "pull", "--identity"]).arg(&key),
+        0,
+    );
+    assert!(stderr.contains("rebuilt"), "{stderr}");
+    let (stdout, _) = run(zv(&fresh).args(["audit", "verify"]), 0);
+    assert!(stdout.contains("the chain holds"), "{stdout}");
+    verify_remote(&fresh, &key, 0);
+    // the pulled log is the core's, up to the last copy
+    let pulled = std::fs::read_to_string(dir.path().join("state/fresh/audit.jsonl")).unwrap();
+    let original = std::fs::read_to_string(log_path(dir.path())).unwrap();
+    assert!(original.starts_with(&pulled));
+    // and the machine can go on backing up
+    run(zv(&fresh).args(["backup", "--json"]), 0);
+    verify_remote(&fresh, &key, 0);
+
+    // pull never replaces a log that has records
+    let (_, e) = run(
+        zv(&fresh).args(["audit", "pull", "--identity"]).arg(&key),
+        1,
+    );
+    assert!(e.contains("already holds records"), "{e}");
+}
+
+#[test]
+fn audit_usage_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_fleet, core) = fleet(dir.path());
+    run(zv(&core).arg("check"), 0);
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["audit", "show", "--event", "bogus"],
+            "is not an event kind",
+        ),
+        (
+            &["audit", "show", "--since", "last tuesday"],
+            "is not a time",
+        ),
+        (&["audit", "verify", "--remote"], "--identity"),
+        (&["audit", "where"], "--user"),
+        (
+            &[
+                "audit",
+                "verify",
+                "--remote",
+                "--identity",
+                "/nonexistent/key",
+            ],
+            "/nonexistent/key",
+        ),
+    ];
+    for (args, message) in cases {
+        let (_, e) = run(zv(&core).args(*args), 2);
+        assert!(e.contains(message), "{args:?}: {e}");
+    }
+    // --since and --event filter
+    assert_eq!(show(&core, &["--event", "config_loaded"]).len(), 1);
+    assert_eq!(show(&core, &["--since", "2999-01-01"]).len(), 0);
+    // config loaded, two targets passed
+    assert_eq!(show(&core, &["--since", "1h"]).len(), 3);
+    let (stdout, _) = run(zv(&core).args(["audit", "show"]), 0);
+    assert!(stdout.contains("residency_passed"), "{stdout}");
+}
