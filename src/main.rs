@@ -185,18 +185,14 @@ fn run(cli: Cli) -> Result<Exit, Error> {
                 "wrote identity to {} (mode 0600); its recipient:",
                 out.display()
             );
-            println!("{recipient}");
+            print(false, &recipient, |r| format!("{r}\n"))?;
             Ok(Exit::Ok)
         }
         Command::Check { json } => {
             let config = Config::load(&cli.config)?;
             let audit = open_audit(&config, "check")?;
             let report = runtime()?.block_on(commands::check::run(&config, &audit));
-            if json {
-                output::json(&report).map_err(|e| Error::failed(format!("writing stdout: {e}")))?;
-            } else {
-                print!("{}", output::check(&report));
-            }
+            print(json, &report, output::check)?;
             let exit = report.exit();
             match exit {
                 Exit::Refused => eprintln!(
@@ -218,9 +214,15 @@ fn run(cli: Cli) -> Result<Exit, Error> {
                 _ => {}
             }
             if exit != Exit::Ok {
+                let reasons: Vec<String> = report
+                    .targets
+                    .iter()
+                    .filter(|t| t.exit() != Exit::Ok)
+                    .map(|t| format!("target {}: {}", t.target, t.reason))
+                    .collect();
                 let failure = match exit {
-                    Exit::Refused => Error::Residency("residency refused".into()),
-                    _ => Error::failed("targets could not be checked"),
+                    Exit::Refused => Error::Residency(reasons.join("; ")),
+                    _ => Error::failed(reasons.join("; ")),
                 };
                 audit.run_failed("check", &failure);
             }
@@ -325,17 +327,26 @@ fn open_audit(config: &Config, command: &str) -> Result<Arc<AuditLog>, Error> {
         .map_err(|e| Error::Failed(e.context("zonevault records every run in its audit log")))
 }
 
-/// Prints a report as JSON or in its human form.
+/// Prints a report as JSON or in its human form. A reader that went away
+/// (`| head`) is not an error; a full disk is.
 fn print<T: serde::Serialize>(
     json: bool,
     report: &T,
     human: impl FnOnce(&T) -> String,
 ) -> Result<(), Error> {
-    if json {
-        output::json(report).map_err(|e| Error::failed(format!("writing stdout: {e}")))
+    use std::io::Write;
+    let written = if json {
+        output::json(report)
     } else {
-        print!("{}", human(report));
-        Ok(())
+        let mut out = std::io::stdout().lock();
+        out.write_all(human(report).as_bytes())
+            .and_then(|()| out.flush())
+    };
+    match written {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Error::failed(format!("writing stdout: {e}")))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -259,9 +259,17 @@ pub async fn verify<S: Store>(
             reason: e.to_string(),
         },
     };
-    match audit.record(event).await {
-        Ok(_) => verdict,
-        Err(e) => Verdict::Unavailable(StoreError::Other(format!("{e:#}"))),
+    match (audit.record(event).await, verdict) {
+        (Ok(_), verdict) => verdict,
+        // A refusal stays a refusal (exit 3) even when it cannot be recorded.
+        (Err(e), Verdict::Refused(mut r)) => {
+            r.reason = format!(
+                "{} (and the refusal could not be recorded: {e:#})",
+                r.reason
+            );
+            Verdict::Refused(r)
+        }
+        (Err(e), _) => Verdict::Unavailable(StoreError::Other(format!("{e:#}"))),
     }
 }
 

@@ -40,7 +40,9 @@ pub async fn upload<S: Store>(
                         .with_context(|| describe("writing", t, key))
                 }
             });
-            futures::future::try_join_all(puts).await?;
+            // Every started write settles, so none lands unrecorded after
+            // the run has given up on it.
+            settle(futures::future::join_all(puts).await)?;
             return Ok(digest);
         }
     };
@@ -151,4 +153,9 @@ fn context<S: Store>(
 
 fn describe<S: Store>(what: &str, t: &Writable<S>, key: &str) -> String {
     format!("{what} {} to target {}", t.key(key), t.target().name)
+}
+
+/// The first error of writes that all ran to their end.
+pub fn settle(results: Vec<Result<()>>) -> Result<()> {
+    results.into_iter().collect()
 }

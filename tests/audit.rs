@@ -65,10 +65,11 @@ fn where_lists_exactly_the_objects_holding_a_user_on_every_target() {
         2,
         "one object, on each of the zone's two targets: {found:?}"
     );
-    let targets: Vec<&str> = found
+    let mut targets: Vec<&str> = found
         .iter()
         .map(|l| l["target"].as_str().unwrap())
         .collect();
+    targets.sort();
     assert_eq!(targets, ["ch-primary", "ch-secondary"]);
     assert_eq!(found[0]["key"], found[1]["key"]);
     for l in found {
@@ -279,7 +280,14 @@ fn a_wholesale_rewrite_is_caught_by_the_copies_in_the_zone() {
         rewritten.push('\n');
         prev = hash;
     }
-    std::fs::write(&log, rewritten).unwrap();
+    std::fs::write(&log, &rewritten).unwrap();
+    // the marks of what was copied already disagree ...
+    let (_, e) = run(zv(&core).args(["audit", "verify"]), 1);
+    assert!(e.contains("the log was rewritten after the copy"), "{e}");
+    // ... so a careful intruder rewrites them too; the chain alone then holds
+    let marks = dir.path().join("state/core-ch-1/audit.copied.json");
+    let saved_marks = std::fs::read(&marks).unwrap();
+    std::fs::remove_file(&marks).unwrap();
     run(zv(&core).args(["audit", "verify"]), 0);
     let (_, e) = verify_remote(&core, &key, 1);
     assert!(
@@ -300,12 +308,15 @@ fn a_wholesale_rewrite_is_caught_by_the_copies_in_the_zone() {
 
     // a wrong identity is one sentence, not a chain of library errors
     std::fs::write(&log, &original).unwrap();
+    std::fs::write(&marks, saved_marks).unwrap();
+    verify_remote(&core, &key, 0);
     let other = fleet.identity("de");
     let (_, e) = verify_remote(&core, &other, 1);
     assert!(
-        e.contains("cannot be decrypted: none of the identities can decrypt it"),
+        e.contains("de.key cannot decrypt copy zonevault/core-ch-1/audit/"),
         "{e}"
     );
+    assert!(e.contains("give an identity of this core's zone"), "{e}");
 }
 
 #[test]
@@ -361,14 +372,45 @@ fn pull_rebuilds_the_log_on_a_fresh_machine() {
     let fresh = fresh_machine(dir.path(), &core);
     let key = fleet.identity("ch");
 
-    // a fresh machine's log would start a second chain beside the zone's copies
+    // at 3 a.m. on a fresh machine: nothing to ask yet, then a restore
+    let (_, e) = run(zv(&fresh).args(["audit", "where", "--user", "u"]), 1);
+    assert!(e.contains("there is no audit log"), "{e}");
+    let to = dir.path().join("restored");
+    run(
+        zv(&fresh)
+            .args(["restore", "--snapshot", "latest", "--json", "--identity"])
+            .arg(&key)
+            .arg("--to")
+            .arg(&to),
+        0,
+    );
+    let reads = show(&fresh, &["--event", "object_read"]);
+    assert!(
+        reads
+            .iter()
+            .any(|r| r["key"].as_str().unwrap().ends_with(".manifest.age"))
+    );
+    assert!(
+        reads
+            .iter()
+            .any(|r| r["key"].as_str().unwrap().ends_with(".tar.zst.age"))
+    );
+    let done = show(&fresh, &["--event", "restore_done"]);
+    assert_eq!(done.len(), 1);
+    assert_eq!(
+        done[0]["users"].as_array().unwrap().len(),
+        2,
+        "the two users of the sample volume: {:?}",
+        done[0]
+    );
+
+    // backing up from here would start a second chain beside the zone's copies
     let (_, e) = run(zv(&fresh).arg("backup"), 1);
     assert!(e.contains("it is not the log that wrote them"), "{e}");
     assert!(e.contains("zonevault audit pull"), "{e}");
-    std::fs::remove_dir_all(dir.path().join("state/fresh")).unwrap();
+    let local = std::fs::read_to_string(dir.path().join("state/fresh/audit.jsonl")).unwrap();
 
-    let (_, e) = run(zv(&fresh).args(["audit", "verify"]), 1);
-    assert!(e.contains("there is no audit log"), "{e}");
+    // pull rebuilds the core's log and keeps this machine's records after it
     let (_, stderr) = run(
         zv(&fresh).args(["audit", "pull", "--identity"]).arg(&key),
         0,
@@ -377,20 +419,103 @@ fn pull_rebuilds_the_log_on_a_fresh_machine() {
     let (stdout, _) = run(zv(&fresh).args(["audit", "verify"]), 0);
     assert!(stdout.contains("the chain holds"), "{stdout}");
     verify_remote(&fresh, &key, 0);
-    // the pulled log is the core's, up to the last copy
     let pulled = std::fs::read_to_string(dir.path().join("state/fresh/audit.jsonl")).unwrap();
     let original = std::fs::read_to_string(log_path(dir.path())).unwrap();
-    assert!(original.starts_with(&pulled));
+    let copied = pulled.lines().count() - local.lines().count();
+    let head: String = pulled
+        .lines()
+        .take(copied)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(original.starts_with(&head), "the core's records come first");
+    let events = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(|l| Stored::parse(l).unwrap().event().to_string())
+            .collect()
+    };
+    assert_eq!(
+        events(&local),
+        events(&pulled)[copied..],
+        "then this machine's"
+    );
     // and the machine can go on backing up
     run(zv(&fresh).args(["backup", "--json"]), 0);
     verify_remote(&fresh, &key, 0);
 
-    // pull never replaces a log that has records
+    // pull never replaces a log that was copied
     let (_, e) = run(
         zv(&fresh).args(["audit", "pull", "--identity"]).arg(&key),
         1,
     );
-    assert!(e.contains("already holds records"), "{e}");
+    assert!(e.contains("never replaces it"), "{e}");
+}
+
+#[test]
+fn a_lost_log_or_lost_copies_are_noticed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core) = fleet(dir.path());
+    run(zv(&core).args(["backup", "--json"]), 0);
+    let key = fleet.identity("ch");
+    let log = log_path(dir.path());
+    let original = std::fs::read_to_string(&log).unwrap();
+
+    // records cut from the end: the marks of what was copied still say so
+    let kept: String = original.lines().take(4).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&log, &kept).unwrap();
+    let (_, e) = run(zv(&core).args(["audit", "verify"]), 1);
+    assert!(
+        e.contains("line 5: missing: the log ends at record 4"),
+        "{e}"
+    );
+    // a log replaced by a new one: no backup until it is pulled back
+    std::fs::remove_file(&log).unwrap();
+    let (_, e) = run(zv(&core).arg("backup"), 1);
+    assert!(
+        e.contains("is not the log whose records were copied"),
+        "{e}"
+    );
+    assert!(e.contains("audit pull"), "{e}");
+    assert!(
+        show(&core, &["--event", "object_put"]).is_empty(),
+        "nothing written"
+    );
+    std::fs::write(&log, &original).unwrap();
+    run(zv(&core).args(["backup", "--json"]), 0);
+
+    // a copy deleted from a target
+    let garage = fleet.garage("ch-dk-2");
+    let copies: Vec<String> = garage
+        .keys()
+        .unwrap()
+        .into_iter()
+        .filter(|k| k.contains("/audit/"))
+        .collect();
+    assert_eq!(copies.len(), 2);
+    garage.delete(copies.last().unwrap()).unwrap();
+    let (_, e) = verify_remote(&core, &key, 1);
+    assert!(e.contains("its copy is gone: target ch-secondary"), "{e}");
+    // the next backup copies the missing records again
+    run(zv(&core).args(["backup", "--json"]), 0);
+    verify_remote(&core, &key, 0);
+}
+
+#[test]
+fn a_stdout_that_fails_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_fleet, core) = fleet(dir.path());
+    let full = || std::fs::File::create("/dev/full").unwrap();
+    for args in [&["check"][..], &["audit", "show"], &["audit", "verify"]] {
+        let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("zonevault"))
+            .arg("--config")
+            .arg(&core)
+            .args(args)
+            .stdout(full())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("writing stdout"), "{args:?}: {stderr}");
+    }
 }
 
 #[test]
@@ -409,6 +534,7 @@ fn audit_usage_errors_exit_2() {
         ),
         (&["audit", "verify", "--remote"], "--identity"),
         (&["audit", "where"], "--user"),
+        (&["audit", "where", "--user", " "], "--user needs a user id"),
         (
             &[
                 "audit",

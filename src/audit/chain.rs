@@ -98,20 +98,25 @@ pub fn verify(lines: impl Iterator<Item = Result<Line>>) -> Result<Result<Holds,
                     format!("{missing} missing before this line (removed)")
                 } else {
                     format!(
-                        "seq {seq} where {expected} belongs (a line was inserted or repeated before it)"
+                        "seq {seq} where {expected} belongs: this line repeats an earlier record (inserted or copied)"
                     )
                 },
             )));
         }
         if prev != previous {
             return Ok(Err(bad(if i == 0 {
-                "the first record does not start the chain (records before it were removed)".into()
+                "the first record does not start the chain: its prev is not the genesis value (edited and re-hashed)".into()
             } else {
                 format!(
                     "does not chain to line {}: that line was edited and re-hashed, or replaced",
                     number - 1
                 )
             })));
+        }
+        if !complete {
+            return Ok(Err(bad(
+                "cut short: the last line has no newline (the log was truncated, or a write was interrupted)".into(),
+            )));
         }
         hashes.push(hash.to_string());
         if hashes.len() > 2 {

@@ -51,17 +51,9 @@ struct Queue {
 impl AuditLog {
     /// Opens (creating it, and the state dir, if needed) the log of `core`.
     pub fn open(state_dir: &Path, core: &str, zone: &str) -> Result<AuditLog> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(state_dir)
-            .with_context(|| {
-                format!(
-                    "cannot create the state directory {} that holds the audit log",
-                    state_dir.display()
-                )
-            })?;
+        create_state_dir(state_dir)?;
         let path = state_dir.join(FILE_NAME);
+        let existed = path.exists();
         let file = File::options()
             .read(true)
             .append(true)
@@ -69,6 +61,9 @@ impl AuditLog {
             .mode(0o600)
             .open(&path)
             .with_context(|| format!("cannot open the audit log {}", path.display()))?;
+        if !existed {
+            sync_dir(&path)?;
+        }
         Ok(AuditLog {
             path,
             core: core.to_string(),
@@ -138,7 +133,11 @@ impl AuditLog {
             queue.writing = true;
             let batch = std::mem::take(&mut queue.pending);
             drop(queue);
-            let outcome = self.write_batch(&batch).map_err(|e| format!("{e:#}"));
+            // A panic while writing must not leave the others waiting forever.
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.write_batch(&batch)))
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the audit writer panicked")))
+                    .map_err(|e| format!("{e:#}"));
             queue = self.queue();
             for (i, (t, _)) in batch.iter().enumerate() {
                 let seq = outcome.as_ref().map(|first| first + i as u64);
@@ -196,6 +195,20 @@ impl AuditLog {
     }
 }
 
+/// Creates the state dir (mode 0700: the log names users) if it is missing.
+pub fn create_state_dir(state_dir: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .with_context(|| {
+            format!(
+                "cannot create the state directory {} that holds the audit log",
+                state_dir.display()
+            )
+        })
+}
+
 /// The `seq` and `hash` of the last record of the log, `None` when empty.
 fn last_record(file: &File, path: &Path) -> Result<Option<(u64, String)>> {
     let len = file.metadata()?.len();
@@ -218,7 +231,7 @@ fn last_record(file: &File, path: &Path) -> Result<Option<(u64, String)>> {
     }
     let damaged = |what: &str| {
         anyhow::anyhow!(
-            "the audit log {} {what}; nothing is appended to a damaged log: `zonevault audit verify` names the bad line",
+            "the audit log {} {what}; nothing is appended to a damaged log: `zonevault audit verify` names the bad line; move the log aside and rebuild it with `zonevault audit pull --identity FILE`",
             path.display()
         )
     };
@@ -248,9 +261,17 @@ pub struct Line {
 }
 
 /// The lines of the log at `path`, in order, streamed. A missing log has none.
+/// Holds a shared lock on the log until the iterator is dropped: do not
+/// append from the same thread meanwhile.
 pub fn lines(path: &Path) -> Result<Lines> {
     let reader = match File::open(path) {
-        Ok(f) => Some(BufReader::with_capacity(256 << 10, f)),
+        Ok(f) => {
+            // A shared lock: appends (exclusive) wait until the reading is
+            // done, so a half-written batch is never read as a torn line.
+            flock(&f, libc::LOCK_SH)
+                .with_context(|| format!("cannot lock the audit log {}", path.display()))?;
+            Some(BufReader::with_capacity(256 << 10, f))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => {
             return Err(e).with_context(|| format!("cannot read the audit log {}", path.display()));
@@ -306,12 +327,22 @@ pub fn read_lines(path: &Path) -> Result<Vec<Line>> {
     lines(path)?.collect()
 }
 
-/// Writes a whole log at `path` from `lines` (each without its newline),
-/// replacing nothing: the file must not exist or be empty. Used by `audit pull`.
-pub fn write_new(path: &Path, lines: &[String]) -> Result<()> {
-    if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
+/// Replaces the log at `path` (which was `expected_len` bytes long when its
+/// records were read, 0 when missing) with `lines`, each without its newline.
+/// Holds the log's lock meanwhile, so no append is lost between the read and
+/// the replacement. Used by `audit pull`.
+pub fn replace(path: &Path, expected_len: u64, lines: &[String]) -> Result<()> {
+    let current = File::options()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    flock(&current, libc::LOCK_EX).with_context(|| format!("cannot lock {}", path.display()))?;
+    if current.metadata()?.len() != expected_len {
         bail!(
-            "{} already holds records; `audit pull` only rebuilds a missing log",
+            "{} changed while the copies were read; run `audit pull` again",
             path.display()
         );
     }
@@ -323,14 +354,22 @@ pub fn write_new(path: &Path, lines: &[String]) -> Result<()> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut text = String::new();
     for line in lines {
-        file.write_all(line.as_bytes())?;
-        file.write_all(b"\n")?;
+        text.push_str(line);
+        text.push('\n');
     }
+    file.write_all(text.as_bytes())?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)
         .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
-    if let Some(dir) = path.parent() {
+    sync_dir(path)?;
+    Ok(())
+}
+
+/// fsync of the directory holding `path`, so a new or renamed entry survives a crash.
+fn sync_dir(path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         File::open(dir)?.sync_all()?;
     }
     Ok(())

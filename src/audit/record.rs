@@ -232,10 +232,17 @@ pub fn seal(
     let Value::Object(mut map) = serde_json::to_value(event).expect("events serialize") else {
         unreachable!("an event serializes to an object")
     };
-    map.insert("seq".into(), seq.into());
     map.insert("time".into(), time.into());
     map.insert("core".into(), core.into());
     map.insert("zone".into(), zone.into());
+    reseal(map, seq, prev)
+}
+
+/// Gives a record (its own fields, time and all) a new place in a chain:
+/// `seq`, `prev`, and the hash that follows. Returns its line and hash.
+pub fn reseal(mut map: Map<String, Value>, seq: u64, prev: &str) -> (String, String) {
+    map.remove("hash");
+    map.insert("seq".into(), seq.into());
     map.insert("prev".into(), prev.into());
     let hash = hash(prev, &map);
     map.insert("hash".into(), hash.clone().into());

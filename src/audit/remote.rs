@@ -30,14 +30,24 @@ use crate::storage::Store;
 
 const COPIED_FILE: &str = "audit.copied.json";
 
+/// The last record copied to a target: its seq and hash. The hash ties the
+/// local log to what the zone holds: a log that lost or rewrote copied
+/// records no longer has it at that seq.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Mark {
+    pub seq: u64,
+    pub hash: String,
+}
+
 /// Per target, the last record copied to it.
-type Copied = BTreeMap<String, u64>;
+pub type Copied = BTreeMap<String, Mark>;
 
 fn copied_path(state_dir: &Path) -> PathBuf {
     state_dir.join(COPIED_FILE)
 }
 
-fn load_copied(state_dir: &Path) -> Result<Copied> {
+/// What `<state_dir>/audit.copied.json` says was copied (nothing when absent).
+pub fn load_copied(state_dir: &Path) -> Result<Copied> {
     let path = copied_path(state_dir);
     match std::fs::read(&path) {
         Ok(bytes) => {
@@ -71,6 +81,40 @@ async fn highest_copied<S: Store>(store: &S, target: &Target, core: &str) -> Res
         .unwrap_or(0))
 }
 
+/// Whether the log at `path` still holds every record that was copied, as
+/// copied: `Some` names the first line where it does not.
+pub fn marks_break(path: &Path, copied: &Copied) -> Result<Option<chain::Break>> {
+    let mut wanted: BTreeMap<u64, (&String, &Mark)> = BTreeMap::new();
+    for (target, mark) in copied {
+        wanted.entry(mark.seq).or_insert((target, mark));
+    }
+    let mut count = 0;
+    for line in log::lines(path)? {
+        let line = line?;
+        count = line.number;
+        let Some(record) = Stored::parse(&line.text) else {
+            continue;
+        };
+        if let Some((target, mark)) = record.seq().and_then(|s| wanted.remove(&s))
+            && record.hash() != Some(mark.hash.as_str())
+        {
+            return Ok(Some(chain::Break {
+                line: line.number,
+                what: format!(
+                    "differs from the record {} that was copied to target {target}: the log was rewritten after the copy",
+                    mark.seq
+                ),
+            }));
+        }
+    }
+    Ok(wanted.into_iter().next().map(|(seq, (target, _))| chain::Break {
+        line: count + 1,
+        what: format!(
+            "missing: the log ends at record {count}, but records up to {seq} were copied to target {target} (records were removed from the end, or the log was replaced)"
+        ),
+    }))
+}
+
 /// Refuses a run whose log would start a second chain next to the zone's
 /// copies: see the module docs. Call before the first write of a run.
 pub async fn check_continuity<S: Store>(
@@ -78,13 +122,22 @@ pub async fn check_continuity<S: Store>(
     state_dir: &Path,
     targets: &[Writable<S>],
 ) -> Result<()> {
+    let repair = "Move it aside and rebuild it from the zone's copies with `zonevault audit pull --identity FILE` (an operator's identity), then run again";
     let copied = load_copied(state_dir)?;
+    if let Some(b) = marks_break(audit.path(), &copied)? {
+        bail!(
+            "the audit log {} is not the log whose records were copied to the zone: line {}: {}. {repair}",
+            audit.path().display(),
+            b.line,
+            b.what
+        );
+    }
     for t in targets {
         let remote = highest_copied(t.store(), t.target(), audit.core()).await?;
-        let local = copied.get(&t.target().name).copied().unwrap_or(0);
+        let local = copied.get(&t.target().name).map_or(0, |m| m.seq);
         if remote > local {
             bail!(
-                "target {} holds copies of audit records up to {remote} of core {}, but this machine's audit log ({}) copied only up to {local}: it is not the log that wrote them. Rebuild it first with `zonevault audit pull --identity FILE` (an operator's identity), then run again",
+                "target {} holds copies of audit records up to {remote} of core {}, but this machine's audit log ({}) copied only up to {local}: it is not the log that wrote them. {repair}",
                 t.target().name,
                 audit.core(),
                 audit.path().display()
@@ -103,17 +156,25 @@ pub async fn copy<S: Store>(
     recipients: &[age::x25519::Recipient],
 ) -> Result<()> {
     let mut copied = load_copied(state_dir)?;
-    let from = targets
-        .iter()
-        .map(|t| copied.get(&t.target().name).copied().unwrap_or(0))
-        .min()
-        .unwrap_or(0);
+    // Per target, the last record it holds: the mark, or less when a run
+    // stopped between saving the mark and writing the copy (copied again now).
+    let mut done = Vec::new();
+    for t in targets {
+        let mark = copied.get(&t.target().name).map_or(0, |m| m.seq);
+        let held = highest_copied(t.store(), t.target(), audit.core()).await?;
+        done.push(mark.min(held));
+    }
+    let from = done.iter().copied().min().unwrap_or(0);
     let mut lines: Vec<(u64, String)> = Vec::new();
+    let mut last_hash = String::new();
     for line in log::lines(audit.path())? {
         let line = line?;
-        let seq = Stored::parse(&line.text).and_then(|r| r.seq());
-        match seq {
-            Some(seq) if seq > from && line.complete => lines.push((seq, line.text)),
+        let record = Stored::parse(&line.text);
+        match record.as_ref().and_then(|r| r.seq().zip(r.hash())) {
+            Some((seq, hash)) if seq > from && line.complete => {
+                last_hash = hash.to_string();
+                lines.push((seq, line.text));
+            }
             Some(_) => {}
             None => bail!(
                 "line {} of the audit log {} is not a record; `zonevault audit verify` tells more",
@@ -125,8 +186,7 @@ pub async fn copy<S: Store>(
     let Some(&(last, _)) = lines.last() else {
         return Ok(());
     };
-    for t in targets {
-        let done = copied.get(&t.target().name).copied().unwrap_or(0);
+    for (t, done) in targets.iter().zip(done) {
         let records: Vec<&str> = lines
             .iter()
             .filter(|(seq, _)| *seq > done)
@@ -139,15 +199,32 @@ pub async fn copy<S: Store>(
         plain.push('\n');
         let key = layout::audit_copy_key(audit.core(), done + 1, last);
         let sealed = pipeline::encrypt_small(recipients, plain.as_bytes())?;
-        t.put(
-            &key,
-            Bytes::from(sealed),
-            &Contents::of(ObjectKind::AuditCopy),
-        )
-        .await
-        .with_context(|| format!("copying the audit log to target {}", t.target().name))?;
-        copied.insert(t.target().name.clone(), last);
+        // The mark goes first: a mark ahead of the zone is healed by the next
+        // copy, a zone ahead of the mark would look like another machine's log.
+        let name = t.target().name.clone();
+        let before = copied.insert(
+            name.clone(),
+            Mark {
+                seq: last,
+                hash: last_hash.clone(),
+            },
+        );
         save_copied(state_dir, &copied)?;
+        let put = t
+            .put(
+                &key,
+                Bytes::from(sealed),
+                &Contents::of(ObjectKind::AuditCopy),
+            )
+            .await;
+        if let Err(e) = put {
+            match before {
+                Some(mark) => copied.insert(name.clone(), mark),
+                None => copied.remove(&name),
+            };
+            save_copied(state_dir, &copied)?;
+            return Err(e.context(format!("copying the audit log to target {name}")));
+        }
     }
     Ok(())
 }
@@ -166,6 +243,7 @@ async fn fetch<S: Store>(
     stores: &[(Target, S)],
     core: &str,
     identities: &[Box<dyn age::Identity + Send + Sync>],
+    identity_file: &Path,
 ) -> Result<(BTreeMap<u64, Copy>, BTreeMap<String, u64>)> {
     let mut merged: BTreeMap<u64, Copy> = BTreeMap::new();
     let mut highest: BTreeMap<String, u64> = BTreeMap::new();
@@ -184,8 +262,13 @@ async fn fetch<S: Store>(
                 .await
                 .with_context(|| format!("reading {where_}"))?
                 .with_context(|| format!("{where_} vanished while read"))?;
-            let plain = pipeline::decrypt_small(&sealed, identities)
-                .map_err(|e| anyhow::anyhow!("{where_} cannot be decrypted: {e}"))?;
+            let plain = pipeline::decrypt_small(&sealed, identities).map_err(|e| match e {
+                pipeline::OpenError::NoMatchingKeys => anyhow::anyhow!(
+                    "{} cannot decrypt {where_}: give an identity of this core's zone",
+                    identity_file.display()
+                ),
+                other => anyhow::anyhow!("{where_} cannot be decrypted: {other}"),
+            })?;
             let text = String::from_utf8(plain).with_context(|| format!("{where_} is not text"))?;
             let mut prev_hash: Option<String> = None;
             let mut expected = first;
@@ -241,16 +324,31 @@ pub struct RemoteReport {
 /// Checks that the local log agrees with every copy in the zone. `Ok(Err)`
 /// names the first line that does not.
 pub async fn verify<S: Store>(
-    path: &Path,
+    state_dir: &Path,
     stores: &[(Target, S)],
     core: &str,
     identities: &[Box<dyn age::Identity + Send + Sync>],
+    identity: &Path,
 ) -> Result<Result<RemoteReport, chain::Break>> {
+    let path = &state_dir.join(log::FILE_NAME);
     let holds = match chain::verify_file(path)? {
         Ok(h) => h,
         Err(b) => return Ok(Err(b)),
     };
-    let (remote, copied) = fetch(stores, core, identities).await?;
+    let (remote, copied) = fetch(stores, core, identities, identity).await?;
+    // copies deleted from a target since this machine wrote them
+    for (target, mark) in load_copied(state_dir)? {
+        let held = copied.get(&target).copied().unwrap_or(0);
+        if held < mark.seq {
+            return Ok(Err(chain::Break {
+                line: mark.seq,
+                what: format!(
+                    "its copy is gone: target {target} holds copies up to record {held}, but records up to {} were copied to it (copies were deleted, or a run stopped while copying: the next backup copies them again)",
+                    mark.seq
+                ),
+            }));
+        }
+    }
     let mut count = 0;
     for line in log::lines(path)? {
         let Line { number, text, .. } = line?;
@@ -285,20 +383,45 @@ pub async fn verify<S: Store>(
     }))
 }
 
-/// Rebuilds a missing local log from the zone's copies. Returns the number
-/// of records written.
+/// Rebuilds the local log from the zone's copies. Returns the number of
+/// records the log holds afterwards.
+///
+/// A local log is either missing, or one that a fresh machine started and
+/// never copied (its `check`, `restore` ...): its records are kept,
+/// re-chained after the pulled ones. A log that was copied is the core's
+/// own and is never replaced.
 pub async fn pull<S: Store>(
     state_dir: &Path,
     stores: &[(Target, S)],
     core: &str,
     identities: &[Box<dyn age::Identity + Send + Sync>],
+    identity: &Path,
 ) -> Result<u64> {
     let path = state_dir.join(log::FILE_NAME);
-    let (remote, copied) = fetch(stores, core, identities).await?;
+    if !load_copied(state_dir)?.is_empty() {
+        bail!(
+            "{} holds records that were copied to the zone: it is this core's log, not a lost one, and `audit pull` never replaces it; `zonevault audit verify --remote` compares it with the copies",
+            path.display()
+        );
+    }
+    let local_len = std::fs::metadata(&path).map_or(0, |m| m.len());
+    let local: Vec<Map<String, Value>> = match chain::verify_file(&path)? {
+        Ok(_) => log::read_lines(&path)?
+            .into_iter()
+            .filter_map(|l| Stored::parse(&l.text).map(|r| r.fields))
+            .collect(),
+        Err(b) => bail!(
+            "{} is damaged (line {}: {}); move it aside, then pull again",
+            path.display(),
+            b.line,
+            b.what
+        ),
+    };
+    let (remote, highest) = fetch(stores, core, identities, identity).await?;
     if remote.is_empty() {
         bail!("the zone holds no audit copy of core {core}");
     }
-    let lines: Vec<String> = remote
+    let mut lines: Vec<String> = remote
         .iter()
         .enumerate()
         .map(|(i, (seq, copy))| {
@@ -325,9 +448,28 @@ pub async fn pull<S: Store>(
             b.what
         );
     }
-    std::fs::create_dir_all(state_dir)
-        .with_context(|| format!("cannot create {}", state_dir.display()))?;
-    log::write_new(&path, &lines)?;
+    let copied: Copied = highest
+        .into_iter()
+        .map(|(target, seq)| {
+            let hash = remote[&seq].fields["hash"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            (target, Mark { seq, hash })
+        })
+        .collect();
+    let mut prev = remote
+        .last_key_value()
+        .and_then(|(_, c)| c.fields["hash"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    for fields in local {
+        let (line, hash) = super::record::reseal(fields, lines.len() as u64 + 1, &prev);
+        lines.push(line);
+        prev = hash;
+    }
+    log::create_state_dir(state_dir)?;
+    log::replace(&path, local_len, &lines)?;
     save_copied(state_dir, &copied)?;
     Ok(lines.len() as u64)
 }

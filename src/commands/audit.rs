@@ -40,18 +40,37 @@ fn broken(path: &Path, b: &chain::Break) -> Error {
     ))
 }
 
-/// Checks the local chain; with `identity`, also that it agrees with the
-/// zone's copies.
-pub async fn verify(config: &Config, identity: Option<&Path>) -> Result<VerifyReport> {
+/// The local log, which must exist: answering "nothing" from a log that is
+/// not there would be a wrong answer.
+fn existing_log(config: &Config) -> Result<PathBuf> {
     let path = log_path(config);
-    if !path.exists() {
-        return Err(Error::failed(format!(
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() => Ok(path),
+        Ok(_) => Err(Error::failed(format!(
+            "{} is not a file; the audit log must be one",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::failed(format!(
             "there is no audit log at {}; on a fresh machine, `zonevault audit pull --identity FILE` rebuilds it from the zone",
             path.display()
-        )));
+        ))),
+        Err(e) => Err(Error::failed(format!(
+            "cannot read the audit log {}: {e}",
+            path.display()
+        ))),
     }
+}
+
+/// Checks the local chain, and that it still holds every record copied to
+/// the zone as copied; with `identity`, also that it agrees with the copies.
+pub async fn verify(config: &Config, identity: Option<&Path>) -> Result<VerifyReport> {
+    let path = existing_log(config)?;
     let Some(identity) = identity else {
         let holds = chain::verify_file(&path)?.map_err(|b| broken(&path, &b))?;
+        let copied = remote::load_copied(&config.core.state_dir)?;
+        if let Some(b) = remote::marks_break(&path, &copied)? {
+            return Err(broken(&path, &b));
+        }
         return Ok(VerifyReport {
             log: path,
             records: holds.records,
@@ -60,9 +79,15 @@ pub async fn verify(config: &Config, identity: Option<&Path>) -> Result<VerifyRe
     };
     let identities = keys::load_identities(identity).map_err(|e| Error::Usage(format!("{e:#}")))?;
     let stores = targets::open(config).await;
-    let report = remote::verify(&path, &stores, &config.core.core_id, &identities)
-        .await?
-        .map_err(|b| broken(&path, &b))?;
+    let report = remote::verify(
+        &config.core.state_dir,
+        &stores,
+        &config.core.core_id,
+        &identities,
+        identity,
+    )
+    .await?
+    .map_err(|b| broken(&path, &b))?;
     Ok(VerifyReport {
         log: path,
         records: report.local,
@@ -72,8 +97,12 @@ pub async fn verify(config: &Config, identity: Option<&Path>) -> Result<VerifyRe
 
 /// Every live object that holds `user`'s data.
 pub fn where_(config: &Config, user: &str) -> Result<Vec<Location>> {
-    warn_if_broken(&log_path(config));
-    Ok(query::locations(&log_path(config), user)?)
+    if user.trim().is_empty() {
+        return Err(Error::Usage("--user needs a user id".into()));
+    }
+    let path = existing_log(config)?;
+    warn_if_broken(&path);
+    Ok(query::locations(&path, user)?)
 }
 
 /// The records that pass `filter`. Unknown event kinds are a usage error.
@@ -88,19 +117,19 @@ pub fn show(config: &Config, filter: &Filter) -> Result<Vec<Map<String, Value>>>
             crate::audit::Event::KINDS.join(", ")
         )));
     }
-    warn_if_broken(&log_path(config));
-    Ok(query::records(&log_path(config), filter)?)
+    let path = existing_log(config)?;
+    warn_if_broken(&path);
+    Ok(query::records(&path, filter)?)
 }
 
 /// Answers from a log whose chain is broken still come, with a warning.
+/// (A log that cannot be read is the query's own error.)
 fn warn_if_broken(path: &Path) {
-    match chain::verify_file(path) {
-        Ok(Ok(_)) => {}
-        Ok(Err(b)) => tracing::warn!(
+    if let Ok(Err(b)) = chain::verify_file(path) {
+        tracing::warn!(
             "{}; the answer below comes from a log that is not intact",
             broken(path, &b)
-        ),
-        Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot check the audit log"),
+        );
     }
 }
 
@@ -111,7 +140,7 @@ pub struct PullReport {
     pub records: u64,
 }
 
-/// Rebuilds a missing local log from the zone's copies.
+/// Rebuilds the local log from the zone's copies (see [`remote::pull`]).
 pub async fn pull(config: &Config, identity: &Path) -> Result<PullReport> {
     let identities = keys::load_identities(identity).map_err(|e| Error::Usage(format!("{e:#}")))?;
     let state_dir = config.core.state_dir.clone();
@@ -119,16 +148,19 @@ pub async fn pull(config: &Config, identity: &Path) -> Result<PullReport> {
     let _lock = tokio::task::spawn_blocking(move || RunLock::acquire(&lock_dir))
         .await
         .map_err(Error::failed)??;
-    let path = log_path(config);
-    if std::fs::metadata(&path).is_ok_and(|m| m.len() > 0) {
-        return Err(Error::failed(format!(
-            "{} already holds records; `audit pull` rebuilds a missing log only (move it away first if it must be replaced)",
-            path.display()
-        )));
-    }
     let stores = targets::open(config).await;
-    let records = remote::pull(&state_dir, &stores, &config.core.core_id, &identities).await?;
-    Ok(PullReport { log: path, records })
+    let records = remote::pull(
+        &state_dir,
+        &stores,
+        &config.core.core_id,
+        &identities,
+        identity,
+    )
+    .await?;
+    Ok(PullReport {
+        log: log_path(config),
+        records,
+    })
 }
 
 /// Parses `--since` for [`Filter`]; a usage error names the accepted forms.

@@ -361,7 +361,7 @@ async fn put_everywhere<S: Store>(
             .await
             .with_context(|| format!("writing {} to target {}", t.key(key), t.target().name))
     });
-    futures::future::try_join_all(puts).await?;
+    crate::upload::settle(futures::future::join_all(puts).await)?;
     Ok(())
 }
 

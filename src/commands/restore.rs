@@ -67,7 +67,7 @@ pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
             snapshot: report.snapshot.clone(),
             source_core: report.core.clone(),
             to: report.to.display().to_string(),
-            users: options.users.clone(),
+            users: report.users.clone(),
             volumes: options.volumes.clone(),
             units: report.units,
             files: report.files,
@@ -111,6 +111,10 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
         )));
     }
 
+    let reads = Reads::new(audit, &index.id);
+    reads
+        .record(&target, target.key(&index.manifest.key), Vec::new())
+        .await?;
     let sealed = store
         .get(&target.key(&index.manifest.key))
         .await
@@ -142,7 +146,6 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
         )));
     }
     let selected = select(&manifest, &options.volumes, &options.users)?;
-    let reads = Reads::new(audit, &index.id);
     std::fs::create_dir_all(&options.to)
         .with_context(|| format!("cannot create {}", options.to.display()))?;
     let progress = Progress::new(options.progress, selected.len() as u64, "restore");
@@ -163,7 +166,8 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
                 let label = units::label(&rec.volume, &rec.kind);
                 let mut first_error = None;
                 for (target, store) in sources {
-                    let restored = match reads.record(target, rec).await {
+                    let read = reads.record(target, target.key(&rec.object), rec.kind.users());
+                    let restored = match read.await {
                         Ok(()) => restore_from(store, target, rec, identities, &options.to).await,
                         Err(e) => Err(e),
                     };
@@ -233,13 +237,13 @@ impl<'a> Reads<'a> {
         }
     }
 
-    async fn record(&self, target: &Target, rec: &UnitRecord) -> anyhow::Result<()> {
+    async fn record(&self, target: &Target, key: String, users: Vec<String>) -> anyhow::Result<()> {
         self.audit
             .record(Event::ObjectRead {
                 place: Place::from(target),
-                key: target.key(&rec.object),
+                key,
                 snapshot: self.snapshot.clone(),
-                users: rec.kind.users(),
+                users,
                 os_user: self.os_user.clone(),
                 host: self.host.clone(),
             })

@@ -280,6 +280,21 @@ admin_token = "{admin_token}"
         })
     }
 
+    /// Deletes an object directly, bypassing zonevault (as an intruder would).
+    pub fn delete(&self, key: &str) -> Result<()> {
+        block_on(async {
+            let client = self.client().await;
+            client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+                .with_context(|| format!("deleting {key}"))?;
+            Ok(())
+        })
+    }
+
     /// How many multipart uploads are in progress in the bucket.
     pub fn pending_uploads(&self) -> Result<usize> {
         block_on(async {
