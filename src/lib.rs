@@ -28,6 +28,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod residency;
 pub mod snapshot;
+pub mod state;
 pub mod storage;
 pub mod targets;
 pub mod units;

@@ -15,9 +15,7 @@ pub struct RunLock {
 impl RunLock {
     /// Takes the lock, waiting while another zonevault process holds it.
     pub fn acquire(state_dir: &Path) -> Result<RunLock> {
-        std::fs::create_dir_all(state_dir).with_context(|| {
-            format!("cannot create the state directory {}", state_dir.display())
-        })?;
+        crate::state::create_dir(state_dir)?;
         let path = state_dir.join("lock");
         let file = File::options()
             .create(true)

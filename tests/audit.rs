@@ -497,6 +497,18 @@ fn a_lost_log_or_lost_copies_are_noticed() {
     // the next backup copies the missing records again
     run(zv(&core).args(["backup", "--json"]), 0);
     verify_remote(&core, &key, 0);
+
+    // the machine is lost: pull into an empty state dir gives a log that verifies
+    let state = dir.path().join("state/core-ch-1");
+    std::fs::remove_dir_all(&state).unwrap();
+    let (_, stderr) = run(zv(&core).args(["audit", "pull", "--identity"]).arg(&key), 0);
+    assert!(stderr.contains("rebuilt"), "{stderr}");
+    run(zv(&core).args(["audit", "verify"]), 0);
+    verify_remote(&core, &key, 0);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "the state dir names users: owner only");
+    run(zv(&core).args(["backup", "--json"]), 0);
 }
 
 #[test]

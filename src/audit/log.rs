@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -51,7 +51,7 @@ struct Queue {
 impl AuditLog {
     /// Opens (creating it, and the state dir, if needed) the log of `core`.
     pub fn open(state_dir: &Path, core: &str, zone: &str) -> Result<AuditLog> {
-        create_state_dir(state_dir)?;
+        crate::state::create_dir(state_dir)?;
         let path = state_dir.join(FILE_NAME);
         let existed = path.exists();
         let file = File::options()
@@ -193,20 +193,6 @@ impl AuditLog {
             .with_context(|| format!("cannot write to the audit log {}", self.path.display()))?;
         Ok(first)
     }
-}
-
-/// Creates the state dir (mode 0700: the log names users) if it is missing.
-pub fn create_state_dir(state_dir: &Path) -> Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(state_dir)
-        .with_context(|| {
-            format!(
-                "cannot create the state directory {} that holds the audit log",
-                state_dir.display()
-            )
-        })
 }
 
 /// The `seq` and `hash` of the last record of the log, `None` when empty.

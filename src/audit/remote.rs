@@ -468,7 +468,7 @@ pub async fn pull<S: Store>(
         lines.push(line);
         prev = hash;
     }
-    log::create_state_dir(state_dir)?;
+    crate::state::create_dir(state_dir)?;
     log::replace(&path, local_len, &lines)?;
     save_copied(state_dir, &copied)?;
     Ok(lines.len() as u64)
