@@ -68,6 +68,9 @@ enum Command {
         /// Upload parts (8 MiB) in flight per unit.
         #[arg(long, value_name = "N", default_value_t = 2)]
         part_jobs: usize,
+        /// Upload every unit, even those unchanged since the last snapshot.
+        #[arg(long)]
+        full: bool,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -232,6 +235,7 @@ fn run(cli: Cli) -> Result<Exit, Error> {
             volumes,
             jobs,
             part_jobs,
+            full,
             json,
         } => {
             let config = Config::load(&cli.config)?;
@@ -240,6 +244,7 @@ fn run(cli: Cli) -> Result<Exit, Error> {
             options.volumes = volumes;
             options.jobs = jobs.unwrap_or(options.jobs);
             options.part_jobs = part_jobs;
+            options.full = full;
             options.progress = !json;
             let report = runtime()?.block_on(commands::backup::run(&config, &audit, &options))?;
             print(json, &report, output::backup)?;

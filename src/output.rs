@@ -104,6 +104,12 @@ pub fn backup(r: &crate::commands::backup::Report) -> String {
         r.targets.join(", "),
         totals(r.units, r.files, r.plain_bytes, r.stored_bytes, r.seconds)
     );
+    s.push_str(&format!(
+        "{} unit(s) uploaded ({}), {} unchanged (objects of earlier snapshots referenced again)\n",
+        r.uploaded,
+        bytes(r.uploaded_bytes),
+        r.reused
+    ));
     if r.cleaned > 0 {
         s.push_str(&format!(
             "removed {} leftover(s) of uncommitted runs\n",

@@ -31,6 +31,9 @@ pub struct UnitRecord {
     pub blake3: String,
     /// Entries in the tar.
     pub files: u64,
+    /// The unit's change fingerprint when it was stored ([`crate::units::fingerprint`]).
+    #[serde(default)]
+    pub fingerprint: String,
 }
 
 /// `<id>.manifest.age`: encrypted to the zone's recipients; holds user ids.
@@ -66,4 +69,13 @@ pub struct Index {
     pub units: usize,
     pub plain_bytes: u64,
     pub stored_bytes: u64,
+}
+
+impl Index {
+    /// The keys (relative to the target prefix) this snapshot needs: its
+    /// manifest and every unit object, including those of earlier snapshots.
+    pub fn references(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.manifest.key.as_str())
+            .chain(self.objects.iter().map(|o| o.key.as_str()))
+    }
 }

@@ -174,6 +174,51 @@ pub fn walk(
         })
 }
 
+/// The change fingerprint of a unit: BLAKE3 over the relative path, size,
+/// mtime, ctime, inode and mode of every entry of its walk. Equal
+/// fingerprints mean an unchanged unit (ctime catches what a touch-up of
+/// mtime would hide: chmod, chown, rename, replace). Entries that vanish
+/// during the walk are left out, like the archive leaves them out.
+pub fn fingerprint(unit: &Unit, exclude: &globset::GlobSet) -> std::io::Result<String> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let mut hasher = blake3::Hasher::new();
+    for entry in walk(unit, exclude) {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) if is_vanished(&e) => continue,
+            Err(e) => return Err(walk_error(e)),
+        };
+        let rel = entry
+            .path()
+            .strip_prefix(&unit.root)
+            .unwrap_or(entry.path());
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            Err(e) if is_vanished(&e) => continue,
+            Err(e) => return Err(walk_error(e)),
+        };
+        hasher.update(rel.as_os_str().as_bytes());
+        hasher.update(
+            format!(
+                "\0{} {}.{} {}.{} {} {:o}\n",
+                meta.size(),
+                meta.mtime(),
+                meta.mtime_nsec(),
+                meta.ctime(),
+                meta.ctime_nsec(),
+                meta.ino(),
+                meta.mode()
+            )
+            .as_bytes(),
+        );
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
 /// A walk error that only means the entry disappeared meanwhile.
 pub fn is_vanished(e: &walkdir::Error) -> bool {
     e.io_error()

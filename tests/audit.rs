@@ -102,8 +102,15 @@ fn where_lists_exactly_the_objects_holding_a_user_on_every_target() {
         .collect();
     assert_eq!(with_user.len(), 2);
 
-    // a second snapshot adds its objects; an unknown user has none
+    // an unchanged user's unit is not uploaded again: still two objects
     run(zv(&core).args(["backup", "--json"]), 0);
+    let (stdout, _) = run(
+        zv(&core).args(["audit", "where", "--user", user, "--json"]),
+        0,
+    );
+    assert_eq!(json(&stdout).as_array().unwrap().len(), 2);
+    // a full snapshot adds its objects; an unknown user has none
+    run(zv(&core).args(["backup", "--full", "--json"]), 0);
     let (stdout, _) = run(
         zv(&core).args(["audit", "where", "--user", user, "--json"]),
         0,

@@ -6,7 +6,7 @@
 //! then the cleartext index, last. Until the index exists nothing of the run
 //! is visible; the next run removes what an uncommitted run left.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,6 +20,7 @@ use crate::archive;
 use crate::audit::{AuditLog, Event, ObjectKind, remote};
 use crate::config::{Config, Volume};
 use crate::error::{Error, Result};
+use crate::incremental;
 use crate::layout;
 use crate::lock::RunLock;
 use crate::pipeline::{self, Part, PartSink};
@@ -43,6 +44,8 @@ pub struct Options {
     pub part_size: usize,
     /// Show a progress bar.
     pub progress: bool,
+    /// Upload every unit, even unchanged ones.
+    pub full: bool,
 }
 
 /// 8 MiB parts: objects up to 80 GB (S3's 10,000-part limit) with a few parts
@@ -60,6 +63,7 @@ impl Options {
             part_jobs: 2,
             part_size: DEFAULT_PART_SIZE,
             progress: false,
+            full: false,
         }
     }
 }
@@ -83,9 +87,15 @@ pub struct Report {
     pub zone: String,
     pub targets: Vec<String>,
     pub units: usize,
+    /// Units uploaded by this run.
+    pub uploaded: usize,
+    /// Unchanged units whose object from an earlier snapshot is referenced again.
+    pub reused: usize,
     pub files: u64,
     pub plain_bytes: u64,
     pub stored_bytes: u64,
+    /// Stored bytes uploaded by this run (per target).
+    pub uploaded_bytes: u64,
     pub seconds: f64,
     /// Files that changed while read (stored as read).
     pub changed: Vec<String>,
@@ -178,11 +188,27 @@ async fn snapshot(
     }
     let core = &config.core.core_id;
     let mut cleaned = 0;
+    // Objects that a committed snapshot references on every target: the
+    // only ones an unchanged unit may point to again.
+    let mut reusable: Option<HashSet<String>> = None;
     for t in targets {
-        cleaned += clean_uncommitted(t, core)
+        let (removed, referenced) = clean_uncommitted(t, core)
             .await
             .with_context(|| format!("cleaning up target {}", t.target().name))?;
+        cleaned += removed;
+        reusable = Some(match reusable {
+            None => referenced,
+            Some(r) => r.intersection(&referenced).cloned().collect(),
+        });
     }
+    let reusable = reusable.unwrap_or_default();
+    let previous = if options.full {
+        None
+    } else {
+        incremental::load(&config.core.state_dir, core)
+    };
+    let previous: HashMap<(&str, &units::UnitKind), &UnitRecord> =
+        previous.as_ref().map(|p| p.lookup()).unwrap_or_default();
 
     let mut units: Vec<(Unit, globset::GlobSet)> = Vec::new();
     for v in volumes {
@@ -195,21 +221,23 @@ async fn snapshot(
     let id = snapshot::new_id(now);
     let zone = config.zone();
     let progress = Progress::new(options.progress, units.len() as u64, "backup");
-    let results: Result<Vec<(UnitRecord, archive::WriteStats)>> = futures::stream::iter(units)
+    let run = UnitRun {
+        targets,
+        core,
+        snapshot: &id,
+        recipients: &zone.recipients,
+        level: config.core.zstd_level,
+        options,
+        previous: &previous,
+        reusable: &reusable,
+    };
+    let results: Result<Vec<Stored>> = futures::stream::iter(units)
         .map(|(unit, exclude)| {
-            let (progress, id) = (&progress, &id);
+            let (progress, run) = (&progress, &run);
             async move {
-                let run = UnitRun {
-                    targets,
-                    core,
-                    snapshot: id,
-                    recipients: &zone.recipients,
-                    level: config.core.zstd_level,
-                    options,
-                };
-                let r = backup_unit(&run, unit, exclude).await;
-                if let Ok((rec, _)) = &r {
-                    progress.unit_done(rec.plain_size);
+                let r = store_unit(run, unit, exclude).await;
+                if let Ok(stored) = &r {
+                    progress.unit_done(stored.record.plain_size);
                 }
                 r
             }
@@ -235,7 +263,17 @@ async fn snapshot(
     let mut records: Vec<UnitRecord> = Vec::new();
     let (mut changed, mut vanished, mut escaping_links, mut files) =
         (Vec::new(), Vec::new(), Vec::new(), 0);
-    for (rec, stats) in results {
+    let (mut uploaded, mut uploaded_bytes) = (0, 0);
+    for Stored {
+        record: rec,
+        stats,
+        reused,
+    } in results
+    {
+        if !reused {
+            uploaded += 1;
+            uploaded_bytes += rec.stored_size;
+        }
         files += rec.files;
         changed.extend(stats.changed.iter().map(|p| p.display().to_string()));
         vanished.extend(stats.vanished.iter().map(|p| p.display().to_string()));
@@ -332,6 +370,14 @@ async fn snapshot(
             })
             .await?;
     }
+    let state = incremental::Previous {
+        core: core.clone(),
+        snapshot: id.clone(),
+        units: records.clone(),
+    };
+    if let Err(e) = incremental::save(&config.core.state_dir, &state) {
+        tracing::warn!(error = %format!("{e:#}"), "cannot record the units of this snapshot; the next run uploads every unit");
+    }
 
     Ok(Report {
         snapshot: id,
@@ -339,9 +385,12 @@ async fn snapshot(
         zone: zone.id.clone(),
         targets: targets.iter().map(|t| t.target().name.clone()).collect(),
         units: records.len(),
+        uploaded,
+        reused: records.len() - uploaded,
         files,
         plain_bytes: index.plain_bytes,
         stored_bytes: index.stored_bytes,
+        uploaded_bytes,
         seconds: started.elapsed().as_secs_f64(),
         changed,
         vanished,
@@ -373,6 +422,48 @@ struct UnitRun<'a> {
     recipients: &'a [age::x25519::Recipient],
     level: i32,
     options: &'a Options,
+    /// The units of the previous committed snapshot (none for a full run).
+    previous: &'a HashMap<(&'a str, &'a units::UnitKind), &'a UnitRecord>,
+    /// Object keys referenced by a committed snapshot on every target.
+    reusable: &'a HashSet<String>,
+}
+
+/// A unit in the new snapshot.
+struct Stored {
+    record: UnitRecord,
+    stats: archive::WriteStats,
+    /// Unchanged: the object of an earlier snapshot is referenced again.
+    reused: bool,
+}
+
+/// One unit: referenced again when its fingerprint is unchanged and its
+/// object is still committed on every target, else uploaded. The
+/// fingerprint is taken before the tar, so a change during the run makes
+/// the next run upload the unit again, never miss it.
+async fn store_unit(run: &UnitRun<'_>, unit: Unit, exclude: globset::GlobSet) -> Result<Stored> {
+    let (walked, walk_exclude) = (unit.clone(), exclude.clone());
+    let fingerprint =
+        tokio::task::spawn_blocking(move || units::fingerprint(&walked, &walk_exclude))
+            .await
+            .map_err(Error::failed)?
+            .with_context(|| format!("reading {}", unit.label()))?;
+    if let Some(previous) = run.previous.get(&(unit.volume.as_str(), &unit.kind))
+        && previous.fingerprint == fingerprint
+        && run.reusable.contains(&previous.object)
+    {
+        return Ok(Stored {
+            record: (*previous).clone(),
+            stats: archive::WriteStats::default(),
+            reused: true,
+        });
+    }
+    let (mut record, stats) = backup_unit(run, unit, exclude).await?;
+    record.fingerprint = fingerprint;
+    Ok(Stored {
+        record,
+        stats,
+        reused: false,
+    })
 }
 
 /// One unit: tar → zstd → age → parts on a blocking thread, parts uploaded
@@ -425,6 +516,7 @@ async fn backup_unit(
         stored_size: sealed.stored_size,
         blake3: sealed.blake3,
         files: sealed.extra.files,
+        fingerprint: String::new(),
     };
     Ok((record, sealed.extra))
 }
@@ -450,36 +542,30 @@ async fn abort_uploads<S: Store>(target: &Writable<S>, core: &str) -> anyhow::Re
 
 /// Removes what runs that never committed left on a target: unfinished
 /// multipart uploads, objects and manifests that no index references.
-/// Never touches anything a committed snapshot references.
-async fn clean_uncommitted<S: Store>(target: &Writable<S>, core: &str) -> anyhow::Result<usize> {
+/// Never touches anything a committed snapshot references. Returns how many
+/// it removed and the object keys (relative) that committed indexes reference.
+pub async fn clean_uncommitted<S: Store>(
+    target: &Writable<S>,
+    core: &str,
+) -> anyhow::Result<(usize, HashSet<String>)> {
     let store = target.store();
     let objects_prefix = target.key(&layout::objects_dir(core));
     let snapshots_prefix = target.key(&layout::snapshots_dir(core));
     let mut removed = abort_uploads(target, core).await?;
     let snapshot_files = store.list(&snapshots_prefix).await?;
-    let mut referenced: HashSet<String> = HashSet::new();
-    for f in &snapshot_files {
-        if !f.key.ends_with(".json") {
-            continue;
-        }
-        let Some(bytes) = store.get(&f.key).await? else {
-            continue;
-        };
-        let index: Index = serde_json::from_slice(&bytes).with_context(|| {
-            format!(
-                "{} is not a snapshot index; refusing to clean up next to it",
-                f.key
-            )
-        })?;
-        referenced.insert(target.key(&index.manifest.key));
-        referenced.extend(index.objects.iter().map(|o| target.key(&o.key)));
-    }
+    let referenced: HashSet<String> = super::snapshots::indexes(store, target.target(), core)
+        .await
+        .context("refusing to clean up next to what is not a snapshot index")?
+        .iter()
+        .flat_map(|i| i.references().map(str::to_string))
+        .collect();
     let manifests = snapshot_files
         .iter()
         .filter(|f| f.key.ends_with(".manifest.age"));
     let objects = store.list(&objects_prefix).await?;
     for f in objects.iter().chain(manifests) {
-        if !referenced.contains(&f.key) {
+        let rel = f.key.strip_prefix(&target.key("")).unwrap_or(&f.key);
+        if !referenced.contains(rel) {
             tracing::info!(target = %target.target().name, key = %f.key, "removing what an uncommitted run left");
             target
                 .delete(&f.key, "left by a run that never committed")
@@ -487,5 +573,5 @@ async fn clean_uncommitted<S: Store>(target: &Writable<S>, core: &str) -> anyhow
             removed += 1;
         }
     }
-    Ok(removed)
+    Ok((removed, referenced))
 }

@@ -40,7 +40,7 @@ pub async fn list(
 ) -> Result<(Vec<Index>, S3Store, crate::config::Target)> {
     let mut errors = Vec::new();
     for (target, store) in targets::open(config).await {
-        match list_on(&store, &target.key(&layout::snapshots_dir(core))).await {
+        match indexes(&store, &target, core).await {
             Ok(indexes) => return Ok((indexes, store, target)),
             Err(e) => errors.push(format!("target {}: {e:#}", target.name)),
         }
@@ -52,9 +52,17 @@ pub async fn list(
     )))
 }
 
-async fn list_on(store: &S3Store, prefix: &str) -> anyhow::Result<Vec<Index>> {
+/// Every committed snapshot index of `core` on one target, oldest first.
+pub async fn indexes<S: Store>(
+    store: &S,
+    target: &crate::config::Target,
+    core: &str,
+) -> anyhow::Result<Vec<Index>> {
     let mut indexes = Vec::new();
-    for f in store.list(prefix).await? {
+    for f in store
+        .list(&target.key(&layout::snapshots_dir(core)))
+        .await?
+    {
         if layout::snapshot_of_index(&f.key).is_none() {
             continue;
         }

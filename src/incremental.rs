@@ -1,0 +1,73 @@
+//! Incremental runs: the units of the last committed snapshot, with their
+//! fingerprints, kept in `<state_dir>/units.json`.
+//!
+//! A unit whose fingerprint equals the one recorded here is not uploaded
+//! again: the new manifest references the object that the earlier snapshot
+//! stored, provided a committed index on every target still references it
+//! (which is also what keeps retention and cleanup from removing it). With
+//! no state (a fresh machine, or `backup --full`) every unit is uploaded.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::snapshot::UnitRecord;
+use crate::units::UnitKind;
+
+const FILE_NAME: &str = "units.json";
+
+/// What the last committed snapshot of this core stored.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Previous {
+    pub core: String,
+    pub snapshot: String,
+    pub units: Vec<UnitRecord>,
+}
+
+impl Previous {
+    /// The record of a unit, by volume and kind.
+    pub fn lookup(&self) -> HashMap<(&str, &UnitKind), &UnitRecord> {
+        self.units
+            .iter()
+            .map(|u| ((u.volume.as_str(), &u.kind), u))
+            .collect()
+    }
+}
+
+fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join(FILE_NAME)
+}
+
+/// The previous snapshot of `core`, if the state dir knows one. A damaged
+/// state file means a full run (with a warning), never a failed one.
+pub fn load(state_dir: &Path, core: &str) -> Option<Previous> {
+    let path = path(state_dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the unit state; this run uploads every unit");
+            return None;
+        }
+    };
+    match serde_json::from_slice::<Previous>(&bytes) {
+        Ok(p) if p.core == core => Some(p),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "the unit state is damaged; this run uploads every unit");
+            None
+        }
+    }
+}
+
+/// Records the units of a committed snapshot (atomically: temp file, rename).
+pub fn save(state_dir: &Path, previous: &Previous) -> Result<()> {
+    let path = path(state_dir);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(previous)?)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
