@@ -19,6 +19,7 @@ Examples:
   zonevault snapshots                           list this core's snapshots
   zonevault restore --snapshot latest --to /srv/restore --identity /root/zone-ch.key
   zonevault restore --snapshot latest --to /tmp/u --identity KEY --user c123456789abc
+  zonevault forget --dry-run                    what the zone's retention would forget, and why
   zonevault audit where --user c123456789abc    every backup object holding that user's data
   zonevault audit verify --remote --identity KEY
 
@@ -111,6 +112,19 @@ enum Command {
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
         /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply the zone's retention: forget snapshots no rule keeps, delete
+    /// the objects no kept snapshot references.
+    Forget {
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Another core of the same zone.
+        #[arg(long, value_name = "ID")]
+        core: Option<String>,
+        /// Print the plan and what was done as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -284,6 +298,25 @@ fn run(cli: Cli) -> Result<Exit, Error> {
             };
             let report = runtime()?.block_on(commands::restore::run(&config, &audit, &options))?;
             print(json, &report, output::restore)?;
+            Ok(Exit::Ok)
+        }
+        Command::Forget {
+            dry_run,
+            core,
+            json,
+        } => {
+            let config = Config::load(&cli.config)?;
+            let options = commands::forget::Options { dry_run, core };
+            let report = if dry_run {
+                runtime()?.block_on(commands::forget::plan(&config, &options))?
+            } else {
+                let audit = open_audit(&config, "forget")?;
+                runtime()?.block_on(commands::forget::run(&config, &audit, &options))?
+            };
+            for w in &report.warnings {
+                tracing::warn!("{w}");
+            }
+            print(json, &report, output::forget)?;
             Ok(Exit::Ok)
         }
         Command::Audit { command } => audit(&Config::load(&cli.config)?, command),

@@ -62,7 +62,7 @@ pub fn check(report: &CheckReport) -> String {
             t.reason.clone(),
         ]);
     }
-    format!(
+    let mut s = format!(
         "config ok: core {} in zone {} ({}), {} volume(s), {} target(s)\n{}",
         report.core,
         report.zone,
@@ -70,7 +70,11 @@ pub fn check(report: &CheckReport) -> String {
         report.volumes,
         report.targets.len(),
         table(&rows)
-    )
+    );
+    for w in &report.warnings {
+        s.push_str(&format!("warning: {w}\n"));
+    }
+    s
 }
 
 /// Bytes as "12.3 MB".
@@ -255,6 +259,44 @@ pub fn audit_show(records: &[serde_json::Map<String, serde_json::Value>]) -> Str
             s.push_str(&format!("  {k}={v}"));
         }
         s.push('\n');
+    }
+    s
+}
+
+/// The human form of `forget`.
+pub fn forget(r: &crate::commands::forget::Report) -> String {
+    let tz: chrono_tz::Tz = r.timezone.parse().unwrap_or(chrono_tz::Tz::UTC);
+    let mut rows = vec![
+        ["SNAPSHOT", "TIME", "DECISION", "WHY"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for d in &r.snapshots {
+        rows.push(vec![
+            d.id.clone(),
+            crate::retention::local(d.time, tz),
+            if d.keep { "keep" } else { "forget" }.to_string(),
+            d.reasons.join(", "),
+        ]);
+    }
+    let mut s = if r.snapshots.is_empty() {
+        format!("core {} has no snapshot in zone {}\n", r.core, r.zone)
+    } else {
+        table(&rows)
+    };
+    for w in &r.warnings {
+        s.push_str(&format!("warning: {w}\n"));
+    }
+    if r.dry_run {
+        s.push_str(&format!(
+            "dry run: would keep {} and forget {} snapshot(s) of core {}; nothing changed\n",
+            r.kept, r.forgotten, r.core
+        ));
+    } else {
+        s.push_str(&format!(
+            "kept {}, forgot {} snapshot(s) of core {}; deleted {} object(s) on the zone's targets\n",
+            r.kept, r.forgotten, r.core, r.deleted
+        ));
     }
     s
 }

@@ -17,19 +17,19 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::archive;
-use crate::audit::{AuditLog, Event, ObjectKind, remote};
+use crate::audit::{AuditLog, Event, ObjectKind};
 use crate::config::{Config, Volume};
 use crate::error::{Error, Result};
 use crate::incremental;
 use crate::layout;
-use crate::lock::RunLock;
 use crate::pipeline::{self, Part, PartSink};
 use crate::progress::Progress;
 use crate::residency::{Contents, Writable};
 use crate::snapshot::{self, Index, IndexObject, Manifest, UnitRecord};
 use crate::storage::{Store, s3::S3Store};
-use crate::targets;
 use crate::units::{self, Unit};
+
+use super::session::Session;
 
 /// How a backup runs.
 #[derive(Debug, Clone)]
@@ -111,38 +111,11 @@ pub struct Report {
 /// end, success or failure, the run's records are copied to the targets.
 pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> Result<Report> {
     let started = Instant::now();
-    let failed = |e: Error| {
-        audit.run_failed("backup", &e);
-        e
-    };
-    let volumes = select_volumes(config, &options.volumes).map_err(failed)?;
-    let state_dir = config.core.state_dir.clone();
-    let lock_dir = state_dir.clone();
-    let _lock = tokio::task::spawn_blocking(move || RunLock::acquire(&lock_dir))
-        .await
-        .map_err(Error::failed)
-        .and_then(|r| r.map_err(Error::from))
-        .map_err(failed)?;
-    let targets = targets::writable(config, audit).await.map_err(failed)?;
-    remote::check_continuity(audit, &state_dir, &targets)
-        .await
-        .map_err(|e| failed(e.into()))?;
-    let result = snapshot(config, options, &targets, &volumes, started)
-        .await
-        .map_err(failed);
-    let copied = remote::copy(audit, &state_dir, &targets, &config.zone().recipients).await;
-    match (result, copied) {
-        (Ok(report), Ok(())) => Ok(report),
-        (Ok(report), Err(e)) => Err(failed(Error::Failed(e.context(format!(
-            "snapshot {} is committed, but its audit records could not be copied to the zone",
-            report.snapshot
-        ))))),
-        (Err(e), Ok(())) => Err(e),
-        (Err(e), Err(copy)) => {
-            tracing::warn!(error = %format!("{copy:#}"), "the audit records of this failed run could not be copied; the next run copies them");
-            Err(e)
-        }
-    }
+    let volumes =
+        select_volumes(config, &options.volumes).inspect_err(|e| audit.run_failed("backup", e))?;
+    let session = Session::begin(config, audit, "backup").await?;
+    let result = snapshot(config, options, session.targets(), &volumes, started).await;
+    session.finish(result).await
 }
 
 /// The volumes named (all when none is).
@@ -568,7 +541,10 @@ pub async fn clean_uncommitted<S: Store>(
         if !referenced.contains(rel) {
             tracing::info!(target = %target.target().name, key = %f.key, "removing what an uncommitted run left");
             target
-                .delete(&f.key, "left by a run that never committed")
+                .delete(
+                    &f.key,
+                    "no committed snapshot references it (left by an unfinished run)",
+                )
                 .await?;
             removed += 1;
         }

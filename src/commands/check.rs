@@ -47,6 +47,9 @@ pub struct CheckReport {
     pub zone_name: String,
     pub volumes: usize,
     pub targets: Vec<TargetReport>,
+    /// Problems that do not fail the check: retention rules that `max_age`
+    /// makes impossible to honour.
+    pub warnings: Vec<String>,
 }
 
 impl CheckReport {
@@ -72,6 +75,7 @@ pub async fn run(config: &Config, audit: &Arc<AuditLog>) -> CheckReport {
         zone_name: zone.name.clone(),
         volumes: config.core.volumes.len(),
         targets,
+        warnings: crate::retention::never_honoured(&zone.retention),
     }
 }
 

@@ -5,6 +5,8 @@
 pub mod audit;
 pub mod backup;
 pub mod check;
+pub mod forget;
 pub mod keygen;
 pub mod restore;
+pub mod session;
 pub mod snapshots;

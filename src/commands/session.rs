@@ -1,0 +1,93 @@
+//! A run that writes to the zone's targets (`backup`, `forget`): one at a
+//! time per core, through the residency gate, on the record from start to
+//! end.
+//!
+//! [`Session::begin`] takes the run lock, checks every target and the audit
+//! log's continuity; [`Session::finish`] records a failure and copies the
+//! run's audit records to the targets, whatever the outcome.
+
+use std::sync::Arc;
+
+use crate::audit::{AuditLog, remote};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::lock::RunLock;
+use crate::residency::Writable;
+use crate::storage::s3::S3Store;
+use crate::targets;
+
+/// The targets of a writing run, and what ends it properly.
+pub struct Session<'a> {
+    config: &'a Config,
+    audit: &'a Arc<AuditLog>,
+    command: &'static str,
+    targets: Vec<Writable<S3Store>>,
+    _lock: RunLock,
+}
+
+impl<'a> Session<'a> {
+    /// Locks, checks the targets (any refusal: exit 3, nothing written) and
+    /// the audit log's continuity. A failure here is recorded.
+    pub async fn begin(
+        config: &'a Config,
+        audit: &'a Arc<AuditLog>,
+        command: &'static str,
+    ) -> Result<Session<'a>> {
+        let failed = |e: Error| {
+            audit.run_failed(command, &e);
+            e
+        };
+        let lock_dir = config.core.state_dir.clone();
+        let lock = tokio::task::spawn_blocking(move || RunLock::acquire(&lock_dir))
+            .await
+            .map_err(Error::failed)
+            .and_then(|r| r.map_err(Error::from))
+            .map_err(failed)?;
+        let targets = targets::writable(config, audit).await.map_err(failed)?;
+        remote::check_continuity(audit, &config.core.state_dir, &targets)
+            .await
+            .map_err(|e| failed(e.into()))?;
+        Ok(Session {
+            config,
+            audit,
+            command,
+            targets,
+            _lock: lock,
+        })
+    }
+
+    /// The zone's targets, all of which passed the gate.
+    pub fn targets(&self) -> &[Writable<S3Store>] {
+        &self.targets
+    }
+
+    /// Ends the run: records its failure, then copies its records to the
+    /// targets. A run that succeeded but whose records could not be copied
+    /// fails (exit 1), saying that its work is done.
+    pub async fn finish<T>(self, result: Result<T>) -> Result<T> {
+        let result = result.inspect_err(|e| self.audit.run_failed(self.command, e));
+        let copied = remote::copy(
+            self.audit,
+            &self.config.core.state_dir,
+            &self.targets,
+            &self.config.zone().recipients,
+        )
+        .await;
+        match (result, copied) {
+            (Ok(done), Ok(())) => Ok(done),
+            (Ok(_), Err(e)) => {
+                let e = Error::Failed(e.context(format!(
+                    "the {} is done, but its audit records could not be copied to the zone (the next run copies them)",
+                    self.command
+                )));
+                self.audit.run_failed(self.command, &e);
+                Err(e)
+            }
+            (Err(e), Ok(())) => Err(e),
+            (Err(e), Err(copy)) => {
+                tracing::warn!(error = %format!("{copy:#}"), "the audit records of this failed run could not be copied; the next run copies them");
+                Err(e)
+            }
+        }
+    }
+}
