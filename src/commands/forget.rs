@@ -140,18 +140,8 @@ async fn forget(config: &Config, targets: &[Writable<S3Store>], core: &str) -> R
             deleted += 1;
         }
         // 2. the objects that no remaining snapshot references
-        let kept: HashSet<&str> = indexes
-            .iter()
-            .filter(|i| !removed.contains_key(i.id.as_str()))
-            .flat_map(Index::references)
-            .collect();
-        let unreferenced: HashSet<&str> = indexes
-            .iter()
-            .filter(|i| removed.contains_key(i.id.as_str()))
-            .flat_map(|i| i.objects.iter().map(|o| o.key.as_str()))
-            .filter(|k| !kept.contains(k))
-            .collect();
-        for key in unreferenced {
+        let forgotten = |i: &Index| removed.contains_key(i.id.as_str());
+        for key in unreferenced(indexes, forgotten) {
             t.delete(&t.key(key), "no kept snapshot references it")
                 .await?;
             deleted += 1;
@@ -166,4 +156,24 @@ async fn forget(config: &Config, targets: &[Writable<S3Store>], core: &str) -> R
     }
     report.deleted = deleted;
     Ok(report)
+}
+
+/// The unit objects of the forgotten snapshots that no other snapshot in
+/// `indexes` references: what may be deleted. Incremental snapshots share
+/// objects, so an object goes only when its last reference goes.
+pub fn unreferenced(indexes: &[Index], forgotten: impl Fn(&Index) -> bool) -> Vec<&str> {
+    let kept: HashSet<&str> = indexes
+        .iter()
+        .filter(|i| !forgotten(i))
+        .flat_map(Index::references)
+        .collect();
+    let mut gone: Vec<&str> = indexes
+        .iter()
+        .filter(|i| forgotten(i))
+        .flat_map(|i| i.objects.iter().map(|o| o.key.as_str()))
+        .filter(|k| !kept.contains(k))
+        .collect();
+    gone.sort_unstable();
+    gone.dedup();
+    gone
 }

@@ -40,6 +40,8 @@ pub struct ZoneSpec {
     pub recipients: Vec<String>,
     pub cores: Vec<String>,
     pub targets: Vec<TargetSpec>,
+    /// The zone's `retention` table, as TOML lines (`keep_last = 2`); empty: none.
+    pub retention: String,
 }
 
 /// A running fleet: its Garages, its zones and the folder it lives in.
@@ -113,6 +115,7 @@ impl Fleet {
                 recipients: vec![identity.recipient],
                 cores: vec![core.to_string()],
                 targets,
+                retention: String::new(),
             });
         }
         let fleet = Fleet {
@@ -191,6 +194,9 @@ impl Fleet {
                     "\n[[zones.{}.targets]]\nname = {:?}\nendpoint = {:?}\nregion = {:?}\nbucket = {:?}\nprefix = {:?}\n",
                     z.id, t.name, t.endpoint, t.region, t.bucket, t.prefix
                 );
+            }
+            if !z.retention.is_empty() {
+                let _ = write!(s, "\n[zones.{}.retention]\n{}\n", z.id, z.retention.trim());
             }
         }
         s
