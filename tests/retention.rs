@@ -185,9 +185,9 @@ fn forget_keeps_what_kept_snapshots_need_and_they_restore() {
     // four snapshots; each changes one user, so they share most objects
     let mut snapshots = Vec::new();
     let mut trees = Vec::new();
-    for i in 0..4 {
+    for (i, user) in ids.iter().enumerate().take(4) {
         if i > 0 {
-            change_user(&fleet, &ids[i]);
+            change_user(&fleet, user);
         }
         snapshots.push(backup(&core, &[])["snapshot"].as_str().unwrap().to_string());
         trees.push(source_tree(&fleet));

@@ -52,7 +52,8 @@ pub async fn list(
     )))
 }
 
-/// Every committed snapshot index of `core` on one target, oldest first.
+/// Every committed snapshot index of `core` on one target, oldest first
+/// (so `latest` is the last).
 pub async fn indexes<S: Store>(
     store: &S,
     target: &crate::config::Target,
@@ -73,6 +74,7 @@ pub async fn indexes<S: Store>(
             .with_context(|| format!("{} is not a snapshot index", f.key))?;
         indexes.push(index);
     }
-    indexes.sort_by(|a, b| a.id.cmp(&b.id));
+    // By time (ids of the same second differ only in their random part).
+    indexes.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
     Ok(indexes)
 }
