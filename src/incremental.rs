@@ -23,7 +23,21 @@ const FILE_NAME: &str = "units.json";
 pub struct Previous {
     pub core: String,
     pub snapshot: String,
+    /// BLAKE3 of the zone's recipients the objects are encrypted to: an
+    /// object encrypted to other keys is never reused (after a key rotation,
+    /// every unit is encrypted again).
+    #[serde(default)]
+    pub recipients: String,
     pub units: Vec<UnitRecord>,
+}
+
+/// The digest of a recipient list, order-independent.
+pub fn recipients_digest(recipients: &[age::x25519::Recipient]) -> String {
+    let mut keys: Vec<String> = recipients.iter().map(ToString::to_string).collect();
+    keys.sort();
+    blake3::hash(keys.join("\n").as_bytes())
+        .to_hex()
+        .to_string()
 }
 
 impl Previous {
@@ -40,9 +54,10 @@ fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(FILE_NAME)
 }
 
-/// The previous snapshot of `core`, if the state dir knows one. A damaged
-/// state file means a full run (with a warning), never a failed one.
-pub fn load(state_dir: &Path, core: &str) -> Option<Previous> {
+/// The previous snapshot of `core` encrypted to `recipients`, if the state
+/// dir knows one. A damaged state file means a full run (with a warning),
+/// never a failed one.
+pub fn load(state_dir: &Path, core: &str, recipients: &str) -> Option<Previous> {
     let path = path(state_dir);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -53,7 +68,13 @@ pub fn load(state_dir: &Path, core: &str) -> Option<Previous> {
         }
     };
     match serde_json::from_slice::<Previous>(&bytes) {
-        Ok(p) if p.core == core => Some(p),
+        Ok(p) if p.core == core && p.recipients == recipients => Some(p),
+        Ok(p) if p.core == core => {
+            tracing::info!(
+                "the zone's recipients changed since the last snapshot: every unit is encrypted and uploaded again"
+            );
+            None
+        }
         Ok(_) => None,
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "the unit state is damaged; this run uploads every unit");

@@ -75,8 +75,9 @@ impl Period {
         }
     }
 
-    /// How far back, at the least, the n-th newest period of this kind
-    /// starts: n-1 whole periods of the shortest length they can have.
+    /// How old, at the least, the newest snapshot of the n-th newest period
+    /// is: n-2 whole periods of the shortest length they can have lie between
+    /// it and now (the current period may have just begun).
     fn min_reach(self, n: u32) -> Duration {
         let hours = match self {
             Period::Hour => 1,
@@ -85,7 +86,7 @@ impl Period {
             Period::Month => 28 * 24,
             Period::Year => 365 * 24,
         };
-        Duration::from_secs(3600 * hours * u64::from(n.saturating_sub(1)))
+        Duration::from_secs(3600 * hours * u64::from(n.saturating_sub(2)))
     }
 }
 
@@ -447,9 +448,12 @@ mod tests {
         let w = never_honoured(&policy("daily=30 monthly=12 max_age=14days"));
         assert_eq!(w.len(), 2, "{w:?}");
         // 13 months can fit in a year (Jan 31 last year to Jan 1 this year);
-        // 15 never can
+        // 16 never can (14 whole months of at least 28 days between)
         assert!(never_honoured(&policy("monthly=13 max_age=1y")).is_empty());
-        assert_eq!(never_honoured(&policy("monthly=15 max_age=1y")).len(), 1);
+        assert_eq!(never_honoured(&policy("monthly=16 max_age=1y")).len(), 1);
+        // two days fit in 12 hours (23:59 and 00:01)
+        assert!(never_honoured(&policy("daily=2 max_age=12h")).is_empty());
+        assert_eq!(never_honoured(&policy("daily=3 max_age=12h")).len(), 1);
         assert!(never_honoured(&policy("yearly=2 max_age=1y")).is_empty());
     }
 }

@@ -178,7 +178,11 @@ async fn snapshot(
     let previous = if options.full {
         None
     } else {
-        incremental::load(&config.core.state_dir, core)
+        incremental::load(
+            &config.core.state_dir,
+            core,
+            &incremental::recipients_digest(&config.zone().recipients),
+        )
     };
     let previous: HashMap<(&str, &units::UnitKind), &UnitRecord> =
         previous.as_ref().map(|p| p.lookup()).unwrap_or_default();
@@ -346,6 +350,7 @@ async fn snapshot(
     let state = incremental::Previous {
         core: core.clone(),
         snapshot: id.clone(),
+        recipients: incremental::recipients_digest(&zone.recipients),
         units: records.clone(),
     };
     if let Err(e) = incremental::save(&config.core.state_dir, &state) {

@@ -7,6 +7,11 @@
 //! Each deletion is in the audit log. A crash in the middle leaves
 //! snapshots that either exist whole or not at all; what a crashed run left
 //! unreferenced is removed by the next `forget` or `backup` of the core.
+//!
+//! With `--core`, another core's snapshots are forgotten (indexes and
+//! manifests) but its objects are left to that core's own next run: only
+//! the owner, under its run lock, knows which objects a backup in progress
+//! is about to reference again.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -16,13 +21,13 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::audit::{AuditLog, Event};
-use crate::config::Config;
+use crate::config::{Config, Target};
 use crate::error::Result;
 use crate::layout;
 use crate::residency::Writable;
 use crate::retention::{self, Decision};
 use crate::snapshot::Index;
-use crate::storage::s3::S3Store;
+use crate::storage::{Store, s3::S3Store};
 
 use super::backup::clean_uncommitted;
 use super::session::Session;
@@ -49,32 +54,51 @@ pub struct Report {
     pub snapshots: Vec<Decision>,
     pub kept: usize,
     pub forgotten: usize,
-    /// Objects and manifests deleted, summed over targets.
+    /// Objects deleted (indexes, manifests, unit objects), summed over targets.
     pub deleted: usize,
     /// Rules that `max_age` makes impossible to honour.
     pub warnings: Vec<String>,
 }
 
-/// The plan for `core`'s snapshots, from the indexes of the first target
-/// that answers. Reads only.
+/// The plan for `core`'s snapshots, from the indexes of every target of
+/// the zone, as `forget` would make it. Reads only.
 pub async fn plan(config: &Config, options: &Options) -> Result<Report> {
     let core = snapshots::resolve_core(config, options.core.as_deref())?;
-    let (indexes, ..) = snapshots::list(config, &core).await?;
-    let times: Vec<(String, DateTime<Utc>)> =
-        indexes.iter().map(|i| (i.id.clone(), i.time)).collect();
-    Ok(report(config, &core, &times, true, 0))
+    let stores = crate::targets::open(config).await;
+    let sources: Vec<(&Target, &S3Store)> = stores.iter().map(|(t, s)| (t, s)).collect();
+    let on_target = gather(&sources, &core).await?;
+    Ok(report(config, &core, &on_target, true, 0))
 }
 
+/// Every target's indexes of `core`.
+async fn gather<S: Store>(sources: &[(&Target, &S)], core: &str) -> Result<Vec<Vec<Index>>> {
+    let mut on_target = Vec::new();
+    for (target, store) in sources {
+        let indexes = snapshots::indexes(*store, target, core)
+            .await
+            .with_context(|| format!("listing the snapshots on target {}", target.name))?;
+        on_target.push(indexes);
+    }
+    Ok(on_target)
+}
+
+fn times(indexes: &[Index]) -> Vec<(String, DateTime<Utc>)> {
+    indexes.iter().map(|i| (i.id.clone(), i.time)).collect()
+}
+
+/// The report: the plan over the snapshots of all targets together.
 fn report(
     config: &Config,
     core: &str,
-    times: &[(String, DateTime<Utc>)],
+    on_target: &[Vec<Index>],
     dry_run: bool,
     deleted: usize,
 ) -> Report {
     let zone = config.zone();
     let tz = retention::timezone(zone);
-    let snapshots = retention::plan(times, &zone.retention, tz, Utc::now());
+    let union: BTreeMap<String, DateTime<Utc>> = on_target.iter().flat_map(|i| times(i)).collect();
+    let union: Vec<(String, DateTime<Utc>)> = union.into_iter().collect();
+    let snapshots = retention::plan(&union, &zone.retention, tz, Utc::now());
     let kept = snapshots.iter().filter(|d| d.keep).count();
     Report {
         core: core.to_string(),
@@ -99,31 +123,30 @@ pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
 }
 
 async fn forget(config: &Config, targets: &[Writable<S3Store>], core: &str) -> Result<Report> {
-    // Every target's indexes: a crashed run may have left a snapshot on
-    // some targets only; the plan covers the union.
-    let mut on_target: Vec<Vec<Index>> = Vec::new();
-    let mut times: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();
-    for t in targets {
-        let indexes = snapshots::indexes(t.store(), t.target(), core)
-            .await
-            .with_context(|| format!("listing the snapshots on target {}", t.target().name))?;
-        times.extend(indexes.iter().map(|i| (i.id.clone(), i.time)));
-        on_target.push(indexes);
-    }
-    let times: Vec<(String, DateTime<Utc>)> = times.into_iter().collect();
-    let mut report = report(config, core, &times, false, 0);
-    let removed: BTreeMap<&str, String> = report
-        .snapshots
-        .iter()
-        .filter(|d| !d.keep)
-        .map(|d| (d.id.as_str(), d.reasons.join(", ")))
-        .collect();
+    let sources: Vec<(&Target, &S3Store)> =
+        targets.iter().map(|t| (t.target(), t.store())).collect();
+    let on_target = gather(&sources, core).await?;
+    let zone = config.zone();
+    let tz = retention::timezone(zone);
+    let now = Utc::now();
+    // Objects are deleted only by the core that owns them, under its run
+    // lock: another core's backup may be about to reference them again.
+    // `--core` forgets that core's snapshots; its own next run sweeps.
+    let own = core == config.core.core_id;
 
     let mut deleted = 0;
     for (t, indexes) in targets.iter().zip(&on_target) {
+        // Each target by its own snapshots: a target that missed a commit
+        // still keeps its own newest.
+        let removed: BTreeMap<String, String> =
+            retention::plan(&times(indexes), &zone.retention, tz, now)
+                .into_iter()
+                .filter(|d| !d.keep)
+                .map(|d| (d.id, d.reasons.join(", ")))
+                .collect();
         // 1. the indexes, then the manifests, of the snapshots not kept
         for index in indexes {
-            let Some(reason) = removed.get(index.id.as_str()) else {
+            let Some(reason) = removed.get(&index.id) else {
                 continue;
             };
             let why = format!("snapshot {} forgotten: {reason}", index.id);
@@ -137,25 +160,25 @@ async fn forget(config: &Config, targets: &[Writable<S3Store>], core: &str) -> R
                 })
                 .await?;
             t.delete(&t.key(&index.manifest.key), &why).await?;
-            deleted += 1;
+            deleted += 2;
+        }
+        if !own {
+            continue;
         }
         // 2. the objects that no remaining snapshot references
-        let forgotten = |i: &Index| removed.contains_key(i.id.as_str());
+        let forgotten = |i: &Index| removed.contains_key(&i.id);
         for key in unreferenced(indexes, forgotten) {
             t.delete(&t.key(key), "no kept snapshot references it")
                 .await?;
             deleted += 1;
         }
-        // 3. on this core's own targets, what earlier crashed runs left
-        if core == config.core.core_id {
-            let (swept, _) = clean_uncommitted(t, core)
-                .await
-                .with_context(|| format!("cleaning up target {}", t.target().name))?;
-            deleted += swept;
-        }
+        // 3. what earlier crashed runs left
+        let (swept, _) = clean_uncommitted(t, core)
+            .await
+            .with_context(|| format!("cleaning up target {}", t.target().name))?;
+        deleted += swept;
     }
-    report.deleted = deleted;
-    Ok(report)
+    Ok(report(config, core, &on_target, false, deleted))
 }
 
 /// The unit objects of the forgotten snapshots that no other snapshot in

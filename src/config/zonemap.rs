@@ -424,6 +424,23 @@ fn validate_retention(path: &Path, id: &str, r: RetentionFile) -> Result<Retenti
             Some(d)
         }
     };
+    // `keep_x = 0` keeps nothing, yet turns "no rule: keep everything" into
+    // "delete everything": a typo must not wipe a zone's backups.
+    for (rule, value) in [
+        ("keep_last", r.keep_last),
+        ("keep_hourly", r.keep_hourly),
+        ("keep_daily", r.keep_daily),
+        ("keep_weekly", r.keep_weekly),
+        ("keep_monthly", r.keep_monthly),
+        ("keep_yearly", r.keep_yearly),
+    ] {
+        if value == Some(0) {
+            return Err(
+                ConfigError::field(path, format!("zones.{id}.retention.{rule}"), "is 0")
+                    .help("a rule that keeps nothing is left out, not set to 0; remove the line"),
+            );
+        }
+    }
     Ok(Retention {
         keep_last: r.keep_last,
         keep_hourly: r.keep_hourly,
