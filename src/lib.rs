@@ -18,6 +18,7 @@ pub mod archive;
 pub mod audit;
 pub mod commands;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod incremental;
 pub mod keys;

@@ -1,4 +1,5 @@
-//! One run at a time per core: an exclusive lock on `<state_dir>/lock`.
+//! One run at a time per core: an exclusive lock on `<state_dir>/lock`,
+//! shared by the commands and the daemon.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -15,6 +16,12 @@ pub struct RunLock {
 impl RunLock {
     /// Takes the lock, waiting while another zonevault process holds it.
     pub fn acquire(state_dir: &Path) -> Result<RunLock> {
+        RunLock::take(state_dir, true)
+    }
+
+    /// Takes the lock; when another run holds it, waits for it (`wait`) or
+    /// fails at once as busy.
+    pub fn take(state_dir: &Path, wait: bool) -> Result<RunLock> {
         crate::state::create_dir(state_dir)?;
         let path = state_dir.join("lock");
         let file = File::options()
@@ -24,6 +31,12 @@ impl RunLock {
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
         if flock(&file, libc::LOCK_EX | libc::LOCK_NB).is_err() {
+            if !wait {
+                anyhow::bail!(
+                    "busy: another zonevault run of this core holds {} (without --no-wait, zonevault waits for it)",
+                    path.display()
+                );
+            }
             tracing::warn!(lock = %path.display(), "another zonevault run holds the lock; waiting");
             flock(&file, libc::LOCK_EX)
                 .with_context(|| format!("cannot lock {}", path.display()))?;

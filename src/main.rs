@@ -20,6 +20,7 @@ Examples:
   zonevault restore --snapshot latest --to /srv/restore --identity /root/zone-ch.key
   zonevault restore --snapshot latest --to /tmp/u --identity KEY --user c123456789abc
   zonevault forget --dry-run                    what the zone's retention would forget, and why
+  zonevault daemon                              scheduled runs; see systemd/zonevault.service
   zonevault audit where --user c123456789abc    every backup object holding that user's data
   zonevault audit verify --remote --identity KEY
 
@@ -72,6 +73,9 @@ enum Command {
         /// Upload every unit, even those unchanged since the last snapshot.
         #[arg(long)]
         full: bool,
+        /// Fail at once (exit 1, "busy") when another run of this core is in progress.
+        #[arg(long)]
+        no_wait: bool,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -124,9 +128,23 @@ enum Command {
         /// Another core of the same zone.
         #[arg(long, value_name = "ID")]
         core: Option<String>,
+        /// Fail at once (exit 1, "busy") when another run of this core is in progress.
+        #[arg(long)]
+        no_wait: bool,
         /// Print the plan and what was done as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Run scheduled backups and retention, serve /metrics and /healthz
+    /// (systemd: Type=notify). Stops on SIGTERM; SIGHUP reloads the config.
+    Daemon {
+        /// How long a run in progress may go on after SIGTERM before it is
+        /// abandoned (before its commit).
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+        stop_timeout: std::time::Duration,
+        /// Up to this much random delay before each scheduled run.
+        #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
+        jitter: std::time::Duration,
     },
     /// Ask the audit log: verify its chain, where a user's data is, what happened.
     Audit {
@@ -180,7 +198,13 @@ enum AuditCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = zonevault::logging::init(cli.log_level.as_deref(), "warn") {
+    // The daemon's log is its record in the journal; a command's is for trouble.
+    let default_level = if matches!(cli.command, Command::Daemon { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    if let Err(e) = zonevault::logging::init(cli.log_level.as_deref(), default_level) {
         eprintln!("error: {e}");
         return ExitCode::from(Exit::Usage.code());
     }
@@ -250,6 +274,7 @@ fn run(cli: Cli) -> Result<Exit, Error> {
             jobs,
             part_jobs,
             full,
+            no_wait,
             json,
         } => {
             let config = Config::load(&cli.config)?;
@@ -259,6 +284,7 @@ fn run(cli: Cli) -> Result<Exit, Error> {
             options.jobs = jobs.unwrap_or(options.jobs);
             options.part_jobs = part_jobs;
             options.full = full;
+            options.wait = !no_wait;
             options.progress = !json;
             let report = runtime()?.block_on(commands::backup::run(&config, &audit, &options))?;
             print(json, &report, output::backup)?;
@@ -303,10 +329,15 @@ fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Forget {
             dry_run,
             core,
+            no_wait,
             json,
         } => {
             let config = Config::load(&cli.config)?;
-            let options = commands::forget::Options { dry_run, core };
+            let options = commands::forget::Options {
+                dry_run,
+                core,
+                wait: !no_wait,
+            };
             let report = if dry_run {
                 runtime()?.block_on(commands::forget::plan(&config, &options))?
             } else {
@@ -317,6 +348,18 @@ fn run(cli: Cli) -> Result<Exit, Error> {
                 tracing::warn!("{w}");
             }
             print(json, &report, output::forget)?;
+            Ok(Exit::Ok)
+        }
+        Command::Daemon {
+            stop_timeout,
+            jitter,
+        } => {
+            let options = zonevault::daemon::Options {
+                config_path: cli.config.clone(),
+                stop_timeout,
+                jitter,
+            };
+            runtime()?.block_on(zonevault::daemon::run(options))?;
             Ok(Exit::Ok)
         }
         Command::Audit { command } => audit(&Config::load(&cli.config)?, command),

@@ -423,7 +423,9 @@ fn sigkill_during_an_upload_leaves_no_snapshot_and_the_next_run_cleans_up() {
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("zonevault"))
         .arg("--config")
         .arg(&core)
-        .args(["backup", "--jobs", "1"])
+        // --full: every unit is uploaded again, so the run is long enough
+        // to lose a target in the middle
+        .args(["backup", "--full", "--jobs", "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -480,7 +482,9 @@ fn a_target_failing_mid_run_fails_the_run_and_keeps_earlier_snapshots() {
     let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("zonevault"))
         .arg("--config")
         .arg(&core)
-        .args(["backup", "--jobs", "1"])
+        // --full: every unit is uploaded again, so the run is long enough
+        // to lose a target in the middle
+        .args(["backup", "--full", "--jobs", "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

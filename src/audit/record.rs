@@ -63,6 +63,8 @@ pub enum Event {
         zone_map: String,
         zone_map_blake3: String,
     },
+    /// A configuration was read and refused (a daemon reload): the old one stays.
+    ConfigRejected { command: String, reason: String },
     /// A target passed the residency check.
     ResidencyPassed {
         #[serde(flatten)]
@@ -158,6 +160,7 @@ impl Event {
     /// Every event kind, as it appears in the `event` field.
     pub const KINDS: &'static [&'static str] = &[
         "config_loaded",
+        "config_rejected",
         "residency_passed",
         "residency_refused",
         "target_unavailable",

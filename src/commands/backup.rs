@@ -46,6 +46,8 @@ pub struct Options {
     pub progress: bool,
     /// Upload every unit, even unchanged ones.
     pub full: bool,
+    /// Wait for another run of this core to end (else fail as busy).
+    pub wait: bool,
 }
 
 /// 8 MiB parts: objects up to 80 GB (S3's 10,000-part limit) with a few parts
@@ -64,6 +66,7 @@ impl Options {
             part_size: DEFAULT_PART_SIZE,
             progress: false,
             full: false,
+            wait: true,
         }
     }
 }
@@ -113,7 +116,7 @@ pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
     let started = Instant::now();
     let volumes =
         select_volumes(config, &options.volumes).inspect_err(|e| audit.run_failed("backup", e))?;
-    let session = Session::begin(config, audit, "backup").await?;
+    let session = Session::begin(config, audit, "backup", options.wait).await?;
     let result = snapshot(config, options, session.targets(), &volumes, started).await;
     session.finish(result).await
 }

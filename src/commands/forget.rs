@@ -34,12 +34,24 @@ use super::session::Session;
 use super::snapshots;
 
 /// What to forget.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Options {
     /// Print the plan; change nothing.
     pub dry_run: bool,
     /// Another core of the same zone.
     pub core: Option<String>,
+    /// Wait for another run of this core to end (else fail as busy).
+    pub wait: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            dry_run: false,
+            core: None,
+            wait: true,
+        }
+    }
 }
 
 /// What `forget` decided and did.
@@ -117,7 +129,7 @@ fn report(
 pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> Result<Report> {
     let core = snapshots::resolve_core(config, options.core.as_deref())
         .inspect_err(|e| audit.run_failed("forget", e))?;
-    let session = Session::begin(config, audit, "forget").await?;
+    let session = Session::begin(config, audit, "forget", options.wait).await?;
     let result = forget(config, session.targets(), &core).await;
     session.finish(result).await
 }

@@ -32,13 +32,14 @@ impl<'a> Session<'a> {
         config: &'a Config,
         audit: &'a Arc<AuditLog>,
         command: &'static str,
+        wait: bool,
     ) -> Result<Session<'a>> {
         let failed = |e: Error| {
             audit.run_failed(command, &e);
             e
         };
         let lock_dir = config.core.state_dir.clone();
-        let lock = tokio::task::spawn_blocking(move || RunLock::acquire(&lock_dir))
+        let lock = tokio::task::spawn_blocking(move || RunLock::take(&lock_dir, wait))
             .await
             .map_err(Error::failed)
             .and_then(|r| r.map_err(Error::from))

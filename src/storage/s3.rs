@@ -41,6 +41,14 @@ impl S3Store {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .endpoint_url(&target.endpoint)
             .region(Region::new(target.region.clone()))
+            // Transient faults (5xx, throttling, timeouts, reset connections)
+            // are retried with exponential backoff inside a run.
+            .retry_config(
+                aws_config::retry::RetryConfig::standard()
+                    .with_max_attempts(4)
+                    .with_initial_backoff(std::time::Duration::from_millis(200))
+                    .with_max_backoff(std::time::Duration::from_secs(5)),
+            )
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(CONNECT_TIMEOUT)

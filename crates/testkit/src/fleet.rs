@@ -42,6 +42,8 @@ pub struct ZoneSpec {
     pub targets: Vec<TargetSpec>,
     /// The zone's `retention` table, as TOML lines (`keep_last = 2`); empty: none.
     pub retention: String,
+    /// The zone's `schedule` table, as TOML lines; empty: none.
+    pub schedule: String,
 }
 
 /// A running fleet: its Garages, its zones and the folder it lives in.
@@ -49,6 +51,8 @@ pub struct Fleet {
     pub dir: PathBuf,
     pub garages: Vec<Garage>,
     pub zones: Vec<ZoneSpec>,
+    /// Extra top-level lines of a core's config (`metrics_listen = "..."`), by core id.
+    pub core_extra: std::collections::BTreeMap<String, String>,
 }
 
 const LAYOUT: [(&str, &str, &str, &str); 3] = [
@@ -116,12 +120,14 @@ impl Fleet {
                 cores: vec![core.to_string()],
                 targets,
                 retention: String::new(),
+                schedule: String::new(),
             });
         }
         let fleet = Fleet {
             dir,
             garages,
             zones,
+            core_extra: Default::default(),
         };
         fleet.write_sample_volumes()?;
         Ok(fleet)
@@ -198,6 +204,9 @@ impl Fleet {
             if !z.retention.is_empty() {
                 let _ = write!(s, "\n[zones.{}.retention]\n{}\n", z.id, z.retention.trim());
             }
+            if !z.schedule.is_empty() {
+                let _ = write!(s, "\n[zones.{}.schedule]\n{}\n", z.id, z.schedule.trim());
+            }
         }
         s
     }
@@ -210,8 +219,12 @@ impl Fleet {
             .find(|z| z.cores.iter().any(|c| c == core))
             .unwrap_or_else(|| panic!("core {core} is in no zone"));
         let volumes = self.volumes_dir(core);
+        let extra = self
+            .core_extra
+            .get(core)
+            .map_or(String::new(), |e| format!("{}\n", e.trim()));
         let mut s = format!(
-            "# written by zv-testkit\ncore_id = {core:?}\nzone_map = \"zonemap.toml\"\nstate_dir = \"state/{core}\"\n\n\
+            "# written by zv-testkit\ncore_id = {core:?}\nzone_map = \"zonemap.toml\"\nstate_dir = \"state/{core}\"\n{extra}\n\
              [[volumes]]\nname = \"users\"\npath = {:?}\nlayout = \"pryv\"\nexclude = [\"*.tmp\"]\n\n\
              [[volumes]]\nname = \"etc\"\npath = {:?}\nlayout = \"plain\"\n",
             volumes.join("users").display().to_string(),

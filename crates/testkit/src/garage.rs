@@ -138,31 +138,7 @@ admin_token = "{admin_token}"
         std::fs::write(&config_path, config)?;
         let key_id = format!("GK{}", random_hex(12));
         let secret = random_hex(32);
-        let log = std::fs::File::create(dir.join("garage.log"))?;
-        let mut cmd = Command::new(&binary);
-        cmd.arg("-c")
-            .arg(&config_path)
-            .args(["server", "--single-node", "--default-bucket"])
-            .env("GARAGE_DEFAULT_ACCESS_KEY", &key_id)
-            .env("GARAGE_DEFAULT_SECRET_KEY", &secret)
-            .env("GARAGE_DEFAULT_BUCKET", bucket)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        if !detached {
-            use std::os::unix::process::CommandExt;
-            // If the test process dies without running Drop, the kernel stops Garage.
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+        let child = launch(&binary, &dir, &key_id, &secret, bucket, detached)?;
         let pid = child.id();
         std::fs::write(dir.join("garage.pid"), format!("{pid}\n"))?;
         let mut garage = Garage {
@@ -324,6 +300,23 @@ admin_token = "{admin_token}"
         })
     }
 
+    /// Starts a stopped server again, with its data, ports and keys (an
+    /// outage that ends). Waits until it answers.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let child = launch(
+            &garage_binary()?,
+            &self.dir,
+            &self.key_id,
+            &self.secret,
+            &self.bucket,
+            false,
+        )?;
+        self.pid = child.id();
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
     /// Stops the server (SIGKILL by PID) and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -337,6 +330,44 @@ impl Drop for Garage {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Starts the server configured in `dir/garage.toml`, logging to `dir/garage.log`.
+fn launch(
+    binary: &Path,
+    dir: &Path,
+    key_id: &str,
+    secret: &str,
+    bucket: &str,
+    detached: bool,
+) -> Result<std::process::Child> {
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(dir.join("garage.log"))?;
+    let mut cmd = Command::new(binary);
+    cmd.arg("-c")
+        .arg(dir.join("garage.toml"))
+        .args(["server", "--single-node", "--default-bucket"])
+        .env("GARAGE_DEFAULT_ACCESS_KEY", key_id)
+        .env("GARAGE_DEFAULT_SECRET_KEY", secret)
+        .env("GARAGE_DEFAULT_BUCKET", bucket)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    if !detached {
+        use std::os::unix::process::CommandExt;
+        // If the test process dies without running Drop, the kernel stops Garage.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+    }
+    cmd.spawn()
+        .with_context(|| format!("starting {}", binary.display()))
 }
 
 /// Runs a future to completion on a private single-threaded runtime, so that
