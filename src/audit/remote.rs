@@ -122,7 +122,7 @@ pub async fn check_continuity<S: Store>(
     state_dir: &Path,
     targets: &[Writable<S>],
 ) -> Result<()> {
-    let repair = "Move it aside and rebuild it from the zone's copies with `zonevault audit pull --identity FILE` (an operator's identity), then run again";
+    let repair = "Move it and audit.copied.json aside and rebuild it from the zone's copies with `zonevault audit pull --identity FILE` (an operator's identity), then run again";
     let copied = load_copied(state_dir)?;
     if let Some(b) = marks_break(audit.path(), &copied)? {
         bail!(
