@@ -384,3 +384,50 @@ fn the_systemd_unit_verifies() {
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("zonevault.service"), "{stderr}");
 }
+
+#[test]
+fn systemd_hears_ready_and_the_watchdog() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_fleet, core, port) = scheduled_fleet(dir.path(), 2, 0);
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+    let mut daemon = Command::new(assert_cmd::cargo::cargo_bin("zonevault"))
+        .arg("--config")
+        .arg(&core)
+        .arg("daemon")
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "400000")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut heard = Vec::new();
+    let mut buf = [0u8; 256];
+    while !(heard.iter().any(|m: &String| m.contains("READY=1"))
+        && heard.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2)
+    {
+        let n = socket.recv(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "heard {heard:?}, then {e}; log:\n{}",
+                daemon_log(dir.path())
+            )
+        });
+        heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    // READY comes once the metrics endpoint answers
+    assert!(get(port, "/metrics").is_some());
+    sigterm(&daemon);
+    assert!(exits_within(&mut daemon, 30).success());
+    let mut rest = String::new();
+    while let Ok(n) = socket.recv(&mut buf) {
+        rest.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if rest.contains("STOPPING=1") {
+            break;
+        }
+    }
+    assert!(rest.contains("STOPPING=1"), "{rest}");
+}
