@@ -359,7 +359,12 @@ fn run(cli: Cli) -> Result<Exit, Error> {
                 stop_timeout,
                 jitter,
             };
-            runtime()?.block_on(zonevault::daemon::run(options))?;
+            let rt = runtime()?;
+            let result = rt.block_on(zonevault::daemon::run(options));
+            // Blocking work of an abandoned run (a lock wait, a file walk)
+            // must not hold the exit beyond the stop bound.
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            result?;
             Ok(Exit::Ok)
         }
         Command::Audit { command } => audit(&Config::load(&cli.config)?, command),

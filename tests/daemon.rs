@@ -250,14 +250,21 @@ fn sigterm_during_an_upload_leaves_no_partial_snapshot_and_the_next_start_catche
     assert_eq!(
         indexes(&fleet, "ch-gva-2"),
         0,
-        "no snapshot from an abandoned run"
+        "no snapshot from a stopped run"
     );
     assert_eq!(indexes(&fleet, "ch-dk-2"), 0);
     assert!(
-        daemon_log(dir.path()).contains("abandoned"),
+        daemon_log(dir.path()).contains("stopped before its commit"),
         "{}",
         daemon_log(dir.path())
     );
+    for region in ["ch-gva-2", "ch-dk-2"] {
+        assert_eq!(
+            fleet.garage(region).pending_uploads().unwrap(),
+            0,
+            "{region}: uploads in flight are aborted"
+        );
+    }
 
     // the next start runs at once: the 02:30 run was missed
     let mut daemon = start_daemon(&core, dir.path(), &[]);
@@ -359,7 +366,7 @@ fn the_systemd_unit_verifies() {
         "ProtectSystem=strict",
         "NoNewPrivileges=yes",
         "PrivateTmp=yes",
-        "ProtectHome=yes",
+        "ProtectHome=read-only",
         "WatchdogSec=",
         "ReadWritePaths=/var/lib/zonevault",
         "RestrictAddressFamilies=",
@@ -430,4 +437,39 @@ fn systemd_hears_ready_and_the_watchdog() {
         }
     }
     assert!(rest.contains("STOPPING=1"), "{rest}");
+}
+
+#[test]
+fn a_daemon_waiting_for_a_manual_run_stops_within_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core, port) = scheduled_fleet(dir.path(), 2, 0);
+    // a manual run holds the lock: the daemon's catch-up run waits for it
+    let lock = zonevault::lock::RunLock::acquire(&dir.path().join("state/core-ch-1")).unwrap();
+    let mut daemon = start_daemon(&core, dir.path(), &["--stop-timeout", "1s"]);
+    wait_for(30, "the daemon waiting for the lock", dir.path(), || {
+        daemon_log(dir.path())
+            .contains("another zonevault run holds the lock")
+            .then_some(())
+    });
+    assert!(get(port, "/healthz").is_some());
+    let stopped = Instant::now();
+    sigterm(&daemon);
+    assert!(exits_within(&mut daemon, 15).success());
+    assert!(
+        stopped.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(indexes(&fleet, "ch-gva-2"), 0);
+    drop(lock);
+    // the manual and the scheduled runs never overlap: with the lock free,
+    // a daemon and a manual backup both commit, one after the other
+    let mut daemon = start_daemon(&core, dir.path(), &[]);
+    run(zv(&core).args(["backup", "--json"]), 0);
+    metrics_when(port, dir.path(), "a daemon run", |m| {
+        sample(m, "zonevault_runs_total") >= 1.0
+    });
+    sigterm(&daemon);
+    assert!(exits_within(&mut daemon, 30).success());
+    run(zv(&core).args(["audit", "verify"]), 0);
 }

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::archive;
 use crate::audit::{AuditLog, Event, ObjectKind};
@@ -48,6 +49,10 @@ pub struct Options {
     pub full: bool,
     /// Wait for another run of this core to end (else fail as busy).
     pub wait: bool,
+    /// Cancelled: stop before the commit (the daemon's SIGTERM). Uploads in
+    /// flight are aborted, no unit starts, and the run fails without
+    /// committing; once the commit has begun it runs to its end.
+    pub cancel: CancellationToken,
 }
 
 /// 8 MiB parts: objects up to 80 GB (S3's 10,000-part limit) with a few parts
@@ -67,6 +72,7 @@ impl Options {
             progress: false,
             full: false,
             wait: true,
+            cancel: CancellationToken::new(),
         }
     }
 }
@@ -97,8 +103,11 @@ pub struct Report {
     pub files: u64,
     pub plain_bytes: u64,
     pub stored_bytes: u64,
-    /// Stored bytes uploaded by this run (per target).
+    /// Stored bytes of the objects this run uploaded (each object counted
+    /// once, whatever the number of targets).
     pub uploaded_bytes: u64,
+    /// Plain bytes of the units this run uploaded.
+    pub uploaded_plain_bytes: u64,
     pub seconds: f64,
     /// Files that changed while read (stored as read).
     pub changed: Vec<String>,
@@ -119,6 +128,12 @@ pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
     let session = Session::begin(config, audit, "backup", options.wait).await?;
     let result = snapshot(config, options, session.targets(), &volumes, started).await;
     session.finish(result).await
+}
+
+fn stopped() -> Error {
+    Error::failed(
+        "stopped before its commit (the daemon is shutting down); uploads in flight were aborted, and the next run cleans up",
+    )
 }
 
 /// The volumes named (all when none is).
@@ -215,7 +230,10 @@ async fn snapshot(
         .map(|(unit, exclude)| {
             let (progress, run) = (&progress, &run);
             async move {
-                let r = store_unit(run, unit, exclude).await;
+                let r = tokio::select! {
+                    r = store_unit(run, unit, exclude) => r,
+                    () = options.cancel.cancelled() => Err(stopped()),
+                };
                 if let Ok(stored) = &r {
                     progress.unit_done(stored.record.plain_size);
                 }
@@ -243,7 +261,7 @@ async fn snapshot(
     let mut records: Vec<UnitRecord> = Vec::new();
     let (mut changed, mut vanished, mut escaping_links, mut files) =
         (Vec::new(), Vec::new(), Vec::new(), 0);
-    let (mut uploaded, mut uploaded_bytes) = (0, 0);
+    let (mut uploaded, mut uploaded_bytes, mut uploaded_plain_bytes) = (0, 0, 0);
     for Stored {
         record: rec,
         stats,
@@ -253,6 +271,7 @@ async fn snapshot(
         if !reused {
             uploaded += 1;
             uploaded_bytes += rec.stored_size;
+            uploaded_plain_bytes += rec.plain_size;
         }
         files += rec.files;
         changed.extend(stats.changed.iter().map(|p| p.display().to_string()));
@@ -305,6 +324,11 @@ async fn snapshot(
     };
     let index_json = Bytes::from(serde_json::to_vec_pretty(&index).map_err(anyhow::Error::from)?);
     let sealed = Bytes::from(sealed);
+    // The last point where a stop leaves nothing: from here the commit runs
+    // to its end.
+    if options.cancel.is_cancelled() {
+        return Err(stopped());
+    }
     let of_snapshot = |kind| Contents {
         kind,
         snapshot: Some(&id),
@@ -372,6 +396,7 @@ async fn snapshot(
         plain_bytes: index.plain_bytes,
         stored_bytes: index.stored_bytes,
         uploaded_bytes,
+        uploaded_plain_bytes,
         seconds: started.elapsed().as_secs_f64(),
         changed,
         vanished,

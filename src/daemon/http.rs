@@ -27,8 +27,14 @@ pub async fn serve(
     tracing::info!(%addr, "serving /metrics and /healthz");
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // e.g. out of file descriptors: do not spin
+                    tracing::warn!(error = %e, "cannot accept a metrics connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    continue;
+                }
             };
             let metrics = Arc::clone(&metrics);
             tokio::spawn(async move {

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::commands::{backup, forget};
+use crate::config::Schedule;
 use crate::error::Error;
 
 /// Counters and gauges of a daemon's life. Totals only grow.
@@ -31,8 +32,8 @@ pub struct Metrics {
     pub residency_refusals_total: u64,
     pub snapshots_kept: Option<usize>,
     pub next_run: Option<DateTime<Utc>>,
-    /// The schedule's period (for health): the gap between two runs.
-    pub period_seconds: Option<f64>,
+    /// The zone's schedule, for health.
+    pub schedule: Option<Schedule>,
 }
 
 /// The health verdict, as `/healthz` serves it.
@@ -60,7 +61,7 @@ impl Metrics {
         for t in &r.targets {
             self.last_success_by_target.insert(t.clone(), at);
         }
-        self.plain_bytes_total += r.plain_bytes;
+        self.plain_bytes_total += r.uploaded_plain_bytes;
         self.stored_bytes_total += r.uploaded_bytes;
         self.units_uploaded_total += r.uploaded as u64;
         self.units_reused_total += r.reused as u64;
@@ -93,7 +94,10 @@ impl Metrics {
         }
     }
 
-    /// Healthy when the last run succeeded, within two schedule periods.
+    /// Healthy when the last run succeeded and at most one scheduled time
+    /// has passed since it ("within two schedule periods", counted in the
+    /// schedule's own slots, so weekends of a Mon-Fri schedule and DST days
+    /// count right).
     pub fn health(&self, now: DateTime<Utc>) -> Health {
         let verdict = |healthy: bool, reason: String| Health {
             healthy,
@@ -105,15 +109,22 @@ impl Metrics {
             (Some(false), _) => verdict(false, "the last run failed".into()),
             (_, None) => verdict(false, "no successful run yet".into()),
             (_, Some(at)) => {
-                let age = (now - at).num_milliseconds() as f64 / 1000.0;
-                match self.period_seconds {
-                    Some(p) if age > 2.0 * p => verdict(
+                let missed = self.schedule.as_ref().map_or(0, |s| {
+                    let mut times = s.backup.after(&at.with_timezone(&s.timezone));
+                    (0..2)
+                        .take_while(|_| times.next().is_some_and(|t| t.with_timezone(&Utc) <= now))
+                        .count()
+                });
+                if missed >= 2 {
+                    verdict(
                         false,
                         format!(
-                            "the last successful run was {age:.0} s ago, more than two schedule periods ({p:.0} s each)"
+                            "no successful run since {}: two scheduled runs have passed since",
+                            at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                         ),
-                    ),
-                    _ => verdict(true, "the last run succeeded".into()),
+                    )
+                } else {
+                    verdict(true, "the last run succeeded".into())
                 }
             }
         }
@@ -154,7 +165,7 @@ impl Metrics {
         metric(
             "bytes_total",
             "counter",
-            "Bytes backed up: plain (of every unit in the snapshots) and stored (uploaded).",
+            "Bytes of the units uploaded: plain (before compression) and stored (encrypted; each object once, whatever the number of targets).",
             vec![
                 ("{kind=\"plain\"}".into(), self.plain_bytes_total as f64),
                 ("{kind=\"stored\"}".into(), self.stored_bytes_total as f64),
@@ -238,7 +249,11 @@ mod tests {
     #[test]
     fn health_follows_the_last_run_and_the_schedule() {
         let mut m = Metrics {
-            period_seconds: Some(60.0),
+            schedule: Some(Schedule {
+                expression: "0 * * * * *".into(),
+                backup: std::str::FromStr::from_str("0 * * * * *").unwrap(),
+                timezone: chrono_tz::Tz::UTC,
+            }),
             ..Metrics::default()
         };
         let now = at("2026-11-26T12:00:00Z");
@@ -259,6 +274,32 @@ mod tests {
         assert_eq!(m.failures_total["residency"], 1);
         m.run_done(Ok(()), 1.0, now);
         assert!(m.health(now).healthy);
+    }
+
+    #[test]
+    fn health_counts_slots_of_a_weekday_schedule() {
+        let mut m = Metrics {
+            schedule: Some(Schedule {
+                expression: "0 30 2 * * Mon-Fri".into(),
+                backup: std::str::FromStr::from_str("0 30 2 * * Mon-Fri").unwrap(),
+                timezone: chrono_tz::Tz::Europe__Zurich,
+            }),
+            ..Metrics::default()
+        };
+        // Friday 2026-11-27 02:30 Zurich, then nothing until Monday
+        m.run_done(Ok(()), 1.0, at("2026-11-27T01:31:00Z"));
+        assert!(
+            m.health(at("2026-11-29T20:00:00Z")).healthy,
+            "Sunday evening"
+        );
+        assert!(
+            m.health(at("2026-11-30T02:00:00Z")).healthy,
+            "Monday's run may be going on"
+        );
+        assert!(
+            !m.health(at("2026-12-01T02:00:00Z")).healthy,
+            "Monday and Tuesday passed"
+        );
     }
 
     #[test]

@@ -9,13 +9,15 @@
 //!
 //! - At start: if the last committed snapshot is older than the last
 //!   scheduled time (the machine was off), a run starts at once.
-//! - SIGTERM/SIGINT: no new run; a run in progress gets `stop_timeout` to
-//!   finish, else it is abandoned before its commit (so no partial snapshot:
-//!   the index is the last write, and the next run cleans up); exit 0.
+//! - SIGTERM/SIGINT: no new run; a run in progress stops at its next safe
+//!   point: uploads in flight are aborted and the backup fails before its
+//!   commit (no partial snapshot; the next run cleans up), while a commit or
+//!   a `forget` under way runs to its end. `stop_timeout` bounds the wait;
+//!   exit 0.
 //! - SIGHUP: the config is read again; a config that does not load is
 //!   refused, logged and recorded, and the daemon goes on with the old one.
 //! - systemd: `READY=1` once the config is valid and the HTTP endpoint is
-//!   bound; `WATCHDOG=1` at half the watchdog interval.
+//!   bound; `WATCHDOG=1` at half the watchdog interval, from the loop itself.
 
 pub mod http;
 pub mod metrics;
@@ -26,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditLog, Event};
 use crate::commands::{backup, forget, snapshots};
@@ -65,79 +68,90 @@ pub async fn run(options: Options) -> Result<()> {
         signals(SignalKind::interrupt())?,
         signals(SignalKind::hangup())?,
     );
+    // Ready: the config is valid and the endpoint listens. What follows may
+    // wait on the network, which systemd's start timeout must not cover.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    // The watchdog is fed by this loop itself, so a wedged loop is noticed.
+    let mut watchdog = tokio::time::interval(
+        sd_notify::watchdog_enabled().map_or(Duration::from_secs(3600), |every| every / 2),
+    );
+
     let last = last_snapshot(&config).await;
-    let mut catch_up = needs_catch_up(config.zone().schedule.as_ref(), last, Utc::now());
-    if let Some(at) = last {
-        // Health starts from what the zone already holds.
-        lock(&metrics).last_success = Some(at);
+    {
+        // Health and per-target freshness start from what the zone holds.
+        let mut m = lock(&metrics);
+        if let Some(at) = last {
+            m.last_success = Some(at);
+            for t in &config.zone().targets {
+                m.last_success_by_target.insert(t.name.clone(), at);
+            }
+        }
     }
     if config.zone().schedule.is_none() {
         tracing::warn!(zone = %config.zone().id, "the zone has no [schedule]: the daemon serves metrics but runs nothing");
     }
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    let watchdog = sd_notify::watchdog_enabled().map(|every| {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every / 2);
-            loop {
-                tick.tick().await;
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-            }
-        })
-    });
+    let catch_up = needs_catch_up(config.zone().schedule.as_ref(), last, Utc::now());
     tracing::info!(core = %config.core.core_id, zone = %config.zone().id, catch_up, "daemon started");
+    // The time of the next run, kept until it happens: a reload does not
+    // redraw it (unless the schedule changed), so no run is skipped.
+    let mut planned = plan(&config, catch_up, options.jitter);
 
     loop {
-        let now = Utc::now();
-        let schedule = config.zone().schedule.clone();
-        let next = if catch_up {
-            Some(now)
-        } else {
-            schedule
-                .as_ref()
-                .and_then(|s| next_after(s, now))
-                .map(|t| t + jitter(options.jitter))
-        };
         {
             let mut m = lock(&metrics);
-            m.next_run = next;
-            m.period_seconds = schedule.as_ref().and_then(|s| period(s, now));
+            m.next_run = planned;
+            m.schedule = config.zone().schedule.clone();
         }
-        let wait = next.map_or(Duration::from_secs(3600), |t| {
+        let wait = planned.map_or(Duration::from_secs(3600), |t| {
             (t - Utc::now()).to_std().unwrap_or_default()
         });
         tokio::select! {
             _ = tokio::time::sleep(wait) => {
-                if next.is_none() {
+                if planned.is_none_or(|t| t > Utc::now()) {
                     continue;
                 }
+            }
+            _ = watchdog.tick() => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                continue;
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
+                let old = Arc::clone(&config);
                 config = reload(&options, config, &audit);
+                if !same_schedule(&old, &config) {
+                    planned = plan(&config, false, options.jitter);
+                }
                 continue;
             }
         }
-        catch_up = false;
         let current = Arc::clone(&config);
-        let run = run_once(&current, &audit, &metrics);
+        let cancel = CancellationToken::new();
+        let run = run_once(&current, &audit, &metrics, &cancel);
         tokio::pin!(run);
         let stopping = loop {
             tokio::select! {
                 _ = &mut run => break false,
+                _ = watchdog.tick() => {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
                 _ = term.recv() => break true,
                 _ = int.recv() => break true,
                 _ = hup.recv() => config = reload(&options, config, &audit),
             }
         };
         if stopping {
-            tracing::info!(timeout = ?options.stop_timeout, "stopping: the run in progress may finish");
+            // Uploads in flight are aborted and no unit starts; a commit or a
+            // forget already under way runs to its end, within the bound.
+            tracing::info!(timeout = ?options.stop_timeout, "stopping: the run in progress stops at its next safe point");
+            cancel.cancel();
             if tokio::time::timeout(options.stop_timeout, &mut run)
                 .await
                 .is_err()
             {
                 let e = Error::failed(format!(
-                    "stopped: the run was abandoned after {:?}, before its commit; the next run cleans up",
+                    "stopped: the run did not reach a safe point within {:?} and was abandoned; the next run cleans up",
                     options.stop_timeout
                 ));
                 tracing::warn!("{e}");
@@ -145,16 +159,37 @@ pub async fn run(options: Options) -> Result<()> {
             }
             break;
         }
+        planned = plan(&config, false, options.jitter);
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     if let Some(task) = server {
         task.abort();
     }
-    if let Some(task) = watchdog {
-        task.abort();
-    }
     tracing::info!("daemon stopped");
     Ok(())
+}
+
+/// When the next run starts: now (catching up) or at the next scheduled
+/// time, plus jitter either way; `None` without a schedule.
+fn plan(config: &Config, catch_up: bool, max_jitter: Duration) -> Option<DateTime<Utc>> {
+    let schedule = config.zone().schedule.as_ref()?;
+    let now = Utc::now();
+    let at = if catch_up {
+        now
+    } else {
+        next_after(schedule, now)?
+    };
+    Some(at + jitter(max_jitter))
+}
+
+fn same_schedule(a: &Config, b: &Config) -> bool {
+    let key = |c: &Config| {
+        c.zone()
+            .schedule
+            .as_ref()
+            .map(|s| (s.expression.clone(), s.timezone))
+    };
+    key(a) == key(b)
 }
 
 fn lock(metrics: &Mutex<Metrics>) -> std::sync::MutexGuard<'_, Metrics> {
@@ -162,10 +197,17 @@ fn lock(metrics: &Mutex<Metrics>) -> std::sync::MutexGuard<'_, Metrics> {
 }
 
 /// One scheduled run: a backup, then retention. Never fails the daemon.
-async fn run_once(config: &Config, audit: &Arc<AuditLog>, metrics: &Mutex<Metrics>) {
+async fn run_once(
+    config: &Config,
+    audit: &Arc<AuditLog>,
+    metrics: &Mutex<Metrics>,
+    cancel: &CancellationToken,
+) {
     let started = Instant::now();
     let outcome = async {
-        let report = backup::run(config, audit, &backup::Options::new()).await?;
+        let mut options = backup::Options::new();
+        options.cancel = cancel.clone();
+        let report = backup::run(config, audit, &options).await?;
         tracing::info!(snapshot = %report.snapshot, uploaded = report.uploaded, reused = report.reused, "backup committed");
         lock(metrics).backup_done(&report, Utc::now());
         let forgot = forget::run(config, audit, &forget::Options::default()).await?;
@@ -264,13 +306,6 @@ pub fn next_after(schedule: &Schedule, t: DateTime<Utc>) -> Option<DateTime<Utc>
         .map(|t| t.with_timezone(&Utc))
 }
 
-/// The gap between the next two scheduled times.
-fn period(schedule: &Schedule, now: DateTime<Utc>) -> Option<f64> {
-    let first = next_after(schedule, now)?;
-    let second = next_after(schedule, first)?;
-    Some((second - first).num_milliseconds() as f64 / 1000.0)
-}
-
 fn jitter(max: Duration) -> chrono::Duration {
     use rand::Rng;
     if max.is_zero() {
@@ -316,6 +351,5 @@ mod tests {
         assert!(needs_catch_up(Some(&nightly), None, now));
         assert!(!needs_catch_up(None, None, now));
         assert_eq!(next_after(&nightly, now), Some(at("2026-11-27T01:30:00Z")));
-        assert_eq!(period(&nightly, now), Some(86_400.0));
     }
 }
