@@ -246,16 +246,21 @@ mod tests {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
     }
 
-    #[test]
-    fn health_follows_the_last_run_and_the_schedule() {
-        let mut m = Metrics {
+    /// Metrics of a daemon on schedule `expr` in `timezone`.
+    fn scheduled(expr: &str, timezone: chrono_tz::Tz) -> Metrics {
+        Metrics {
             schedule: Some(Schedule {
-                expression: "0 * * * * *".into(),
-                backup: std::str::FromStr::from_str("0 * * * * *").unwrap(),
-                timezone: chrono_tz::Tz::UTC,
+                expression: expr.into(),
+                backup: std::str::FromStr::from_str(expr).unwrap(),
+                timezone,
             }),
             ..Metrics::default()
-        };
+        }
+    }
+
+    #[test]
+    fn health_follows_the_last_run_and_the_schedule() {
+        let mut m = scheduled("0 * * * * *", chrono_tz::Tz::UTC);
         let now = at("2026-11-26T12:00:00Z");
         assert!(!m.health(now).healthy);
         assert_eq!(m.health(now).reason, "no successful run yet");
@@ -263,7 +268,7 @@ mod tests {
         assert!(m.health(now).healthy);
         assert!(
             !m.health(at("2026-11-26T12:01:01Z")).healthy,
-            "older than two periods"
+            "two slots passed"
         );
         let e = Error::Residency("refused".into());
         m.run_done(Err(&e), 1.0, now);
@@ -278,14 +283,7 @@ mod tests {
 
     #[test]
     fn health_counts_slots_of_a_weekday_schedule() {
-        let mut m = Metrics {
-            schedule: Some(Schedule {
-                expression: "0 30 2 * * Mon-Fri".into(),
-                backup: std::str::FromStr::from_str("0 30 2 * * Mon-Fri").unwrap(),
-                timezone: chrono_tz::Tz::Europe__Zurich,
-            }),
-            ..Metrics::default()
-        };
+        let mut m = scheduled("0 30 2 * * Mon-Fri", chrono_tz::Tz::Europe__Zurich);
         // Friday 2026-11-27 02:30 Zurich, then nothing until Monday
         m.run_done(Ok(()), 1.0, at("2026-11-27T01:31:00Z"));
         assert!(
