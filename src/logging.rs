@@ -21,7 +21,7 @@ pub fn init(level: Option<&str>, default: &str) -> Result<(), String> {
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| Stderr)
         .with_target(false)
         .with_ansi(!journald && std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if journald {
@@ -30,4 +30,20 @@ pub fn init(level: Option<&str>, default: &str) -> Result<(), String> {
         builder.init();
     }
     Ok(())
+}
+
+/// stderr that drops what it cannot write: a log reader that went away (a
+/// closed pipe, a full journal) must not stop a backup, let alone panic it.
+struct Stderr;
+
+impl std::io::Write for Stderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }

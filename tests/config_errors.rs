@@ -189,6 +189,7 @@ bad_config!(bad_timezone, "zonemap.toml", "timezone = \"Europe/Zurich\"" => "tim
 bad_config!(bad_duration, "zonemap.toml", "max_age = \"10y\"" => "max_age = \"ten years\"", ["zones.ch.retention.max_age", "not a duration"]);
 bad_config!(zero_duration, "zonemap.toml", "max_age = \"10y\"" => "max_age = \"0s\"", ["zones.ch.retention.max_age", "is zero"]);
 bad_config!(keep_rule_of_zero, "zonemap.toml", "keep_last = 3" => "keep_last = 0", ["zones.ch.retention.keep_last", "is 0", "remove the line"]);
+bad_config!(schedule_never_fires, "zonemap.toml", "backup = \"0 30 2 * * *\"" => "backup = \"0 0 0 30 2 *\"", ["zones.ch.schedule.backup", "never fires"]);
 bad_config!(overlapping_volumes, "core.toml", "path = \"data/etc\"" => "path = \"data/users/_shared\"", ["volumes[1].path", "overlaps volume \"users\""]);
 bad_config!(missing_volume_path, "core.toml", "path = \"data/etc\"" => "path = \"data/nope\"", ["volumes[1].path", "does not exist"]);
 bad_config!(duplicate_volume_name, "core.toml", "name = \"etc\"" => "name = \"users\"", ["volumes[1].name", "already used"]);

@@ -295,8 +295,17 @@ fn sighup_with_a_broken_config_keeps_the_old_one() {
             .contains("configuration not reloaded")
             .then_some(())
     });
-    // still running, still backing up on the old config
-    let runs = sample(&get(port, "/metrics").unwrap().1, "zonevault_runs_total");
+    // still running, still backing up on the old config; the refusal is counted
+    let metrics = get(port, "/metrics").unwrap().1;
+    assert_eq!(
+        sample(&metrics, "zonevault_config_reload_failures_total"),
+        1.0
+    );
+    assert_eq!(
+        sample(&metrics, "zonevault_failures_total{reason=\"config\"}"),
+        1.0
+    );
+    let runs = sample(&metrics, "zonevault_runs_total");
     metrics_when(port, dir.path(), "more runs", |m| {
         sample(m, "zonevault_runs_total") >= runs + 2.0
     });
@@ -472,4 +481,59 @@ fn a_daemon_waiting_for_a_manual_run_stops_within_the_bound() {
     sigterm(&daemon);
     assert!(exits_within(&mut daemon, 30).success());
     run(zv(&core).args(["audit", "verify"]), 0);
+}
+
+#[test]
+fn one_daemon_per_core_and_the_endpoint_answers_as_monitors_expect() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut fleet, core, port) = scheduled_fleet(dir.path(), 2, 0);
+    // no [schedule]: the daemon runs nothing, and says so on /healthz
+    fleet.zone_mut("ch").schedule = String::new();
+    fleet.write_configs().unwrap();
+    // stderr to a pipe whose reader is gone: logging must not stop the daemon
+    let mut daemon = Command::new(assert_cmd::cargo::cargo_bin("zonevault"))
+        .arg("--config")
+        .arg(&core)
+        .arg("daemon")
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(daemon.stderr.take());
+    let (status, body) = wait_for(30, "the endpoint", dir.path(), || get(port, "/healthz"));
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no [schedule]"), "{body}");
+    // a second daemon for the same core is refused
+    let (_, e) = run(zv(&core).arg("daemon"), 1);
+    assert!(
+        e.contains("another zonevault daemon runs for this core"),
+        "{e}"
+    );
+    // HEAD works like GET; other methods are refused with Allow
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "HEAD /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with("\r\n\r\n"), "no body: {response}");
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 405"), "{response}");
+    assert!(
+        response.to_lowercase().contains("allow: get, head"),
+        "{response}"
+    );
+    sigterm(&daemon);
+    assert!(exits_within(&mut daemon, 30).success());
 }

@@ -572,7 +572,7 @@ pub async fn clean_uncommitted<S: Store>(
     for f in objects.iter().chain(manifests) {
         let rel = f.key.strip_prefix(&target.key("")).unwrap_or(&f.key);
         if !referenced.contains(rel) {
-            tracing::info!(target = %target.target().name, key = %f.key, "removing what an uncommitted run left");
+            tracing::debug!(target = %target.target().name, key = %f.key, "removing what an uncommitted run left");
             target
                 .delete(
                     &f.key,
@@ -581,6 +581,9 @@ pub async fn clean_uncommitted<S: Store>(
                 .await?;
             removed += 1;
         }
+    }
+    if removed > 0 {
+        tracing::info!(target = %target.target().name, removed, "removed what unfinished runs left");
     }
     Ok((removed, referenced))
 }

@@ -473,6 +473,16 @@ fn validate_schedule(path: &Path, id: &str, s: ScheduleFile) -> Result<Schedule,
         )
         .help("use an IANA timezone name such as \"Europe/Zurich\" or \"UTC\"")
     })?;
+    // A valid expression may still never fire (30 February): a core on it
+    // would silently never back up.
+    if backup.upcoming(timezone).next().is_none() {
+        return Err(ConfigError::field(
+            path,
+            format!("zones.{id}.schedule.backup"),
+            format!("{:?} never fires", s.backup),
+        )
+        .help("check the day and month fields: \"0 30 2 * * *\" is 02:30:00 every day"));
+    }
     Ok(Schedule {
         expression: s.backup,
         backup,

@@ -10,8 +10,16 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// Connections served at once; more wait to be accepted. Scrapers and
+/// health checks need a handful; the rest of the file budget is the runs'.
+const MAX_CONNECTIONS: usize = 32;
+
+/// A client that does not send its request headers within this is dropped.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 use super::metrics::Metrics;
 
@@ -25,8 +33,12 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on metrics_listen = {addr}"))?;
     tracing::info!(%addr, "serving /metrics and /healthz");
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     Ok(tokio::spawn(async move {
         loop {
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                return;
+            };
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(e) => {
@@ -38,11 +50,14 @@ pub async fn serve(
             };
             let metrics = Arc::clone(&metrics);
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |req| {
                     let metrics = Arc::clone(&metrics);
                     async move { Ok::<_, Infallible>(answer(&req, &metrics)) }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {
@@ -56,13 +71,15 @@ pub async fn serve(
 fn answer(req: &Request<Incoming>, metrics: &Mutex<Metrics>) -> Response<Full<Bytes>> {
     let now = chrono::Utc::now();
     let metrics = metrics.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let (status, content_type, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => (
+    // HEAD is a GET without the body (hyper leaves the body out).
+    let readable = matches!(*req.method(), Method::GET | Method::HEAD);
+    let (status, content_type, body) = match (readable, req.uri().path()) {
+        (true, "/metrics") => (
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
             metrics.render(now),
         ),
-        (&Method::GET, "/healthz") => {
+        (true, "/healthz") => {
             let health = metrics.health(now);
             let status = if health.healthy {
                 StatusCode::OK
@@ -72,7 +89,7 @@ fn answer(req: &Request<Incoming>, metrics: &Mutex<Metrics>) -> Response<Full<By
             let body = serde_json::to_string(&health).unwrap_or_default();
             (status, "application/json", body + "\n")
         }
-        (&Method::GET, _) => (
+        (true, _) => (
             StatusCode::NOT_FOUND,
             "text/plain",
             "not found: try /metrics or /healthz\n".to_string(),
@@ -80,7 +97,7 @@ fn answer(req: &Request<Incoming>, metrics: &Mutex<Metrics>) -> Response<Full<By
         _ => (
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            "only GET\n".to_string(),
+            "only GET and HEAD\n".to_string(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -89,6 +106,12 @@ fn answer(req: &Request<Incoming>, metrics: &Mutex<Metrics>) -> Response<Full<By
         response
             .headers_mut()
             .insert(hyper::header::CONTENT_TYPE, v);
+    }
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        response.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
     }
     response
 }

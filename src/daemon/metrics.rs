@@ -34,6 +34,8 @@ pub struct Metrics {
     pub next_run: Option<DateTime<Utc>>,
     /// The zone's schedule, for health.
     pub schedule: Option<Schedule>,
+    /// Reloads refused because the config on disk did not load.
+    pub reload_failures_total: u64,
 }
 
 /// The health verdict, as `/healthz` serves it.
@@ -72,6 +74,13 @@ impl Metrics {
         self.snapshots_kept = Some(r.kept);
     }
 
+    /// Records a refused reload: the config on disk is broken (counted as a
+    /// `config` failure; the daemon goes on with the old one).
+    pub fn reload_failed(&mut self) {
+        self.reload_failures_total += 1;
+        *self.failures_total.entry("config").or_insert(0) += 1;
+    }
+
     /// Records the end of a run.
     pub fn run_done(&mut self, outcome: Result<(), &Error>, seconds: f64, at: DateTime<Utc>) {
         self.runs_total += 1;
@@ -105,6 +114,12 @@ impl Metrics {
             last_success: self.last_success,
             last_error: self.last_error.clone(),
         };
+        if self.schedule.is_none() {
+            return verdict(
+                false,
+                "the zone has no [schedule]: this daemon runs nothing".into(),
+            );
+        }
         match (self.last_run_ok, self.last_success) {
             (Some(false), _) => verdict(false, "the last run failed".into()),
             (_, None) => verdict(false, "no successful run yet".into()),
@@ -159,7 +174,7 @@ impl Metrics {
         metric(
             "runs_total",
             "counter",
-            "Runs started by the daemon.",
+            "Runs (backup then forget) the daemon finished, successful or not.",
             vec![(String::new(), self.runs_total as f64)],
         );
         metric(
@@ -197,6 +212,12 @@ impl Metrics {
             "counter",
             "Failed runs by reason.",
             failures,
+        );
+        metric(
+            "config_reload_failures_total",
+            "counter",
+            "SIGHUP reloads refused because the config on disk does not load.",
+            vec![(String::new(), self.reload_failures_total as f64)],
         );
         metric(
             "residency_refusals_total",

@@ -52,6 +52,8 @@ pub struct Options {
 /// Runs until SIGTERM or SIGINT.
 pub async fn run(options: Options) -> Result<()> {
     let mut config = Arc::new(Config::load(&options.config_path)?);
+    // One daemon per core: a second one would double every run.
+    let _daemon_lock = daemon_lock(&config.core.state_dir)?;
     let audit =
         Arc::new(AuditLog::start(&config, "daemon").map_err(|e| {
             Error::Failed(e.context("zonevault records every run in its audit log"))
@@ -119,13 +121,15 @@ pub async fn run(options: Options) -> Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 let old = Arc::clone(&config);
-                config = reload(&options, config, &audit);
+                config = reload(&options, config, &audit, &metrics);
                 if !same_schedule(&old, &config) {
                     planned = plan(&config, false, options.jitter);
                 }
                 continue;
             }
         }
+        tracing::info!("scheduled run starting");
+        lock(&metrics).next_run = None;
         let current = Arc::clone(&config);
         let cancel = CancellationToken::new();
         let run = run_once(&current, &audit, &metrics, &cancel);
@@ -138,7 +142,7 @@ pub async fn run(options: Options) -> Result<()> {
                 }
                 _ = term.recv() => break true,
                 _ = int.recv() => break true,
-                _ = hup.recv() => config = reload(&options, config, &audit),
+                _ = hup.recv() => config = reload(&options, config, &audit, &metrics),
             }
         };
         if stopping {
@@ -146,12 +150,15 @@ pub async fn run(options: Options) -> Result<()> {
             // forget already under way runs to its end, within the bound.
             tracing::info!(timeout = ?options.stop_timeout, "stopping: the run in progress stops at its next safe point");
             cancel.cancel();
-            if tokio::time::timeout(options.stop_timeout, &mut run)
-                .await
-                .is_err()
-            {
+            let finished = tokio::select! {
+                r = tokio::time::timeout(options.stop_timeout, &mut run) => r.is_ok(),
+                // a second signal: stop now
+                _ = term.recv() => false,
+                _ = int.recv() => false,
+            };
+            if !finished {
                 let e = Error::failed(format!(
-                    "stopped: the run did not reach a safe point within {:?} and was abandoned; the next run cleans up",
+                    "stopped: the run did not reach a safe point within {:?} (or a second signal came) and was abandoned; the next run cleans up",
                     options.stop_timeout
                 ));
                 tracing::warn!("{e}");
@@ -229,7 +236,12 @@ async fn run_once(
 /// Reads the config again. A config that does not load, or that moves the
 /// core or its state dir (which only a restart may do), is refused: the
 /// daemon keeps `old`, and says why in the log and the audit log.
-fn reload(options: &Options, old: Arc<Config>, audit: &AuditLog) -> Arc<Config> {
+fn reload(
+    options: &Options,
+    old: Arc<Config>,
+    audit: &AuditLog,
+    metrics: &Mutex<Metrics>,
+) -> Arc<Config> {
     let loaded = Config::load(&options.config_path)
         .map_err(Error::from)
         .and_then(|new| {
@@ -258,6 +270,7 @@ fn reload(options: &Options, old: Arc<Config>, audit: &AuditLog) -> Arc<Config> 
         }
         Err(e) => {
             tracing::error!(error = %e, "configuration not reloaded; going on with the previous one");
+            lock(metrics).reload_failed();
             let event = Event::ConfigRejected {
                 command: "daemon reload".into(),
                 reason: e.to_string(),
@@ -268,6 +281,25 @@ fn reload(options: &Options, old: Arc<Config>, audit: &AuditLog) -> Arc<Config> 
             old
         }
     }
+}
+
+/// Held for the daemon's life: `<state_dir>/daemon.lock`.
+fn daemon_lock(state_dir: &std::path::Path) -> Result<std::fs::File> {
+    crate::state::create_dir(state_dir)?;
+    let path = state_dir.join("daemon.lock");
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::failed(format!("cannot open {}: {e}", path.display())))?;
+    crate::lock::flock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(|_| {
+        Error::failed(format!(
+            "another zonevault daemon runs for this core (it holds {}); stop it first",
+            path.display()
+        ))
+    })?;
+    Ok(file)
 }
 
 /// When this core's last committed snapshot was taken, if the zone answers.
