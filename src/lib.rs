@@ -6,10 +6,15 @@
 //!
 //! - [`config`]: the zone map and the core config, validated on load.
 //! - [`keys`]: age identities (keygen, identity files).
+//! - [`units`], [`archive`]: a volume cut into units; a unit as a tar.
+//! - [`pipeline`]: tar → BLAKE3 → zstd → age → parts, and back.
 //! - [`storage`]: the object-store trait and its S3 implementation.
-//! - [`residency`]: the gate; the only source of a writable target.
-//! - [`layout`]: where things live inside a target.
-//! - [`commands`]: one module per command.
+//! - [`residency`]: the gate; the only source of a writable target, which
+//!   records every write in the [`audit`] log.
+//! - [`upload`]: parts to every target; [`layout`]: where things live there.
+//! - [`snapshot`], [`incremental`], [`retention`]: what a snapshot holds, what
+//!   an unchanged unit reuses, what a policy keeps.
+//! - [`commands`]: one module per command; [`daemon`]: the scheduled runs.
 //! - [`output`]: human and `--json` output.
 //!
 //! `docs/architecture.md` tells the same story for a new maintainer.
