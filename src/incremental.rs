@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::snapshot::UnitRecord;
@@ -83,12 +83,7 @@ pub fn load(state_dir: &Path, core: &str, recipients: &str) -> Option<Previous> 
     }
 }
 
-/// Records the units of a committed snapshot (atomically: temp file, rename).
+/// Records the units of a committed snapshot (atomically).
 pub fn save(state_dir: &Path, previous: &Previous) -> Result<()> {
-    let path = path(state_dir);
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(previous)?)
-        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .with_context(|| format!("cannot write {}", path.display()))
+    crate::state::write_atomic(&path(state_dir), &serde_json::to_vec(previous)?)
 }

@@ -1,6 +1,8 @@
 //! Snapshots: the encrypted manifest (what is in each unit) and the cleartext
 //! index (object keys and sizes only), written last.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -78,4 +80,13 @@ impl Index {
         std::iter::once(self.manifest.key.as_str())
             .chain(self.objects.iter().map(|o| o.key.as_str()))
     }
+}
+
+/// Every key (relative to the target prefix) that `indexes` need: what a
+/// sweep must not delete.
+pub fn references<'a>(indexes: impl IntoIterator<Item = &'a Index>) -> HashSet<String> {
+    indexes
+        .into_iter()
+        .flat_map(|i| i.references().map(str::to_string))
+        .collect()
 }

@@ -1,7 +1,10 @@
 //! The core's state dir (`state_dir` in core.toml): the run lock, the audit
-//! log and what was copied of it. Owner-only, because the log names users.
+//! log and what was copied of it, the units of the last snapshot.
+//! Owner-only, because the log names users; files in it are replaced
+//! atomically.
 
-use std::os::unix::fs::DirBuilderExt;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -13,4 +16,35 @@ pub fn create_dir(state_dir: &Path) -> Result<()> {
         .mode(0o700)
         .create(state_dir)
         .with_context(|| format!("cannot create the state directory {}", state_dir.display()))
+}
+
+/// Replaces `path` with `bytes` (mode 0600) so that a crash leaves either
+/// the old file or the new one: a temporary file, fsync, rename, fsync of
+/// the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    written.with_context(|| format!("cannot write {}", path.display()))?;
+    sync_parent(path)
+}
+
+/// fsync of the directory holding `path`, so a new or renamed entry
+/// survives a crash.
+pub fn sync_parent(path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot sync {}", dir.display()))?;
+    }
+    Ok(())
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fleet, run, spoof_ch_secondary, tool, zv};
+use common::{fleet, process, run, spoof_ch_secondary, tool, zv};
 use serde_json::Value;
 use zonevault::audit::record::{self, Stored};
 use zonevault_testkit::fixture::Spec;
@@ -334,9 +334,7 @@ fn racing_runs_leave_a_valid_chain() {
         .users_fixture("core-ch-1", &Spec::new(40, 4_000))
         .unwrap();
     let spawn = |args: &[&str]| {
-        std::process::Command::new(assert_cmd::cargo::cargo_bin("zonevault"))
-            .arg("--config")
-            .arg(&core)
+        process(&core)
             .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -524,13 +522,7 @@ fn a_stdout_that_fails_is_an_error_not_a_panic() {
     let (_fleet, core) = fleet(dir.path());
     let full = || std::fs::File::create("/dev/full").unwrap();
     for args in [&["check"][..], &["audit", "show"], &["audit", "verify"]] {
-        let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("zonevault"))
-            .arg("--config")
-            .arg(&core)
-            .args(args)
-            .stdout(full())
-            .output()
-            .unwrap();
+        let out = process(&core).args(args).stdout(full()).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains("writing stdout"), "{args:?}: {stderr}");

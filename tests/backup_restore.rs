@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use common::{Fleet, fleet, output_text, run, spoof_ch_secondary, tool, zv};
+use common::{Fleet, fleet, output_text, process, run, spoof_ch_secondary, tool, zv};
 use zonevault_testkit::fixture::{self, Spec};
 
 fn backup(core: &Path) -> serde_json::Value {
@@ -420,9 +420,7 @@ fn sigkill_during_an_upload_leaves_no_snapshot_and_the_next_run_cleans_up() {
     std::fs::write(fleet.volumes_dir("core-ch-1").join("etc/big.bin"), &big).unwrap();
     drop(big);
 
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("zonevault"))
-        .arg("--config")
-        .arg(&core)
+    let mut child = process(&core)
         // --full: every unit is uploaded again, so the run is long enough
         // to lose a target in the middle
         .args(["backup", "--full", "--jobs", "1"])
@@ -479,9 +477,7 @@ fn a_target_failing_mid_run_fails_the_run_and_keeps_earlier_snapshots() {
     )
     .unwrap();
 
-    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("zonevault"))
-        .arg("--config")
-        .arg(&core)
+    let child = process(&core)
         // --full: every unit is uploaded again, so the run is long enough
         // to lose a target in the middle
         .args(["backup", "--full", "--jobs", "1"])

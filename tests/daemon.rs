@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Fleet, fleet, run, zv};
+use common::{Fleet, fleet, process, run, zv};
 use zonevault_testkit::fixture::Spec;
 
 fn free_port() -> u16 {
@@ -44,9 +44,7 @@ fn scheduled_fleet(dir: &Path, every: u32, users: usize) -> (Fleet, PathBuf, u16
 /// The daemon, its log in `dir/daemon.log`.
 fn start_daemon(core: &Path, dir: &Path, extra: &[&str]) -> Child {
     let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-    Command::new(assert_cmd::cargo::cargo_bin("zonevault"))
-        .arg("--config")
-        .arg(core)
+    process(core)
         .arg("daemon")
         .args(extra)
         .env_remove("NOTIFY_SOCKET")
@@ -411,9 +409,7 @@ fn systemd_hears_ready_and_the_watchdog() {
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-    let mut daemon = Command::new(assert_cmd::cargo::cargo_bin("zonevault"))
-        .arg("--config")
-        .arg(&core)
+    let mut daemon = process(&core)
         .arg("daemon")
         .env("NOTIFY_SOCKET", &socket_path)
         .env("WATCHDOG_USEC", "400000")
@@ -491,9 +487,7 @@ fn one_daemon_per_core_and_the_endpoint_answers_as_monitors_expect() {
     fleet.zone_mut("ch").schedule = String::new();
     fleet.write_configs().unwrap();
     // stderr to a pipe whose reader is gone: logging must not stop the daemon
-    let mut daemon = Command::new(assert_cmd::cargo::cargo_bin("zonevault"))
-        .arg("--config")
-        .arg(&core)
+    let mut daemon = process(&core)
         .arg("daemon")
         .env_remove("NOTIFY_SOCKET")
         .stdout(Stdio::null())

@@ -7,7 +7,7 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use common::{Fleet, fleet, run, zv};
+use common::{Fleet, fleet, process, run, zv};
 use serde_json::Value;
 use zonevault_testkit::fixture::{self, Spec};
 
@@ -304,9 +304,7 @@ fn a_forget_killed_midway_is_finished_by_the_next() {
             .filter(|k| k.ends_with(".json"))
             .count()
     };
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("zonevault"))
-        .arg("--config")
-        .arg(&core)
+    let mut child = process(&core)
         .arg("forget")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -1,15 +1,15 @@
 //! Property: over random snapshot histories (incremental snapshots sharing
-//! objects at random) and random policies, `forget` deletes no object that a
-//! kept snapshot references, and deletes every object only forgotten ones did.
+//! objects at random) and random policies, what `forget` sweeps (every key
+//! on the target minus `snapshot::references` of the kept snapshots) holds
+//! no object a kept snapshot needs, and every object only forgotten ones did.
 
 use std::collections::HashSet;
 
 use chrono::{DateTime, Duration, Utc};
 use proptest::prelude::*;
-use zonevault::commands::forget::unreferenced;
 use zonevault::config::Retention;
 use zonevault::retention;
-use zonevault::snapshot::{Index, IndexObject};
+use zonevault::snapshot::{self, Index, IndexObject};
 
 fn index(n: usize, time: DateTime<Utc>, objects: &[u8]) -> Index {
     let id = format!("{}-{n:04x}", time.format("%Y%m%dT%H%M%SZ"));
@@ -89,7 +89,11 @@ proptest! {
         let decisions = retention::plan(&times, &policy, tz, now);
         prop_assert_eq!(decisions.len(), indexes.len());
         let forgotten: HashSet<&str> = decisions.iter().filter(|d| !d.keep).map(|d| d.id.as_str()).collect();
-        let deleted: HashSet<&str> = unreferenced(&indexes, |i| forgotten.contains(i.id.as_str())).into_iter().collect();
+        // the target holds every key of every snapshot; the sweep deletes
+        // what the kept snapshots do not reference
+        let kept = snapshot::references(indexes.iter().filter(|i| !forgotten.contains(i.id.as_str())));
+        let on_target = snapshot::references(&indexes);
+        let deleted: HashSet<&str> = on_target.iter().map(String::as_str).filter(|k| !kept.contains(*k)).collect();
 
         // nothing a kept snapshot needs is deleted: every kept snapshot still restores
         for i in indexes.iter().filter(|i| !forgotten.contains(i.id.as_str())) {

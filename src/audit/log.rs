@@ -62,7 +62,7 @@ impl AuditLog {
             .open(&path)
             .with_context(|| format!("cannot open the audit log {}", path.display()))?;
         if !existed {
-            sync_dir(&path)?;
+            crate::state::sync_parent(&path)?;
         }
         Ok(AuditLog {
             path,
@@ -332,33 +332,12 @@ pub fn replace(path: &Path, expected_len: u64, lines: &[String]) -> Result<()> {
             path.display()
         );
     }
-    let tmp = path.with_extension("jsonl.pull");
-    let mut file = File::options()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
     let mut text = String::new();
     for line in lines {
         text.push_str(line);
         text.push('\n');
     }
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
-    sync_dir(path)?;
-    Ok(())
-}
-
-/// fsync of the directory holding `path`, so a new or renamed entry survives a crash.
-fn sync_dir(path: &Path) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::state::write_atomic(path, text.as_bytes())
 }
 
 #[cfg(test)]

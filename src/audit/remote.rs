@@ -59,12 +59,7 @@ pub fn load_copied(state_dir: &Path) -> Result<Copied> {
 }
 
 fn save_copied(state_dir: &Path, copied: &Copied) -> Result<()> {
-    let path = copied_path(state_dir);
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(copied)?)
-        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .with_context(|| format!("cannot write {}", path.display()))
+    crate::state::write_atomic(&copied_path(state_dir), &serde_json::to_vec_pretty(copied)?)
 }
 
 /// The highest record that `store` holds a copy of for `core` (0 for none).

@@ -554,36 +554,51 @@ pub async fn clean_uncommitted<S: Store>(
     target: &Writable<S>,
     core: &str,
 ) -> anyhow::Result<(usize, HashSet<String>)> {
+    let referenced = snapshot::references(
+        &super::snapshots::indexes(target.store(), target.target(), core)
+            .await
+            .context("refusing to clean up next to what is not a snapshot index")?,
+    );
+    let removed = sweep(
+        target,
+        core,
+        &referenced,
+        "no committed snapshot references it (left by an unfinished run)",
+    )
+    .await?;
+    Ok((removed, referenced))
+}
+
+/// Deletes, on one target, every unfinished upload of `core` and every
+/// object and manifest of `core` that `referenced` (keys relative to the
+/// target prefix) does not hold, recording `reason`. Only for this core's
+/// own targets under its run lock: nothing else may be writing there.
+pub async fn sweep<S: Store>(
+    target: &Writable<S>,
+    core: &str,
+    referenced: &HashSet<String>,
+    reason: &str,
+) -> anyhow::Result<usize> {
     let store = target.store();
-    let objects_prefix = target.key(&layout::objects_dir(core));
-    let snapshots_prefix = target.key(&layout::snapshots_dir(core));
     let mut removed = abort_uploads(target, core).await?;
-    let snapshot_files = store.list(&snapshots_prefix).await?;
-    let referenced: HashSet<String> = super::snapshots::indexes(store, target.target(), core)
-        .await
-        .context("refusing to clean up next to what is not a snapshot index")?
-        .iter()
-        .flat_map(|i| i.references().map(str::to_string))
+    let manifests: Vec<_> = store
+        .list(&target.key(&layout::snapshots_dir(core)))
+        .await?
+        .into_iter()
+        .filter(|f| f.key.ends_with(".manifest.age"))
         .collect();
-    let manifests = snapshot_files
-        .iter()
-        .filter(|f| f.key.ends_with(".manifest.age"));
-    let objects = store.list(&objects_prefix).await?;
-    for f in objects.iter().chain(manifests) {
-        let rel = f.key.strip_prefix(&target.key("")).unwrap_or(&f.key);
+    let objects = store.list(&target.key(&layout::objects_dir(core))).await?;
+    let prefix = target.key("");
+    for f in objects.iter().chain(&manifests) {
+        let rel = f.key.strip_prefix(&prefix).unwrap_or(&f.key);
         if !referenced.contains(rel) {
-            tracing::debug!(target = %target.target().name, key = %f.key, "removing what an uncommitted run left");
-            target
-                .delete(
-                    &f.key,
-                    "no committed snapshot references it (left by an unfinished run)",
-                )
-                .await?;
+            tracing::debug!(target = %target.target().name, key = %f.key, reason, "deleting");
+            target.delete(&f.key, reason).await?;
             removed += 1;
         }
     }
     if removed > 0 {
-        tracing::info!(target = %target.target().name, removed, "removed what unfinished runs left");
+        tracing::info!(target = %target.target().name, removed, reason, "deleted unreferenced objects");
     }
-    Ok((removed, referenced))
+    Ok(removed)
 }

@@ -3,7 +3,8 @@
 //! Order of deletions, on every target: the cleartext index of each
 //! snapshot no longer kept (from then on the snapshot does not exist), its
 //! manifest, then every object that no remaining snapshot references —
-//! references counted across incremental snapshots, which share objects.
+//! references counted across incremental snapshots, which share objects —
+//! by the same sweep that removes what unfinished backups left.
 //! Each deletion is in the audit log. A crash in the middle leaves
 //! snapshots that either exist whole or not at all; what a crashed run left
 //! unreferenced is removed by the next `forget` or `backup` of the core.
@@ -13,7 +14,7 @@
 //! the owner, under its run lock, knows which objects a backup in progress
 //! is about to reference again.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -26,10 +27,10 @@ use crate::error::Result;
 use crate::layout;
 use crate::residency::Writable;
 use crate::retention::{self, Decision};
-use crate::snapshot::Index;
+use crate::snapshot::{self, Index};
 use crate::storage::{Store, s3::S3Store};
 
-use super::backup::clean_uncommitted;
+use super::backup::sweep;
 use super::session::Session;
 use super::snapshots;
 
@@ -177,38 +178,19 @@ async fn forget(config: &Config, targets: &[Writable<S3Store>], core: &str) -> R
         if !own {
             continue;
         }
-        // 2. the objects that no remaining snapshot references
-        let forgotten = |i: &Index| removed.contains_key(&i.id);
-        for key in unreferenced(indexes, forgotten) {
-            t.delete(&t.key(key), "no kept snapshot references it")
-                .await?;
-            deleted += 1;
-        }
-        // 3. what earlier crashed runs left
-        let (swept, _) = clean_uncommitted(t, core)
+        // 2. the objects that no kept snapshot references (counted across
+        // incremental snapshots, which share objects), with what crashed
+        // runs left. The indexes read above are all there are: this core's
+        // run lock keeps any other writer away.
+        let kept = snapshot::references(indexes.iter().filter(|i| !removed.contains_key(&i.id)));
+        deleted += sweep(t, core, &kept, "no kept snapshot references it")
             .await
-            .with_context(|| format!("cleaning up target {}", t.target().name))?;
-        deleted += swept;
+            .with_context(|| {
+                format!(
+                    "deleting unreferenced objects on target {}",
+                    t.target().name
+                )
+            })?;
     }
     Ok(report(config, core, &on_target, false, deleted))
-}
-
-/// The unit objects of the forgotten snapshots that no other snapshot in
-/// `indexes` references: what may be deleted. Incremental snapshots share
-/// objects, so an object goes only when its last reference goes.
-pub fn unreferenced(indexes: &[Index], forgotten: impl Fn(&Index) -> bool) -> Vec<&str> {
-    let kept: HashSet<&str> = indexes
-        .iter()
-        .filter(|i| !forgotten(i))
-        .flat_map(Index::references)
-        .collect();
-    let mut gone: Vec<&str> = indexes
-        .iter()
-        .filter(|i| forgotten(i))
-        .flat_map(|i| i.objects.iter().map(|o| o.key.as_str()))
-        .filter(|k| !kept.contains(k))
-        .collect();
-    gone.sort_unstable();
-    gone.dedup();
-    gone
 }

@@ -23,6 +23,17 @@ pub fn zv(config: &Path) -> Command {
     cmd
 }
 
+/// zonevault with `--config CONFIG` as a plain process, for the runs a test
+/// signals, kills or races (assert_cmd waits for its commands).
+pub fn process(config: &Path) -> Process {
+    let mut cmd = Process::new(assert_cmd::cargo::cargo_bin("zonevault"));
+    cmd.env_remove("ZONEVAULT_CONFIG")
+        .env_remove("RUST_LOG")
+        .arg("--config")
+        .arg(config);
+    cmd
+}
+
 /// Starts the two-zone fleet in `dir` and writes its configs. Panics (fails
 /// the test) when Garage is missing: these tests never skip.
 pub fn fleet(dir: &Path) -> (Fleet, PathBuf) {
