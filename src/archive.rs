@@ -1,4 +1,5 @@
-//! The tar of a unit: written from the live file system, read back safely.
+//! The tar of a unit, written from the live file system ([`crate::unpack`]
+//! reads it back).
 //!
 //! Paths inside are relative to the volume root, so units restored side by
 //! side rebuild the volume. Modes, mtimes and numeric owners are kept;
@@ -8,7 +9,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use tar::{EntryType, Header, HeaderMode};
@@ -187,185 +188,17 @@ impl<R: Read> Read for ExactSize<R> {
     }
 }
 
-/// A directory whose mode and mtime are set after everything inside it was
-/// written (writing into a directory changes its mtime).
-#[derive(Debug, Clone)]
-pub struct DirMeta {
-    pub path: PathBuf,
-    pub mode: u32,
-    pub mtime: i64,
-    /// Numeric owner, applied when restoring as root.
-    pub owner: Option<(u32, u32)>,
-}
-
-/// Extracts a unit's tar under `dest` (the volume's restore directory).
-/// Refuses, and fails on, any entry that would land outside `dest`: absolute
-/// paths, `..`, and links whose target leaves `dest`. Returns the number of
-/// entries; directories' metadata is pushed to `dirs` for [`finish_dirs`].
-pub fn extract<R: Read>(reader: R, dest: &Path, dirs: &mut Vec<DirMeta>) -> Result<u64> {
-    let mut archive = tar::Archive::new(reader);
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_mtime(true);
-    archive.set_overwrite(true);
-    archive.set_unpack_xattrs(false);
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    archive.set_preserve_ownerships(root);
-    let mut count = 0;
-    for entry in archive.entries()? {
-        let mut entry = entry?;
-        let path = entry.path()?.into_owned();
-        let rel = safe_relative(&path).with_context(|| {
-            format!(
-                "refused entry {:?}: it would land outside the restore directory",
-                path
-            )
-        })?;
-        if rel.as_os_str().is_empty() {
-            continue; // "./": the volume root, which restore creates
-        }
-        refuse_linked_ancestors(dest, &rel)?;
-        match entry.header().entry_type() {
-            EntryType::Symlink | EntryType::Link => {
-                let target = entry
-                    .link_name()?
-                    .with_context(|| format!("link {} has no target", path.display()))?
-                    .into_owned();
-                let escapes = if entry.header().entry_type() == EntryType::Link {
-                    safe_relative(&target).is_err()
-                } else {
-                    link_escapes(&rel, &target)
-                };
-                if escapes {
-                    bail!(
-                        "refused link {} -> {}: its target is outside the restore directory",
-                        path.display(),
-                        target.display()
-                    );
-                }
-            }
-            EntryType::Directory => {
-                std::fs::create_dir_all(dest.join(&rel))
-                    .with_context(|| format!("cannot create {}", dest.join(&rel).display()))?;
-                dirs.push(DirMeta {
-                    path: dest.join(&rel),
-                    mode: entry.header().mode()?,
-                    mtime: entry.header().mtime()? as i64,
-                    owner: if root {
-                        Some((entry.header().uid()? as u32, entry.header().gid()? as u32))
-                    } else {
-                        None
-                    },
-                });
-                count += 1;
-                continue;
-            }
-            _ => {}
-        }
-        if let Some(parent) = dest.join(&rel).parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
-        }
-        let unpacked = entry
-            .unpack_in(dest)
-            .with_context(|| format!("cannot write {}", dest.join(&rel).display()))?;
-        if !unpacked {
-            bail!(
-                "refused entry {}: it would land outside the restore directory",
-                path.display()
-            );
-        }
-        count += 1;
-    }
-    Ok(count)
-}
-
-/// Refuses an entry when a directory on its way inside `dest` is a symlink:
-/// writing through it could land anywhere, whatever the path's text says.
-fn refuse_linked_ancestors(dest: &Path, rel: &Path) -> Result<()> {
-    let mut at = dest.to_path_buf();
-    let parts: Vec<_> = rel.components().collect();
-    for part in &parts[..parts.len().saturating_sub(1)] {
-        at.push(part);
-        match std::fs::symlink_metadata(&at) {
-            Ok(m) if m.file_type().is_symlink() => bail!(
-                "refused entry {}: {} is a symlink, and nothing is written through links",
-                rel.display(),
-                at.display()
-            ),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => bail!("cannot inspect {}: {e}", at.display()),
-        }
-    }
-    Ok(())
-}
-
-/// Sets the mode and mtime of restored directories, deepest first.
-pub fn finish_dirs(mut dirs: Vec<DirMeta>) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    dirs.sort_by_key(|d| std::cmp::Reverse(d.path.components().count()));
-    for d in dirs {
-        // never follow a link that replaced a directory meanwhile
-        if !std::fs::symlink_metadata(&d.path).is_ok_and(|m| m.is_dir()) {
-            continue;
-        }
-        if let Some((uid, gid)) = d.owner {
-            std::os::unix::fs::lchown(&d.path, Some(uid), Some(gid))
-                .with_context(|| format!("cannot set the owner of {}", d.path.display()))?;
-        }
-        std::fs::set_permissions(&d.path, std::fs::Permissions::from_mode(d.mode & 0o7777))
-            .with_context(|| format!("cannot set the mode of {}", d.path.display()))?;
-        filetime::set_file_mtime(&d.path, filetime::FileTime::from_unix_time(d.mtime, 0))
-            .with_context(|| format!("cannot set the mtime of {}", d.path.display()))?;
-    }
-    Ok(())
-}
-
 /// Whether a symlink at `rel` (relative to the volume root) pointing to
 /// `target` leaves the volume. One rule for backup's warning and restore's refusal.
 fn link_escapes(rel: &Path, target: &Path) -> bool {
     target.is_absolute()
-        || safe_relative(&rel.parent().unwrap_or(Path::new("")).join(target)).is_err()
-}
-
-/// `path` with `.` parts removed, if it is relative and has no `..`.
-fn safe_relative(path: &Path) -> Result<PathBuf> {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(p) => out.push(p),
-            Component::CurDir => {}
-            Component::ParentDir => {
-                if !out.pop() {
-                    bail!("{} leaves the directory", path.display());
-                }
-            }
-            Component::RootDir | Component::Prefix(_) => bail!("{} is absolute", path.display()),
-        }
-    }
-    Ok(out)
+        || crate::unpack::safe_relative(&rel.parent().unwrap_or(Path::new("")).join(target))
+            .is_err()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn relative_paths_are_checked() {
-        assert_eq!(
-            safe_relative(Path::new("a/./b")).unwrap(),
-            PathBuf::from("a/b")
-        );
-        assert_eq!(
-            safe_relative(Path::new("a/../b")).unwrap(),
-            PathBuf::from("b")
-        );
-        assert!(safe_relative(Path::new("../etc/passwd")).is_err());
-        assert!(safe_relative(Path::new("a/../../b")).is_err());
-        assert!(safe_relative(Path::new("/etc/passwd")).is_err());
-        assert_eq!(safe_relative(Path::new("a/..")).unwrap(), PathBuf::new());
-    }
 
     #[test]
     fn exact_size_pads_and_cuts() {

@@ -35,11 +35,13 @@ pub mod pipeline;
 pub mod progress;
 pub mod residency;
 pub mod retention;
+pub mod signing;
 pub mod snapshot;
 pub mod state;
 pub mod storage;
 pub mod targets;
 pub mod units;
+pub mod unpack;
 pub mod upload;
 
 pub use error::{Error, Exit, Result};

@@ -48,9 +48,13 @@ struct Cli {
 enum Command {
     /// Write a new age identity file (mode 0600) and print its recipient.
     Keygen {
-        /// Where to write the identity; an existing file is never overwritten.
+        /// Where to write the key; an existing file is never overwritten.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// Make a core's snapshot-signing key (minisign format) instead of
+        /// an age identity; prints the public key to list in the zone map.
+        #[arg(long)]
+        signing: bool,
     },
     /// Validate the configuration and check the residency of every target of
     /// this core's zone. Writes nothing.
@@ -112,6 +116,10 @@ enum Command {
         /// Restore into a non-empty directory, overwriting files.
         #[arg(long)]
         force: bool,
+        /// Refuse a snapshot that is not signed by its core (by default an
+        /// unsigned one, made before signing, is restored with a warning).
+        #[arg(long)]
+        require_signed: bool,
         /// Units restored at once (default: twice the number of CPUs).
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
@@ -220,19 +228,42 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<Exit, Error> {
     match cli.command {
-        Command::Keygen { out } => {
-            let recipient = commands::keygen::run(&out)?;
-            eprintln!(
-                "wrote identity to {} (mode 0600); its recipient:",
-                out.display()
-            );
+        Command::Keygen { out, signing } => {
+            use commands::keygen::Kind;
+            let kind = if signing {
+                Kind::Signing
+            } else {
+                Kind::Identity
+            };
+            let recipient = commands::keygen::run(&out, kind)?;
+            if signing {
+                eprintln!(
+                    "wrote signing key to {} (mode 0600); list its public key in the zone map under [zones.<zone>.signing_keys] as <core> = \"...\":",
+                    out.display()
+                );
+            } else {
+                eprintln!(
+                    "wrote identity to {} (mode 0600); its recipient:",
+                    out.display()
+                );
+            }
             print(false, &recipient, |r| format!("{r}\n"))?;
             Ok(Exit::Ok)
         }
         Command::Check { json } => {
             let config = Config::load(&cli.config)?;
             let audit = open_audit(&config, "check")?;
-            let report = runtime()?.block_on(commands::check::run(&config, &audit));
+            // a signing key that restore would not accept is a config error
+            let signer = zonevault::signing::core_signer(&config)
+                .inspect_err(|e| audit.run_failed("check", e))?;
+            let mut report = runtime()?.block_on(commands::check::run(&config, &audit));
+            match signer {
+                Some(s) => report.signing = Some(s.public_key()),
+                None => report.warnings.push(format!(
+                    "core {} signs no snapshot (no signing key); see docs/operations.md, \"Signing keys\"",
+                    config.core.core_id
+                )),
+            }
             print(json, &report, output::check)?;
             let exit = report.exit();
             match exit {
@@ -306,6 +337,7 @@ fn run(cli: Cli) -> Result<Exit, Error> {
             volumes,
             core,
             force,
+            require_signed,
             jobs,
             json,
         } => {
@@ -319,12 +351,16 @@ fn run(cli: Cli) -> Result<Exit, Error> {
                 volumes,
                 core,
                 force,
+                require_signed,
                 jobs: jobs.unwrap_or_else(commands::backup::default_jobs),
                 progress: !json,
             };
             let report = runtime()?.block_on(commands::restore::run(&config, &audit, &options))?;
             print(json, &report, output::restore)?;
-            Ok(Exit::Ok)
+            match report.incomplete() {
+                Some(incomplete) => Err(Error::failed(incomplete)),
+                None => Ok(Exit::Ok),
+            }
         }
         Command::Forget {
             dry_run,

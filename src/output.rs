@@ -71,6 +71,11 @@ pub fn check(report: &CheckReport) -> String {
         report.targets.len(),
         table(&rows)
     );
+    if let Some(key) = &report.signing {
+        s.push_str(&format!(
+            "snapshots are signed with {key} (listed in the zone map)\n"
+        ));
+    }
     for w in &report.warnings {
         s.push_str(&format!("warning: {w}\n"));
     }
@@ -166,14 +171,32 @@ pub fn snapshots(indexes: &[crate::snapshot::Index]) -> String {
 
 /// The human form of `restore`.
 pub fn restore(r: &crate::commands::restore::Report) -> String {
-    format!(
-        "restored snapshot {} of core {} (zone {}) into {}\n{}; every unit's BLAKE3 verified\n",
+    let mut s = format!(
+        "restored snapshot {} of core {} (zone {}) into {}{}\n{}; every restored unit's BLAKE3 verified\n",
         r.snapshot,
         r.core,
         r.zone,
         r.to.display(),
-        totals(r.units, r.files, r.plain_bytes, r.stored_bytes, r.seconds)
-    )
+        if r.signed {
+            ", signatures verified"
+        } else {
+            " (unsigned snapshot)"
+        },
+        totals(
+            r.units - r.failed.len(),
+            r.files,
+            r.plain_bytes,
+            r.stored_bytes,
+            r.seconds
+        )
+    );
+    for f in &r.failed {
+        s.push_str(&format!("NOT restored: unit {}: {}\n", f.unit, f.error));
+    }
+    for e in &r.refused {
+        s.push_str(&format!("NOT restored: {}: {}\n", e.path, e.reason));
+    }
+    s
 }
 
 /// The human form of `audit verify`.

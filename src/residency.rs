@@ -123,6 +123,25 @@ impl<S: Store> Writable<S> {
         self.record_put(rel, contents, digest).await
     }
 
+    /// Writes a whole object that must not exist yet (a snapshot's index:
+    /// a commit never replaces another). Checks first, then writes with a
+    /// conditional PUT, so a server that ignores the condition still cannot
+    /// make a run overwrite what an earlier run committed.
+    pub async fn put_new(
+        &self,
+        rel: &str,
+        body: Bytes,
+        contents: &Contents<'_>,
+    ) -> anyhow::Result<()> {
+        let key = self.key(rel);
+        if self.store.get(&key).await?.is_some() {
+            return Err(StoreError::Exists { key }.into());
+        }
+        let digest = Digest::of(&body);
+        self.store.put_new(&self.permit, &key, body).await?;
+        self.record_put(rel, contents, &digest).await
+    }
+
     async fn record_put(
         &self,
         rel: &str,

@@ -8,14 +8,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::units::UnitKind;
 
-/// A new snapshot id: UTC time, then 4 random hex digits (`20261126T023000Z-3f9a`).
-/// Ids sort by time.
+/// A new snapshot id: UTC time, then 12 random hex digits
+/// (`20261126T023000Z-3f9a01c2d4e5`). Ids sort by time; 48 random bits make
+/// two runs of one second collide about once in 10^14 pairs, and a commit
+/// never overwrites an index anyway ([`crate::residency::Writable::put_new`]).
 pub fn new_id(now: DateTime<Utc>) -> String {
     use rand::Rng;
     format!(
-        "{}-{:04x}",
+        "{}-{:012x}",
         now.format("%Y%m%dT%H%M%SZ"),
-        rand::thread_rng().r#gen::<u16>()
+        rand::thread_rng().r#gen::<u64>() & 0xffff_ffff_ffff
     )
 }
 
@@ -82,11 +84,36 @@ impl Index {
     }
 }
 
+impl Index {
+    /// The keys of the detached signatures of this snapshot's index and
+    /// manifest (present when the core signs its commits).
+    pub fn signatures(&self) -> [String; 2] {
+        [
+            crate::signing::signature_key(&crate::layout::index_key(&self.core, &self.id)),
+            crate::signing::signature_key(&self.manifest.key),
+        ]
+    }
+}
+
 /// Every key (relative to the target prefix) that `indexes` need: what a
 /// sweep must not delete.
 pub fn references<'a>(indexes: impl IntoIterator<Item = &'a Index>) -> HashSet<String> {
     indexes
         .into_iter()
-        .flat_map(|i| i.references().map(str::to_string))
+        .flat_map(|i| i.references().map(str::to_string).chain(i.signatures()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_of_one_second_do_not_collide() {
+        let now = Utc::now();
+        let ids: HashSet<String> = (0..100_000).map(|_| new_id(now)).collect();
+        assert_eq!(ids.len(), 100_000);
+        let id = ids.iter().next().unwrap();
+        assert_eq!(id.len(), "20261126T023000Z-".len() + 12, "{id}");
+    }
 }

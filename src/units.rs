@@ -81,7 +81,7 @@ pub fn user_dir(id: &str) -> PathBuf {
 }
 
 /// Whether `rel` (relative to a pryv volume root) is a user directory.
-fn is_user_dir(rel: &Path) -> Option<String> {
+pub fn is_user_dir(rel: &Path) -> Option<String> {
     let parts: Vec<&str> = rel.iter().map(|p| p.to_str().unwrap_or("")).collect();
     let [a, b, c, id] = parts.as_slice() else {
         return None;

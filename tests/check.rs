@@ -7,7 +7,7 @@ use common::{fleet, output_text, spoof_ch_secondary, zv};
 #[test]
 fn good_fleet_passes_both_targets() {
     let dir = tempfile::tempdir().unwrap();
-    let (_fleet, core) = fleet(dir.path());
+    let (mut fleet, core) = fleet(dir.path());
     let out = zv(&core).arg("check").output().unwrap();
     let (stdout, stderr) = output_text(&out);
     assert_eq!(
@@ -25,6 +25,31 @@ fn good_fleet_passes_both_targets() {
     assert!(
         !stdout.contains("de-primary"),
         "another zone's target was checked:\n{stdout}"
+    );
+    let key = &fleet.zone("ch").signing_keys[0].1;
+    assert!(
+        stdout.contains(&format!("snapshots are signed with {key}")),
+        "{stdout}"
+    );
+
+    // the zone map lists a key for the core, but the core has none: exit 2
+    std::fs::remove_file(dir.path().join("keys/core-ch-1.signing.key")).unwrap();
+    let out = zv(&core).arg("check").output().unwrap();
+    let (_, stderr) = output_text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("does not exist") && stderr.contains("keygen --signing"),
+        "{stderr}"
+    );
+    // neither a key nor a listed one: a warning
+    fleet.zone_mut("ch").signing_keys.clear();
+    fleet.write_configs().unwrap();
+    let out = zv(&core).arg("check").output().unwrap();
+    let (stdout, _) = output_text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("warning: core core-ch-1 signs no snapshot"),
+        "{stdout}"
     );
 }
 

@@ -202,6 +202,10 @@ bad_config!(secret_env_not_set, "core.toml", "ZV_TEST_KEY_ID" => "ZV_TEST_UNSET_
 bad_config!(secret_env_and_file, "core.toml", "secret_access_key_file" => "secret_access_key_env = \"X\"\nsecret_access_key_file", ["credentials.ch-primary", "both secret_access_key_env and secret_access_key_file"]);
 bad_config!(secret_file_missing, "core.toml", "secret.txt" => "nope.txt", ["credentials.ch-primary.secret_access_key_file", "nope.txt"]);
 
+bad_config!(bad_signing_key, "zonemap.toml", "cores = [\"core-ch-1\", \"core-ch-2\"]" => "cores = [\"core-ch-1\", \"core-ch-2\"]\nsigning_keys = { core-ch-1 = \"RWnotakey\" }", ["zones.ch.signing_keys.core-ch-1[0]", "not a minisign public key", "keygen --signing"]);
+bad_config!(signing_key_of_a_foreign_core, "zonemap.toml", "cores = [\"core-ch-1\", \"core-ch-2\"]" => "cores = [\"core-ch-1\", \"core-ch-2\"]\nsigning_keys = { core-de-1 = \"RWTISTFMMPUjQabw25fkpd+Yvcn2HrMNxyEXXgjZ4GUNEBHzP311j9i6\" }", ["zones.ch.signing_keys.core-de-1", "not a core of zone ch"]);
+bad_config!(too_many_signing_keys, "zonemap.toml", "cores = [\"core-ch-1\", \"core-ch-2\"]" => "cores = [\"core-ch-1\", \"core-ch-2\"]\nsigning_keys = { core-ch-1 = [] }", ["zones.ch.signing_keys.core-ch-1", "lists 0 keys"]);
+
 // --- whole files ---
 
 #[test]

@@ -124,3 +124,54 @@ fn zonevault_uses_an_age_keygen_identity() {
     let opened = tool("age", &["-d", "-i", path.to_str().unwrap()], &sealed);
     assert_eq!(opened, plain);
 }
+
+#[test]
+fn a_signing_key_signs_what_the_minisign_tool_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("core.signing.key");
+    let out = zonevault()
+        .args(["keygen", "--signing", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = output_text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("signing_keys"), "{stderr}");
+    let public = stdout.trim();
+    assert!(
+        public.starts_with("RW") && !public.contains('\n'),
+        "{public}"
+    );
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // the reference tool signs with the key and checks with the printed public key
+    let file = dir.path().join("index.json");
+    std::fs::write(&file, b"{}").unwrap();
+    tool(
+        "minisign",
+        &[
+            "-S",
+            "-s",
+            key.to_str().unwrap(),
+            "-m",
+            file.to_str().unwrap(),
+        ],
+        b"",
+    );
+    tool(
+        "minisign",
+        &["-V", "-P", public, "-m", file.to_str().unwrap()],
+        b"",
+    );
+
+    // never over an existing key
+    let out = zonevault()
+        .args(["keygen", "--signing", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    let (_, stderr) = output_text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("never overwrites"), "{stderr}");
+}

@@ -248,7 +248,13 @@ fn forget_keeps_what_kept_snapshots_need_and_they_restore() {
         );
         // exactly the objects the kept snapshots reference remain
         let manifests = keys(&fleet, region, ".manifest.age");
-        assert_eq!(manifests.len(), 2);
+        assert_eq!(
+            manifests.len(),
+            4,
+            "manifests and their signatures: {manifests:?}"
+        );
+        // the signatures of the forgotten snapshots went with them
+        assert_eq!(keys(&fleet, region, ".minisig").len(), 4, "{region}");
     }
     // 12 users + shared + etc = 14 units in the newest; the snapshot before it
     // differs by one user: 15 objects are referenced by the two kept snapshots
@@ -331,7 +337,8 @@ fn a_forget_killed_midway_is_finished_by_the_next() {
     assert_eq!(done["kept"], 1);
     for region in ["ch-gva-2", "ch-dk-2"] {
         assert_eq!(index_count(region), 1, "{region}");
-        assert_eq!(keys(&fleet, region, ".manifest.age").len(), 1);
+        assert_eq!(keys(&fleet, region, ".manifest.age").len(), 2); // + signature
+        assert_eq!(keys(&fleet, region, ".minisig").len(), 2, "{region}");
         // only the kept snapshot's objects: 150 users + shared + etc
         assert_eq!(keys(&fleet, region, "/objects/").len(), 152, "{region}");
     }

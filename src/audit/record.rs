@@ -45,6 +45,8 @@ pub enum ObjectKind {
     Manifest,
     /// A snapshot's cleartext index.
     Index,
+    /// A detached signature of an index or a manifest.
+    Signature,
     /// The zone marker of a target.
     Marker,
     /// An encrypted copy of audit records.

@@ -26,6 +26,7 @@ use crate::layout;
 use crate::pipeline::{self, Part, PartSink};
 use crate::progress::Progress;
 use crate::residency::{Contents, Writable};
+use crate::signing::{self, Signer, Statement};
 use crate::snapshot::{self, Index, IndexObject, Manifest, UnitRecord};
 use crate::storage::{Store, s3::S3Store};
 use crate::units::{self, Unit};
@@ -125,8 +126,17 @@ pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
     let started = Instant::now();
     let volumes =
         select_volumes(config, &options.volumes).inspect_err(|e| audit.run_failed("backup", e))?;
+    let signer = signing::core_signer(config).inspect_err(|e| audit.run_failed("backup", e))?;
     let session = Session::begin(config, audit, "backup", options.wait).await?;
-    let result = snapshot(config, options, session.targets(), &volumes, started).await;
+    let result = snapshot(
+        config,
+        options,
+        session.targets(),
+        &volumes,
+        signer.as_ref(),
+        started,
+    )
+    .await;
     session.finish(result).await
 }
 
@@ -170,6 +180,7 @@ async fn snapshot(
     options: &Options,
     targets: &[Writable<S3Store>],
     volumes: &[Volume],
+    signer: Option<&Signer>,
     started: Instant,
 ) -> Result<Report> {
     for t in targets {
@@ -341,27 +352,35 @@ async fn snapshot(
         &of_snapshot(ObjectKind::Manifest),
     )
     .await?;
-    // The commit: the index is the last write of the run. It must land on
-    // every target or on none, so a failure takes back the copies written.
     let index_key = layout::index_key(core, &id);
-    if let Err(e) = put_everywhere(
+    if let Some(signer) = signer {
+        // Signatures before the index: a committed snapshot is signed whole.
+        for (key, body) in [(&manifest_key, &sealed), (&index_key, &index_json)] {
+            let statement = Statement {
+                core,
+                zone: &zone.id,
+                snapshot: &id,
+                file: key.rsplit('/').next().unwrap_or(key),
+            };
+            let signature = Bytes::from(signer.sign(body, &statement)?);
+            put_everywhere(
+                targets,
+                &signing::signature_key(key),
+                &signature,
+                &of_snapshot(ObjectKind::Signature),
+            )
+            .await?;
+        }
+    }
+    // The commit: the index is the last write of the run. It must land on
+    // every target or on none, and never replace an index already there.
+    commit(
         targets,
         &index_key,
         &index_json,
         &of_snapshot(ObjectKind::Index),
     )
-    .await
-    {
-        for t in targets {
-            if let Err(undo) = t
-                .delete(&t.key(&index_key), "taking back a partial commit")
-                .await
-            {
-                tracing::warn!(target = %t.target().name, error = %format!("{undo:#}"), "could not take back a partial commit");
-            }
-        }
-        return Err(e);
-    }
+    .await?;
     for t in targets {
         t.audit()
             .record(Event::SnapshotCommitted {
@@ -405,19 +424,56 @@ async fn snapshot(
     })
 }
 
+/// Writes the index on every target, never over an existing one; if any
+/// target fails, takes back the copies this run wrote (and only those).
+async fn commit<S: Store>(
+    targets: &[Writable<S>],
+    key: &str,
+    body: &Bytes,
+    contents: &Contents<'_>,
+) -> Result<()> {
+    let results = put_on_all(targets, key, body, contents, true).await;
+    if results.iter().any(Result::is_err) {
+        for (t, r) in targets.iter().zip(&results) {
+            if r.is_ok()
+                && let Err(undo) = t.delete(&t.key(key), "taking back a partial commit").await
+            {
+                tracing::warn!(target = %t.target().name, error = %format!("{undo:#}"), "could not take back a partial commit");
+            }
+        }
+    }
+    crate::upload::settle(results)?;
+    Ok(())
+}
+
 async fn put_everywhere<S: Store>(
     targets: &[Writable<S>],
     key: &str,
     body: &Bytes,
     contents: &Contents<'_>,
 ) -> Result<()> {
-    let puts = targets.iter().map(|t| async move {
-        t.put(key, body.clone(), contents)
-            .await
-            .with_context(|| format!("writing {} to target {}", t.key(key), t.target().name))
-    });
-    crate::upload::settle(futures::future::join_all(puts).await)?;
+    crate::upload::settle(put_on_all(targets, key, body, contents, false).await)?;
     Ok(())
+}
+
+/// Writes one object to every target at once (`new`: only where none
+/// exists under `key`); one result per target, in order.
+async fn put_on_all<S: Store>(
+    targets: &[Writable<S>],
+    key: &str,
+    body: &Bytes,
+    contents: &Contents<'_>,
+    new: bool,
+) -> Vec<anyhow::Result<()>> {
+    let puts = targets.iter().map(|t| async move {
+        let put = if new {
+            t.put_new(key, body.clone(), contents).await
+        } else {
+            t.put(key, body.clone(), contents).await
+        };
+        put.with_context(|| format!("writing {} to target {}", t.key(key), t.target().name))
+    });
+    futures::future::join_all(puts).await
 }
 
 /// What every unit of a run shares.
@@ -557,7 +613,7 @@ pub async fn clean_uncommitted<S: Store>(
     let referenced = snapshot::references(
         &super::snapshots::indexes(target.store(), target.target(), core)
             .await
-            .context("refusing to clean up next to what is not a snapshot index")?,
+            .context("listing the committed snapshots")?,
     );
     let removed = sweep(
         target,
@@ -585,7 +641,7 @@ pub async fn sweep<S: Store>(
         .list(&target.key(&layout::snapshots_dir(core)))
         .await?
         .into_iter()
-        .filter(|f| f.key.ends_with(".manifest.age"))
+        .filter(|f| f.key.ends_with(".manifest.age") || f.key.ends_with(crate::signing::SUFFIX))
         .collect();
     let objects = store.list(&target.key(&layout::objects_dir(core))).await?;
     let prefix = target.key("");

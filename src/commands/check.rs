@@ -47,6 +47,8 @@ pub struct CheckReport {
     pub zone_name: String,
     pub volumes: usize,
     pub targets: Vec<TargetReport>,
+    /// The public key this core signs its snapshots with (none: unsigned).
+    pub signing: Option<String>,
     /// Problems that do not fail the check: retention rules that `max_age`
     /// makes impossible to honour.
     pub warnings: Vec<String>,
@@ -75,6 +77,7 @@ pub async fn run(config: &Config, audit: &Arc<AuditLog>) -> CheckReport {
         zone_name: zone.name.clone(),
         volumes: config.core.volumes.len(),
         targets,
+        signing: None,
         warnings: crate::retention::never_honoured(&zone.retention),
     }
 }

@@ -1,4 +1,5 @@
-//! `zonevault keygen --out FILE`: a new identity file, mode 0600.
+//! `zonevault keygen --out FILE`: a new identity file, mode 0600; with
+//! `--signing`, a core's snapshot-signing key instead.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -7,9 +8,25 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::keys;
 
-/// Writes a new identity to `out` (never overwriting a file) and returns its recipient.
-pub fn run(out: &Path) -> Result<String> {
-    let identity = keys::generate();
+/// What keygen makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// An age identity (decrypts); prints its recipient.
+    Identity,
+    /// A minisign key for signing a core's snapshots; prints its public key.
+    Signing,
+}
+
+/// Writes a new key to `out` (never overwriting a file) and returns its
+/// public half: the recipient of an identity, the public key of a signing key.
+pub fn run(out: &Path, kind: Kind) -> Result<String> {
+    let (text, public) = match kind {
+        Kind::Identity => {
+            let identity = keys::generate();
+            (identity.file_text, identity.recipient)
+        }
+        Kind::Signing => crate::signing::Signer::generate()?,
+    };
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -21,7 +38,7 @@ pub fn run(out: &Path) -> Result<String> {
                 out.display()
             )),
             std::io::ErrorKind::AlreadyExists => Error::Usage(format!(
-                "{} already exists; keygen never overwrites an identity: choose another --out or move the file away",
+                "{} already exists; keygen never overwrites a key: choose another --out or move the file away",
                 out.display()
             )),
             std::io::ErrorKind::NotFound => Error::failed(format!(
@@ -30,8 +47,8 @@ pub fn run(out: &Path) -> Result<String> {
             )),
             _ => Error::failed(format!("cannot create {}: {e}", out.display())),
         })?;
-    file.write_all(identity.file_text.as_bytes())
+    file.write_all(text.as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| Error::failed(format!("cannot write {}: {e}", out.display())))?;
-    Ok(identity.recipient)
+    Ok(public)
 }

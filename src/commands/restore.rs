@@ -7,21 +7,23 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use serde::Serialize;
 use tokio_util::io::SyncIoBridge;
 
-use crate::archive::{self, DirMeta};
 use crate::audit::{AuditLog, Event, Place};
 use crate::config::{Config, Target};
 use crate::error::{Error, Result};
 use crate::keys;
+use crate::layout;
 use crate::pipeline::{self, HashingReader, OpenError};
 use crate::progress::Progress;
+use crate::signing::{self, Statement};
 use crate::snapshot::{Index, Manifest, UnitRecord};
 use crate::storage::{Store, s3::S3Store};
 use crate::targets;
 use crate::units::{self, UnitKind};
+use crate::unpack::{Destination, DestinationError, Refused, Scope};
 
 use super::snapshots;
 
@@ -36,6 +38,8 @@ pub struct Options {
     pub volumes: Vec<String>,
     pub core: Option<String>,
     pub force: bool,
+    /// Refuse a snapshot that is not signed (by default: a warning).
+    pub require_signed: bool,
     pub jobs: usize,
     pub progress: bool,
 }
@@ -53,6 +57,36 @@ pub struct Report {
     pub stored_bytes: u64,
     pub seconds: f64,
     pub users: Vec<String>,
+    /// Whether the snapshot's signatures were checked (false: unsigned).
+    pub signed: bool,
+    /// Units that could not be restored from any target (nothing of them is in DIR).
+    pub failed: Vec<FailedUnit>,
+    /// Entries that were not written, and why.
+    pub refused: Vec<Refused>,
+}
+
+/// A unit that no target could restore.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailedUnit {
+    pub unit: String,
+    pub error: String,
+}
+
+impl Report {
+    /// What was not restored, in one sentence; `None` when everything was.
+    pub fn incomplete(&self) -> Option<String> {
+        if self.failed.is_empty() && self.refused.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "restore of snapshot {} is incomplete: {} of {} units failed, {} entries refused (listed above); everything else is restored in {}",
+            self.snapshot,
+            self.failed.len(),
+            self.units,
+            self.refused.len(),
+            self.to.display()
+        ))
+    }
 }
 
 /// Runs a restore. Every object read, the restore done or its failure, is
@@ -69,12 +103,15 @@ pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
             to: report.to.display().to_string(),
             users: report.users.clone(),
             volumes: options.volumes.clone(),
-            units: report.units,
+            units: report.units - report.failed.len(),
             files: report.files,
             os_user,
             host,
         })
         .await?;
+    if let Some(incomplete) = report.incomplete() {
+        audit.run_failed("restore", &Error::failed(&incomplete));
+    }
     Ok(report)
 }
 
@@ -84,7 +121,7 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
         keys::load_identities(&options.identity).map_err(|e| Error::Usage(format!("{e:#}")))?,
     );
     let core = snapshots::resolve_core(config, options.core.as_deref())?;
-    check_destination(&options.to, options.force)?;
+    let dest = Arc::new(open_destination(&options.to, options.force)?);
     let zone = config.zone();
 
     let (indexes, store, target) = snapshots::list(config, &core).await?;
@@ -112,19 +149,68 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
     }
 
     let reads = Reads::new(audit, &index.id);
+    let signed = Signatures {
+        store: &store,
+        target: &target,
+        index: &index,
+        keys: zone
+            .signing_keys
+            .get(&core)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]),
+        require: options.require_signed,
+    };
+    // The index as stored, checked against its signature; from here on only
+    // the checked bytes count.
+    let index_key = target.key(&layout::index_key(&core, &index.id));
+    let raw_index = store
+        .get(&index_key)
+        .await
+        .map_err(anyhow::Error::from)?
+        .ok_or_else(|| Error::failed(format!("the index of snapshot {} vanished", index.id)))?;
+    let is_signed = signed
+        .check(&layout::index_key(&core, &index.id), &raw_index)
+        .await?;
+    let checked: Index = serde_json::from_slice(&raw_index).with_context(|| {
+        format!(
+            "{index_key} on target {} is not a snapshot index",
+            target.name
+        )
+    })?;
+    if checked != index {
+        return Err(Error::failed(format!(
+            "the index of snapshot {} changed while it was read; try again",
+            index.id
+        )));
+    }
+
+    let manifest_key = target.key(&index.manifest.key);
     reads
-        .record(&target, target.key(&index.manifest.key), Vec::new())
+        .record(&target, manifest_key.clone(), Vec::new())
         .await?;
     let sealed = store
-        .get(&target.key(&index.manifest.key))
+        .get(&manifest_key)
         .await
         .map_err(anyhow::Error::from)?
         .ok_or_else(|| {
-            Error::failed(format!("the manifest of snapshot {} is missing", index.id))
+            Error::failed(format!(
+                "the manifest of snapshot {} ({manifest_key}) is missing on target {}",
+                index.id, target.name
+            ))
         })?;
+    if signed.check(&index.manifest.key, &sealed).await? != is_signed {
+        return Err(Error::failed(format!(
+            "snapshot {}: its index and its manifest are not both signed: refused",
+            index.id
+        )));
+    }
     let manifest: Manifest = match pipeline::decrypt_small(&sealed, &identities) {
-        Ok(plain) => serde_json::from_slice(&plain)
-            .with_context(|| format!("the manifest of snapshot {} is damaged", index.id))?,
+        Ok(plain) => serde_json::from_slice(&plain).with_context(|| {
+            format!(
+                "the manifest of snapshot {} ({manifest_key} on target {}) is damaged",
+                index.id, target.name
+            )
+        })?,
         Err(OpenError::NoMatchingKeys) => {
             return Err(Error::failed(format!(
                 "this identity cannot decrypt snapshot {} of zone {}",
@@ -133,8 +219,8 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
         }
         Err(e) => {
             return Err(Error::failed(format!(
-                "the manifest of snapshot {} is damaged: {e}",
-                index.id
+                "the manifest of snapshot {} ({manifest_key} on target {}) cannot be decrypted: {e}",
+                index.id, target.name
             )));
         }
     };
@@ -146,8 +232,6 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
         )));
     }
     let selected = select(&manifest, &options.volumes, &options.users)?;
-    std::fs::create_dir_all(&options.to)
-        .with_context(|| format!("cannot create {}", options.to.display()))?;
     let progress = Progress::new(options.progress, selected.len() as u64, "restore");
     // Every target of the zone holds every object: the one that listed the
     // snapshot first, the others as fallbacks for a missing or damaged copy.
@@ -159,44 +243,61 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
             .into_iter()
             .filter(|(t, _)| t.name != first),
     );
-    let results: Vec<(u64, Vec<DirMeta>)> = futures::stream::iter(selected.iter())
+    let results: Vec<(&UnitRecord, anyhow::Result<Placed>)> = futures::stream::iter(selected.iter())
         .map(|rec| {
-            let (sources, identities, progress, reads) = (&sources, &identities, &progress, &reads);
+            let (sources, identities, progress, reads, dest) =
+                (&sources, &identities, &progress, &reads, &dest);
             async move {
                 let label = units::label(&rec.volume, &rec.kind);
-                let mut first_error = None;
+                let mut errors = Vec::new();
                 for (target, store) in sources {
                     let read = reads.record(target, target.key(&rec.object), rec.kind.users());
                     let restored = match read.await {
-                        Ok(()) => restore_from(store, target, rec, identities, &options.to).await,
+                        Ok(()) => restore_from(store, target, rec, identities, dest).await,
                         Err(e) => Err(e),
                     };
                     match restored {
-                        Ok((files, bytes, dirs)) => {
-                            progress.unit_done(bytes);
-                            return Ok((files, dirs));
+                        Ok(placed) => {
+                            progress.unit_done(rec.plain_size);
+                            return (rec, Ok(placed));
                         }
                         Err(e) => {
                             tracing::warn!(unit = %label, target = %target.name, error = %format!("{e:#}"), "cannot restore from this target; trying the next");
-                            first_error.get_or_insert(e);
+                            errors.push(format!("{e:#}"));
                         }
                     }
                 }
-                let e = first_error.expect("the zone has at least one target");
-                Err(Error::Failed(e.context(format!("restoring {label}"))))
+                (rec, Err(anyhow::anyhow!("{}", errors.join("; "))))
             }
         })
         .buffer_unordered(options.jobs.max(1))
-        .try_collect()
-        .await?;
+        .collect()
+        .await;
     progress.finish();
-    let mut dirs = Vec::new();
-    let mut files = 0;
-    for (n, d) in results {
-        files += n;
-        dirs.extend(d);
+    let (mut dirs, mut files, mut refused, mut failed) = (Vec::new(), 0, Vec::new(), Vec::new());
+    let mut restored = Vec::new();
+    for (rec, result) in results {
+        match result {
+            Ok(placed) => {
+                files += placed.files;
+                dirs.extend(placed.dirs);
+                refused.extend(placed.refused);
+                restored.push(rec);
+            }
+            Err(e) => failed.push(FailedUnit {
+                unit: units::label(&rec.volume, &rec.kind),
+                error: format!("{e:#}"),
+            }),
+        }
     }
-    archive::finish_dirs(dirs)?;
+    let finish = Arc::clone(&dest);
+    tokio::task::spawn_blocking(move || {
+        finish.finish_dirs(dirs)?;
+        finish.finish()
+    })
+    .await
+    .map_err(Error::failed)??;
+    failed.sort_by(|a, b| a.unit.cmp(&b.unit));
 
     Ok(Report {
         snapshot: index.id,
@@ -205,17 +306,88 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
         to: options.to.clone(),
         units: selected.len(),
         files,
-        plain_bytes: selected.iter().map(|r| r.plain_size).sum(),
-        stored_bytes: selected.iter().map(|r| r.stored_size).sum(),
+        plain_bytes: restored.iter().map(|r| r.plain_size).sum(),
+        stored_bytes: restored.iter().map(|r| r.stored_size).sum(),
         seconds: started.elapsed().as_secs_f64(),
-        users: selected
+        users: restored
             .iter()
             .filter_map(|r| match &r.kind {
                 UnitKind::User(id) => Some(id.clone()),
                 _ => None,
             })
             .collect(),
+        signed: is_signed,
+        failed,
+        refused,
     })
+}
+
+/// The restore directory, opened once (see [`crate::unpack`]).
+fn open_destination(to: &Path, force: bool) -> Result<Destination> {
+    if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    Destination::open(to, force).map_err(|e| match e {
+        DestinationError::Io { .. } => Error::failed(e),
+        other => Error::Usage(other.to_string()),
+    })
+}
+
+/// Checks a snapshot's detached signatures against the keys the zone map
+/// lists for its core.
+struct Signatures<'a> {
+    store: &'a S3Store,
+    target: &'a Target,
+    index: &'a Index,
+    keys: &'a [minisign::PublicKey],
+    require: bool,
+}
+
+impl Signatures<'_> {
+    /// Checks the signature of `body`, stored under `rel`. Returns whether
+    /// it was signed; an unsigned object is accepted with a warning unless
+    /// signatures are required; a bad signature is always refused.
+    async fn check(&self, rel: &str, body: &[u8]) -> Result<bool> {
+        let id = &self.index.id;
+        let sig_key = self.target.key(&signing::signature_key(rel));
+        let signature = self
+            .store
+            .get(&sig_key)
+            .await
+            .map_err(anyhow::Error::from)?;
+        let file = rel.rsplit('/').next().unwrap_or(rel);
+        let Some(signature) = signature else {
+            if self.require {
+                return Err(Error::failed(format!(
+                    "snapshot {id}: {file} is not signed, and --require-signed was given: refused"
+                )));
+            }
+            tracing::warn!(
+                "snapshot {id}: {file} is not signed (made before signing, or its signature was removed); restoring it unverified (--require-signed refuses it)"
+            );
+            return Ok(false);
+        };
+        if self.keys.is_empty() {
+            return Err(Error::failed(format!(
+                "snapshot {id}: {file} is signed, but the zone map lists no signing key for core {} (zones.{}.signing_keys): refused",
+                self.index.core, self.index.zone
+            )));
+        }
+        let statement = Statement {
+            core: &self.index.core,
+            zone: &self.index.zone,
+            snapshot: id,
+            file,
+        };
+        signing::verify(body, &signature, self.keys, &statement).map_err(|e| {
+            Error::failed(format!(
+                "snapshot {id}: {file} on target {} fails its signature check: {e}; refused (someone who can write to the bucket may have replaced it)",
+                self.target.name
+            ))
+        })?;
+        Ok(true)
+    }
 }
 
 /// Records each object read, before the read.
@@ -258,64 +430,54 @@ async fn restore_from(
     target: &Target,
     rec: &UnitRecord,
     identities: &Arc<Vec<Box<dyn age::Identity + Send + Sync>>>,
-    to: &Path,
-) -> anyhow::Result<(u64, u64, Vec<DirMeta>)> {
+    dest: &Arc<Destination>,
+) -> anyhow::Result<Placed> {
+    let key = target.key(&rec.object);
     let body = store
-        .get_stream(&target.key(&rec.object))
-        .await?
-        .with_context(|| format!("object {} is missing on target {}", rec.object, target.name))?;
+        .get_stream(&key)
+        .await
+        .with_context(|| format!("reading {key} on target {}", target.name))?
+        .with_context(|| format!("object {key} is missing on target {}", target.name))?;
     let reader = SyncIoBridge::new(body);
-    let dest = to.join(&rec.volume);
-    let (rec, identities) = (rec.clone(), Arc::clone(identities));
-    tokio::task::spawn_blocking(move || restore_unit(reader, &identities, &dest, &rec)).await?
+    let (rec, identities, dest) = (rec.clone(), Arc::clone(identities), Arc::clone(dest));
+    let name = target.name.clone();
+    tokio::task::spawn_blocking(move || {
+        restore_unit(reader, &identities, &dest, &rec)
+            .with_context(|| format!("object {key} on target {name}"))
+    })
+    .await?
 }
 
-/// Extracts one unit and checks its BLAKE3. Returns (entries, plain bytes, dirs).
+type Placed = crate::unpack::Placed;
+
+/// Unpacks one unit into staging, checks its BLAKE3, and only then moves it
+/// into place. A unit that fails leaves nothing in the restore directory.
 fn restore_unit(
     reader: impl std::io::Read,
     identities: &[Box<dyn age::Identity + Send + Sync>],
-    dest: &std::path::Path,
+    dest: &Destination,
     rec: &UnitRecord,
-) -> anyhow::Result<(u64, u64, Vec<DirMeta>)> {
-    let plain = pipeline::open(reader, identities)
-        .map_err(|e| anyhow::anyhow!("object {} cannot be opened: {e}", rec.object))?;
+) -> anyhow::Result<Placed> {
+    let plain =
+        pipeline::open(reader, identities).map_err(|e| anyhow::anyhow!("cannot be opened: {e}"))?;
     let mut hashing = HashingReader::new(plain);
-    let mut dirs = Vec::new();
-    std::fs::create_dir_all(dest).with_context(|| format!("cannot create {}", dest.display()))?;
-    let files = archive::extract(
-        std::io::BufReader::with_capacity(256 << 10, &mut hashing),
-        dest,
-        &mut dirs,
-    )?;
+    let scope = match &rec.kind {
+        UnitKind::User(id) => Scope::Under(vec![units::user_dir(id)]),
+        UnitKind::Shared => Scope::NoUserDirs,
+        UnitKind::Volume => Scope::Volume,
+    };
+    let mut staged = dest.stage(&rec.volume, &units::label(&rec.volume, &rec.kind), scope)?;
+    staged.unpack(std::io::BufReader::with_capacity(256 << 10, &mut hashing))?;
     let (blake3, size) = hashing.finish().context("reading the end of the object")?;
     if blake3 != rec.blake3 || size != rec.plain_size {
+        staged.discard();
         anyhow::bail!(
-            "integrity check failed: BLAKE3 {blake3} ({size} bytes) differs from the manifest's {} ({} bytes)",
+            "integrity check failed: BLAKE3 {blake3} ({size} bytes) differs from the manifest's {} ({} bytes); nothing of it was restored",
             rec.blake3,
             rec.plain_size
         );
     }
-    Ok((files, size, dirs))
-}
-
-/// A non-empty destination is refused without `--force`.
-fn check_destination(to: &std::path::Path, force: bool) -> Result<()> {
-    match std::fs::read_dir(to) {
-        Ok(mut entries) => {
-            if entries.next().is_some() && !force {
-                return Err(Error::Usage(format!(
-                    "{} is not empty; restore into an empty directory, or pass --force to overwrite files in it",
-                    to.display()
-                )));
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
-            Err(Error::Usage(format!("{} is not a directory", to.display())))
-        }
-        Err(e) => Err(Error::failed(format!("cannot read {}: {e}", to.display()))),
-    }
+    staged.commit()
 }
 
 /// The units to restore: all, or those of some volumes, or some users' units.

@@ -1,8 +1,6 @@
 //! `zonevault snapshots`: the committed snapshots of a core, from the
 //! cleartext indexes (no identity needed).
 
-use anyhow::Context;
-
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::layout;
@@ -53,7 +51,10 @@ pub async fn list(
 }
 
 /// Every committed snapshot index of `core` on one target, oldest first
-/// (so `latest` is the last).
+/// (so `latest` is the last). An object under `snapshots/` that is not an
+/// index of this core (empty, foreign, named for another id) is skipped
+/// with a warning: it must not stop the restore of an intact snapshot, nor
+/// the next backup.
 pub async fn indexes<S: Store>(
     store: &S,
     target: &crate::config::Target,
@@ -64,14 +65,23 @@ pub async fn indexes<S: Store>(
         .list(&target.key(&layout::snapshots_dir(core)))
         .await?
     {
-        if layout::snapshot_of_index(&f.key).is_none() {
+        let Some(id) = layout::snapshot_of_index(&f.key) else {
             continue;
-        }
+        };
         let Some(bytes) = store.get(&f.key).await? else {
             continue;
         };
-        let index: Index = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{} is not a snapshot index", f.key))?;
+        let index = match serde_json::from_slice::<Index>(&bytes) {
+            Ok(index) if index.id == id && index.core == core => index,
+            Ok(index) => {
+                tracing::warn!(target = %target.name, key = %f.key, "skipping {}: it names snapshot {} of core {}, not the snapshot its name says", f.key, index.id, index.core);
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(target = %target.name, key = %f.key, "skipping {}: not a snapshot index ({e})", f.key);
+                continue;
+            }
+        };
         indexes.push(index);
     }
     // By time (ids of the same second differ only in their random part).

@@ -18,6 +18,7 @@ pub(super) struct CoreFile {
     pub state_dir: PathBuf,
     pub zstd_level: Option<i32>,
     pub metrics_listen: Option<String>,
+    pub signing_key: Option<PathBuf>,
     #[serde(default)]
     pub volumes: Vec<VolumeFile>,
     #[serde(default)]
@@ -33,6 +34,9 @@ pub(super) struct VolumeFile {
     #[serde(default)]
     exclude: Vec<String>,
 }
+
+/// The signing key's file name in the state dir, when `signing_key` is not set.
+pub const DEFAULT_SIGNING_KEY: &str = "signing.key";
 
 /// How a volume is cut into units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -67,6 +71,8 @@ pub struct CoreConfig {
     pub state_dir: PathBuf,
     pub zstd_level: i32,
     pub metrics_listen: Option<SocketAddr>,
+    /// The core's snapshot-signing key (default `<state_dir>/signing.key`).
+    pub signing_key: PathBuf,
     pub volumes: Vec<Volume>,
     /// Static credentials by target name; a target without an entry uses the
     /// standard AWS chain.
@@ -209,6 +215,10 @@ pub(super) fn validate(path: &Path, dir: &Path, f: &CoreFile) -> Result<CoreConf
         state_dir: dir.join(&f.state_dir),
         zstd_level,
         metrics_listen,
+        signing_key: match &f.signing_key {
+            Some(p) => dir.join(p),
+            None => dir.join(&f.state_dir).join(DEFAULT_SIGNING_KEY),
+        },
         volumes,
         credentials: BTreeMap::new(),
     })

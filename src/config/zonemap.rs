@@ -26,6 +26,9 @@ struct ZoneFile {
     recipients: Vec<String>,
     #[serde(default)]
     cores: Vec<String>,
+    /// Each core's snapshot-signing public keys (minisign), by core id.
+    #[serde(default)]
+    signing_keys: BTreeMap<String, OneOrMany>,
     #[serde(default)]
     targets: Vec<TargetFile>,
     #[serde(default)]
@@ -44,6 +47,23 @@ struct TargetFile {
     prefix: String,
     #[serde(default = "default_path_style")]
     path_style: bool,
+}
+
+/// A key, or a list of keys (during a rotation: the new one and the old one).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
 }
 
 fn default_path_style() -> bool {
@@ -96,6 +116,8 @@ pub struct Zone {
     pub recipients: Vec<age::x25519::Recipient>,
     /// The cores that belong to the zone.
     pub cores: Vec<String>,
+    /// Each core's snapshot-signing public keys (`[zones.<id>.signing_keys]`).
+    pub signing_keys: BTreeMap<String, Vec<minisign::PublicKey>>,
     /// Where the zone's backups go; every object goes to each.
     pub targets: Vec<Target>,
     /// How long snapshots are kept.
@@ -286,6 +308,34 @@ fn validate(path: &Path, file: ZoneMapFile) -> Result<ZoneMap, ConfigError> {
             }
         }
 
+        let mut signing_keys = BTreeMap::new();
+        for (core, keys) in zf.signing_keys {
+            let field = |suffix: &str| at(&format!("signing_keys.{core}{suffix}"));
+            if !zf.cores.contains(&core) {
+                return Err(
+                    err(field(""), format!("{core:?} is not a core of zone {id}"))
+                        .help("list signing keys only for the zone's own cores"),
+                );
+            }
+            let keys = keys.into_vec();
+            if keys.is_empty() || keys.len() > 4 {
+                return Err(err(field(""), format!("lists {} keys", keys.len()))
+                    .help("list the core's signing key, and during a rotation its previous one too (at most 4)"));
+            }
+            let mut parsed = Vec::new();
+            for (i, key) in keys.iter().enumerate() {
+                let key = crate::signing::parse_public_key(key).map_err(|e| {
+                    err(
+                        field(&format!("[{i}]")),
+                        format!("{key:?} is not a minisign public key ({e})"),
+                    )
+                    .help("it is the RW... line printed by `zonevault keygen --signing --out FILE`")
+                })?;
+                parsed.push(key);
+            }
+            signing_keys.insert(core, parsed);
+        }
+
         if zf.targets.is_empty() {
             return Err(err(at("targets"), "zone has no target".into())
                 .help("add at least one [[zones.<id>.targets]] bucket inside the zone"));
@@ -398,6 +448,7 @@ fn validate(path: &Path, file: ZoneMapFile) -> Result<ZoneMap, ConfigError> {
                 regions: zf.regions,
                 recipients,
                 cores: zf.cores,
+                signing_keys,
                 targets,
                 retention,
                 schedule,

@@ -29,6 +29,9 @@ pub enum StoreError {
     /// request was signed for. This is the bucket's reported location.
     #[error("the server reports the bucket in region {reported:?}")]
     WrongRegion { reported: String },
+    /// A conditional write found an object under the key already.
+    #[error("an object already exists under {key}")]
+    Exists { key: String },
     /// Anything else the server or the client said.
     #[error("{0}")]
     Other(String),
@@ -83,6 +86,17 @@ pub trait Store: Send + Sync {
 
     /// Writes a whole object.
     fn put(
+        &self,
+        permit: &WritePermit,
+        key: &str,
+        body: Bytes,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Writes a whole object only if none exists under `key` (a conditional
+    /// `If-None-Match: *` PUT); [`StoreError::Exists`] otherwise. A server
+    /// that ignores the condition overwrites: callers that must never
+    /// overwrite check first as well.
+    fn put_new(
         &self,
         permit: &WritePermit,
         key: &str,

@@ -212,6 +212,31 @@ impl Store for S3Store {
         Ok(())
     }
 
+    async fn put_new(
+        &self,
+        _permit: &WritePermit,
+        key: &str,
+        body: Bytes,
+    ) -> Result<(), StoreError> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .if_none_match("*")
+            .body(ByteStream::from(body))
+            .customize()
+            .disable_payload_signing()
+            .send()
+            .await
+            .map_err(|e| match e.raw_response().map(|r| r.status().as_u16()) {
+                Some(412) => StoreError::Exists {
+                    key: key.to_string(),
+                },
+                _ => self.classify(e),
+            })?;
+        Ok(())
+    }
+
     async fn create_upload(&self, _permit: &WritePermit, key: &str) -> Result<String, StoreError> {
         let out = self
             .client

@@ -8,6 +8,7 @@ use std::process::{Command as Process, Stdio};
 
 use assert_cmd::Command;
 pub use zonevault_testkit::Fleet;
+use zonevault_testkit::fixture::Spec;
 
 /// The zonevault binary, with a clean environment for config lookup.
 pub fn zonevault() -> Command {
@@ -100,4 +101,88 @@ pub fn tool(program: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
         String::from_utf8_lossy(&out.stderr)
     );
     out.stdout
+}
+
+pub fn backup(core: &Path) -> serde_json::Value {
+    let (stdout, _) = run(zv(core).args(["backup", "--json"]), 0);
+    serde_json::from_str(&stdout).unwrap()
+}
+
+pub fn restore(core: &Path, key: &Path, to: &Path, extra: &[&str], code: i32) -> (String, String) {
+    run(
+        zv(core)
+            .args(["restore", "--snapshot", "latest", "--identity"])
+            .arg(key)
+            .arg("--to")
+            .arg(to)
+            .args(extra),
+        code,
+    )
+}
+
+/// A fleet whose core-ch-1 has a generated users volume of `users` users.
+pub fn fleet_with_users(dir: &Path, users: usize, bytes: usize) -> (Fleet, PathBuf, Vec<String>) {
+    let (fleet, core) = fleet(dir);
+    let ids = fleet
+        .users_fixture("core-ch-1", &Spec::new(users, bytes))
+        .unwrap();
+    (fleet, core, ids)
+}
+
+/// The decrypted manifest of the only snapshot, read with the age CLI.
+pub fn manifest(fleet: &Fleet) -> serde_json::Value {
+    let gva = fleet.garage("ch-gva-2");
+    let key = gva
+        .keys()
+        .unwrap()
+        .into_iter()
+        .find(|k| k.ends_with(".manifest.age"))
+        .expect("a manifest");
+    let identity = fleet.identity("ch");
+    let plain = tool(
+        "age",
+        &["-d", "-i", identity.to_str().unwrap()],
+        &gva.get(&key).unwrap(),
+    );
+    serde_json::from_slice(&plain).unwrap()
+}
+
+/// The object key (in the bucket) of `user`'s unit.
+pub fn object_of(fleet: &Fleet, user: &str) -> String {
+    let m = manifest(fleet);
+    let unit = m["units"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["user"] == user)
+        .unwrap();
+    format!("zonevault/{}", unit["object"].as_str().unwrap())
+}
+
+/// A tar holding `entries` (raw, unchecked paths), compressed and encrypted
+/// to zone ch as zonevault would: what an attacker with write access could put.
+pub fn hostile_object(fleet: &Fleet, entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, kind, content) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.as_gnu_mut().unwrap().name[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_entry_type(*kind);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        if *kind == tar::EntryType::Symlink {
+            h.as_gnu_mut().unwrap().linkname[..content.len()].copy_from_slice(content.as_bytes());
+            h.set_size(0);
+            h.set_cksum();
+            builder.append(&h, std::io::empty()).unwrap();
+        } else {
+            h.set_size(content.len() as u64);
+            h.set_cksum();
+            builder.append(&h, content.as_bytes()).unwrap();
+        }
+    }
+    let tar = builder.into_inner().unwrap();
+    let recipient = &fleet.zone("ch").recipients[0];
+    tool("age", &["-r", recipient], &tool("zstd", &["-q"], &tar))
 }

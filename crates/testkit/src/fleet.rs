@@ -39,6 +39,9 @@ pub struct ZoneSpec {
     pub regions: Vec<String>,
     pub recipients: Vec<String>,
     pub cores: Vec<String>,
+    /// `[zones.<id>.signing_keys]`: (core, public key) pairs; each core's
+    /// secret key is `keys/<core>.signing.key` (its `signing_key`).
+    pub signing_keys: Vec<(String, String)>,
     pub targets: Vec<TargetSpec>,
     /// The zone's `retention` table, as TOML lines (`keep_last = 2`); empty: none.
     pub retention: String,
@@ -97,6 +100,10 @@ impl Fleet {
             let key_path = keys.join(format!("{zone}.key"));
             std::fs::write(&key_path, &identity.file_text)?;
             std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
+            let (signing_text, signing_public) = zonevault::signing::Signer::generate()?;
+            let signing_path = keys.join(format!("{core}.signing.key"));
+            std::fs::write(&signing_path, signing_text)?;
+            std::fs::set_permissions(&signing_path, std::fs::Permissions::from_mode(0o600))?;
             let targets: Vec<TargetSpec> = LAYOUT
                 .iter()
                 .zip(&garages)
@@ -118,6 +125,7 @@ impl Fleet {
                 regions: targets.iter().map(|t| t.region.clone()).collect(),
                 recipients: vec![identity.recipient],
                 cores: vec![core.to_string()],
+                signing_keys: vec![(core.to_string(), signing_public)],
                 targets,
                 retention: String::new(),
                 schedule: String::new(),
@@ -194,6 +202,12 @@ impl Fleet {
                 "\n[zones.{}]\nname = {:?}\njurisdiction = {:?}\nregions = {:?}\nrecipients = {:?}\ncores = {:?}\n",
                 z.id, z.name, z.jurisdiction, z.regions, z.recipients, z.cores
             );
+            if !z.signing_keys.is_empty() {
+                let _ = writeln!(s, "\n[zones.{}.signing_keys]", z.id);
+                for (core, key) in &z.signing_keys {
+                    let _ = writeln!(s, "{core:?} = {key:?}");
+                }
+            }
             for t in &z.targets {
                 let _ = write!(
                     s,
@@ -224,7 +238,7 @@ impl Fleet {
             .get(core)
             .map_or(String::new(), |e| format!("{}\n", e.trim()));
         let mut s = format!(
-            "# written by zv-testkit\ncore_id = {core:?}\nzone_map = \"zonemap.toml\"\nstate_dir = \"state/{core}\"\n{extra}\n\
+            "# written by zv-testkit\ncore_id = {core:?}\nzone_map = \"zonemap.toml\"\nstate_dir = \"state/{core}\"\nsigning_key = \"keys/{core}.signing.key\"\n{extra}\n\
              [[volumes]]\nname = \"users\"\npath = {:?}\nlayout = \"pryv\"\nexclude = [\"*.tmp\"]\n\n\
              [[volumes]]\nname = \"etc\"\npath = {:?}\nlayout = \"plain\"\n",
             volumes.join("users").display().to_string(),

@@ -1,0 +1,745 @@
+//! Restoring a unit's tar without ever writing outside the restore directory.
+//!
+//! Why it is built on descriptors: a path is read again by the kernel at
+//! every call, so a link placed anywhere on it — before the run or while it
+//! runs, by the tar itself or by another local user — redirects a
+//! path-based write. Here the restore directory is opened once
+//! ([`Destination::open`]), and every directory below it is created with
+//! `mkdirat` and opened with `O_DIRECTORY | O_NOFOLLOW` relative to its
+//! parent's descriptor; files are created with `O_CREAT | O_EXCL |
+//! O_NOFOLLOW`. No link at any level is ever followed. Links from the tar
+//! are created *as links* (`symlinkat`): a link is harmless as long as
+//! nothing is written through it, which the rule above guarantees.
+//!
+//! Why a unit is staged: the BLAKE3 of a unit is known only once its whole
+//! tar is read, and an object replaced in the bucket by another valid age
+//! file must not put a single file in place. So a unit is unpacked into its
+//! own directory under `DIR/.zonevault-staging/` (the same file system, so
+//! moving is a rename), checked, and only then merged into `DIR/<volume>/`
+//! ([`Staged::commit`]). A unit that fails is removed whole
+//! ([`Staged::discard`], or on drop), also when another target's copy of it
+//! succeeds afterwards.
+//!
+//! What a unit may hold is checked entry by entry ([`Scope`]): a user unit
+//! only its user's directory, the shared unit no user directory. A unit that
+//! breaks its scope is refused whole. What cannot be placed (an existing
+//! file without `--force`, a directory where a file is) is refused per entry
+//! and listed; the rest is restored.
+
+use std::io::{self, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, Timespec, Timestamps};
+use rustix::io::Errno;
+use tar::EntryType;
+
+use crate::units;
+
+/// The directory that holds staged units, inside the restore directory.
+pub const STAGING: &str = ".zonevault-staging";
+
+/// Why the restore directory cannot be used. Each is the operator's to fix
+/// (exit 2): nothing has been written.
+#[derive(Debug, thiserror::Error)]
+pub enum DestinationError {
+    #[error(
+        "{0} is a symbolic link; restore into a real directory (nothing is written through links)"
+    )]
+    Symlink(PathBuf),
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error(
+        "{path} is writable by other users (mode {mode:04o}): another local user could plant links in it while restore runs; restore into a directory only you can write to (chmod go-w, or a new directory)"
+    )]
+    WritableByOthers { path: PathBuf, mode: u32 },
+    #[error(
+        "{path} belongs to uid {owner}, not to the user running restore (uid {euid}); restore into a directory of your own"
+    )]
+    Owner {
+        path: PathBuf,
+        owner: u32,
+        euid: u32,
+    },
+    #[error(
+        "{0} is not empty; restore into an empty directory, or pass --force to overwrite files in it"
+    )]
+    NotEmpty(PathBuf),
+    #[error("cannot use {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// The restore directory, opened once; every write goes below this descriptor.
+#[derive(Debug)]
+pub struct Destination {
+    root: OwnedFd,
+    path: PathBuf,
+    force: bool,
+    /// Restoring as root: numeric owners are applied.
+    owners: bool,
+}
+
+impl Destination {
+    /// Opens `path` (creating it, owner-only, when it does not exist).
+    /// Refuses a symlink, a directory that other users can write to or that
+    /// belongs to someone else, and a non-empty one without `force`.
+    pub fn open(path: &Path, force: bool) -> Result<Destination, DestinationError> {
+        let io_err = |source: io::Error| DestinationError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        match rustix::fs::mkdir(path, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(io_err(e.into())),
+        }
+        let root = match rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::LOOP) => return Err(DestinationError::Symlink(path.to_path_buf())),
+            Err(Errno::NOTDIR) => {
+                let link = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_symlink());
+                return Err(if link {
+                    DestinationError::Symlink(path.to_path_buf())
+                } else {
+                    DestinationError::NotADirectory(path.to_path_buf())
+                });
+            }
+            Err(e) => return Err(io_err(e.into())),
+        };
+        let st = rustix::fs::fstat(&root).map_err(|e| io_err(e.into()))?;
+        let euid = rustix::process::geteuid().as_raw();
+        if st.st_uid != euid {
+            return Err(DestinationError::Owner {
+                path: path.to_path_buf(),
+                owner: st.st_uid,
+                euid,
+            });
+        }
+        let mode = st.st_mode & 0o7777;
+        if mode & 0o022 != 0 {
+            return Err(DestinationError::WritableByOthers {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+        let dest = Destination {
+            root,
+            path: path.to_path_buf(),
+            force,
+            owners: euid == 0,
+        };
+        let names = list(dest.root.as_fd()).map_err(io_err)?;
+        if !force && names.iter().any(|n| n.as_bytes() != STAGING.as_bytes()) {
+            return Err(DestinationError::NotEmpty(path.to_path_buf()));
+        }
+        // What a crashed restore left is ours: DIR belongs to us alone.
+        if names.iter().any(|n| n.as_bytes() == STAGING.as_bytes()) {
+            remove_tree(dest.root.as_fd(), Path::new(STAGING)).map_err(io_err)?;
+        }
+        Ok(dest)
+    }
+
+    /// The restore directory's path, for messages.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A new staging directory for one unit of `volume`, whose entries must
+    /// stay within `scope`.
+    pub fn stage(&self, volume: &str, label: &str, scope: Scope) -> Result<Staged<'_>> {
+        let staging = ensure_dir(self.root.as_fd(), Path::new(STAGING))
+            .with_context(|| format!("cannot create {}/{STAGING}", self.path.display()))?;
+        let name = format!("{:016x}", rand::random::<u64>());
+        rustix::fs::mkdirat(&staging, name.as_str(), Mode::from_raw_mode(0o700))
+            .map_err(io::Error::from)
+            .with_context(|| {
+                format!(
+                    "cannot create a staging directory in {}",
+                    self.path.display()
+                )
+            })?;
+        let dir = open_dir(staging.as_fd(), Path::new(&name))?;
+        Ok(Staged {
+            dest: self,
+            staging,
+            name,
+            dir: Some(dir),
+            volume: volume.to_string(),
+            label: label.to_string(),
+            scope,
+            dirs: Vec::new(),
+            refused: Vec::new(),
+            files: 0,
+            cached: None,
+        })
+    }
+
+    /// Sets the mode, owner and mtime of restored directories, deepest first
+    /// (writing into a directory changes its mtime). A directory that is no
+    /// longer a directory is left alone; nothing is followed.
+    pub fn finish_dirs(&self, mut dirs: Vec<DirMeta>) -> Result<()> {
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.path.components().count()));
+        for d in dirs {
+            let full = Path::new(&d.volume).join(&d.path);
+            let Ok(fd) = open_dir(self.root.as_fd(), &full) else {
+                continue;
+            };
+            if let Some((uid, gid)) = d.owner.filter(|_| self.owners) {
+                set_owner(fd.as_fd(), uid, gid)
+                    .with_context(|| format!("cannot set the owner of {}", full.display()))?;
+            }
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(d.mode & 0o7777))
+                .map_err(io::Error::from)
+                .with_context(|| format!("cannot set the mode of {}", full.display()))?;
+            rustix::fs::futimens(&fd, &times(d.mtime))
+                .map_err(io::Error::from)
+                .with_context(|| format!("cannot set the mtime of {}", full.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the (empty) staging directory at the end of a restore.
+    pub fn finish(&self) -> Result<()> {
+        match rustix::fs::unlinkat(&self.root, STAGING, AtFlags::REMOVEDIR) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(anyhow!(
+                "cannot remove {}/{STAGING}: {}",
+                self.path.display(),
+                io::Error::from(e)
+            )),
+        }
+    }
+}
+
+/// What a unit may hold, relative to its volume's root.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    /// A user unit: only entries at or below these directories.
+    Under(Vec<PathBuf>),
+    /// The shared unit of a pryv volume: no user directory.
+    NoUserDirs,
+    /// A plain volume: anything inside the volume.
+    Volume,
+}
+
+impl Scope {
+    fn allows(&self, rel: &Path) -> bool {
+        match self {
+            Scope::Under(dirs) => dirs.iter().any(|d| rel.starts_with(d)),
+            Scope::NoUserDirs => {
+                let first4: PathBuf = rel.components().take(4).collect();
+                units::is_user_dir(&first4).is_none()
+            }
+            Scope::Volume => true,
+        }
+    }
+}
+
+/// A directory whose metadata is applied after every unit is in place.
+#[derive(Debug, Clone)]
+pub struct DirMeta {
+    pub volume: String,
+    /// Relative to the volume's root.
+    pub path: PathBuf,
+    pub mode: u32,
+    pub mtime: i64,
+    pub owner: Option<(u32, u32)>,
+}
+
+/// One entry that restore did not write, and why.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Refused {
+    /// `<volume>/<path>`.
+    pub path: String,
+    pub reason: String,
+}
+
+/// One unit, unpacked into its staging directory and not yet in place.
+pub struct Staged<'d> {
+    dest: &'d Destination,
+    staging: OwnedFd,
+    name: String,
+    /// The unit's staging directory; `None` once committed or discarded.
+    dir: Option<OwnedFd>,
+    volume: String,
+    label: String,
+    scope: Scope,
+    dirs: Vec<DirMeta>,
+    refused: Vec<Refused>,
+    files: u64,
+    /// The parent directory of the last entry: tar entries come in walk order.
+    cached: Option<(PathBuf, OwnedFd)>,
+}
+
+/// What a committed unit put in place.
+#[derive(Debug, Default)]
+pub struct Placed {
+    pub files: u64,
+    pub dirs: Vec<DirMeta>,
+    pub refused: Vec<Refused>,
+}
+
+impl Staged<'_> {
+    /// Unpacks a unit's tar into the staging directory. Fails, refusing the
+    /// unit, on an entry outside its scope or the volume, or on a damaged tar.
+    pub fn unpack(&mut self, reader: impl Read) -> Result<()> {
+        let mut archive = tar::Archive::new(reader);
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            let raw = entry.path()?.into_owned();
+            let rel = safe_relative(&raw).map_err(|e| {
+                anyhow!(
+                    "{} holds the entry {:?}, which {e}: refused",
+                    self.label,
+                    raw
+                )
+            })?;
+            if rel.as_os_str().is_empty() {
+                continue; // "./": the volume root, which restore creates
+            }
+            if !self.scope.allows(&rel) {
+                bail!(
+                    "{} holds {}, which is not this unit's to hold ({}): refused",
+                    self.label,
+                    rel.display(),
+                    match self.scope {
+                        Scope::Under(_) => "not under its user's directories",
+                        Scope::NoUserDirs => "a user's directory in the shared unit",
+                        Scope::Volume => "outside the volume",
+                    }
+                );
+            }
+            if let Err(reason) = self.unpack_entry(&mut entry, &rel) {
+                self.refuse(&rel, format!("{reason:#}"));
+            }
+        }
+        self.cached = None;
+        Ok(())
+    }
+
+    fn refuse(&mut self, rel: &Path, reason: String) {
+        tracing::warn!(unit = %self.label, path = %rel.display(), %reason, "entry not restored");
+        self.refused.push(Refused {
+            path: format!("{}/{}", self.volume, rel.display()),
+            reason,
+        });
+    }
+
+    fn unpack_entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, rel: &Path) -> Result<()> {
+        let header = entry.header();
+        let kind = header.entry_type();
+        let mode = header.mode()?;
+        let mtime = header.mtime()? as i64;
+        let owner = (header.uid()? as u32, header.gid()? as u32);
+        let owners = self.dest.owners;
+        let name = rel
+            .file_name()
+            .context("an entry without a name")?
+            .to_owned();
+        if kind == EntryType::Directory {
+            let root = self.dir()?;
+            ensure_dir(root, rel)?;
+            self.dirs.push(DirMeta {
+                volume: self.volume.clone(),
+                path: rel.to_path_buf(),
+                mode,
+                mtime,
+                owner: Some(owner),
+            });
+            self.files += 1;
+            return Ok(());
+        }
+        let parent = self.parent(rel)?;
+        match kind {
+            EntryType::Regular | EntryType::Continuous => {
+                let fd = rustix::fs::openat(
+                    parent,
+                    name.as_os_str(),
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(io::Error::from)
+                .context("cannot create it")?;
+                let mut file = std::fs::File::from(fd);
+                io::copy(entry, &mut file).context("cannot write it")?;
+                if owners {
+                    set_owner(file.as_fd(), owner.0, owner.1)?;
+                }
+                // after the owner: chown clears set-id bits
+                rustix::fs::fchmod(&file, Mode::from_raw_mode(mode & 0o7777))?;
+                rustix::fs::futimens(&file, &times(mtime))?;
+            }
+            EntryType::Symlink => {
+                let target = entry
+                    .link_name()?
+                    .context("a link without a target")?
+                    .into_owned();
+                rustix::fs::symlinkat(target.as_os_str(), parent, name.as_os_str())
+                    .map_err(io::Error::from)
+                    .context("cannot create the link")?;
+                if owners {
+                    rustix::fs::chownat(
+                        parent,
+                        name.as_os_str(),
+                        Some(rustix::fs::Uid::from_raw(owner.0)),
+                        Some(rustix::fs::Gid::from_raw(owner.1)),
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    )?;
+                }
+                rustix::fs::utimensat(
+                    parent,
+                    name.as_os_str(),
+                    &times(mtime),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )?;
+            }
+            EntryType::Link => {
+                let target = entry
+                    .link_name()?
+                    .context("a hard link without a target")?
+                    .into_owned();
+                let target = safe_relative(&target).map_err(|e| anyhow!("its target {e}"))?;
+                if !self.scope.allows(&target) {
+                    bail!("its target {} is not in this unit", target.display());
+                }
+                let target_name = target
+                    .file_name()
+                    .context("a hard link to the volume root")?;
+                let target_parent = open_dir(self.dir()?, target.parent().unwrap_or(Path::new("")))
+                    .with_context(|| {
+                        format!("its target {} is not in this unit", target.display())
+                    })?;
+                let parent = self.parent(rel)?;
+                rustix::fs::linkat(
+                    &target_parent,
+                    target_name,
+                    parent,
+                    name.as_os_str(),
+                    AtFlags::empty(),
+                )
+                .map_err(io::Error::from)
+                .with_context(|| format!("cannot link it to {}", target.display()))?;
+            }
+            other => bail!("a {other:?} entry: only files, directories and links are restored"),
+        }
+        self.files += 1;
+        Ok(())
+    }
+
+    fn dir(&self) -> Result<BorrowedFd<'_>> {
+        self.dir
+            .as_ref()
+            .map(|d| d.as_fd())
+            .context("the unit was already committed")
+    }
+
+    /// The staged parent directory of `rel`, created as needed.
+    fn parent(&mut self, rel: &Path) -> Result<BorrowedFd<'_>> {
+        let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+        if self.cached.as_ref().is_none_or(|(p, _)| *p != parent) {
+            let fd = ensure_dir(self.dir()?, &parent)?;
+            self.cached = Some((parent, fd));
+        }
+        Ok(self
+            .cached
+            .as_ref()
+            .map(|(_, fd)| fd.as_fd())
+            .expect("just set"))
+    }
+
+    /// Moves the checked unit into `DIR/<volume>/`: what does not exist there
+    /// is renamed into place; directories that exist are merged; an existing
+    /// file is replaced only with `--force`, and never through a link.
+    pub fn commit(mut self) -> Result<Placed> {
+        let volume =
+            ensure_dir(self.dest.root.as_fd(), Path::new(&self.volume)).with_context(|| {
+                format!(
+                    "cannot open {}/{} as a directory (a link or a file there is not followed)",
+                    self.dest.path.display(),
+                    self.volume
+                )
+            })?;
+        let staged = self.dir.take().context("the unit was already committed")?;
+        let mut refused = std::mem::take(&mut self.refused);
+        let merged = merge(
+            staged.as_fd(),
+            volume.as_fd(),
+            Path::new(""),
+            self.dest.force,
+            &self.volume,
+            &mut refused,
+        );
+        drop(staged);
+        self.remove();
+        merged?;
+        Ok(Placed {
+            files: self.files,
+            dirs: std::mem::take(&mut self.dirs),
+            refused,
+        })
+    }
+
+    /// Removes everything of this unit from staging.
+    pub fn discard(mut self) {
+        self.dir = None;
+        self.remove();
+    }
+
+    fn remove(&mut self) {
+        self.cached = None;
+        self.dir = None;
+        if self.name.is_empty() {
+            return;
+        }
+        if let Err(e) = remove_tree(self.staging.as_fd(), Path::new(&self.name)) {
+            tracing::warn!(unit = %self.label, error = %e, "cannot remove the staged copy of this unit");
+        }
+        self.name.clear();
+    }
+}
+
+impl Drop for Staged<'_> {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// Merges the tree under `src` into `dst` (both open directories).
+fn merge(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    rel: &Path,
+    force: bool,
+    volume: &str,
+    refused: &mut Vec<Refused>,
+) -> Result<()> {
+    for name in list(src)? {
+        let here = rel.join(&name);
+        match rustix::fs::renameat_with(
+            src,
+            name.as_os_str(),
+            dst,
+            name.as_os_str(),
+            RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => continue,
+            Err(Errno::EXIST) => {}
+            Err(e) => {
+                return Err(io::Error::from(e)).with_context(|| {
+                    format!("cannot move {volume}/{} into place", here.display())
+                });
+            }
+        }
+        let is_dir = |fd| {
+            rustix::fs::statat(fd, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)
+                .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+        };
+        let (s_dir, d_dir) = (is_dir(src)?, is_dir(dst)?);
+        let refuse = |refused: &mut Vec<Refused>, reason: &str| {
+            tracing::warn!(path = %format!("{volume}/{}", here.display()), reason, "entry not restored");
+            refused.push(Refused {
+                path: format!("{volume}/{}", here.display()),
+                reason: reason.to_string(),
+            });
+        };
+        match (s_dir, d_dir) {
+            (true, true) => {
+                let s = open_dir(src, Path::new(&name))?;
+                let d = open_dir(dst, Path::new(&name))?;
+                merge(s.as_fd(), d.as_fd(), &here, force, volume, refused)?;
+            }
+            (false, false) if force => {
+                rustix::fs::renameat(src, name.as_os_str(), dst, name.as_os_str())
+                    .map_err(io::Error::from)
+                    .with_context(|| format!("cannot replace {volume}/{}", here.display()))?;
+            }
+            (false, false) => refuse(
+                refused,
+                "exists in the restore directory; not overwritten (--force replaces files)",
+            ),
+            (true, false) => refuse(
+                refused,
+                "a directory in the snapshot, but something else (a file or a link) exists there; not replaced",
+            ),
+            (false, true) => refuse(
+                refused,
+                "a directory exists there; not replaced by the snapshot's file",
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Opens `rel` below `base`, every component a real directory (no link is followed).
+fn open_dir(base: BorrowedFd<'_>, rel: &Path) -> Result<OwnedFd> {
+    walk_dirs(base, rel, false)
+}
+
+/// Like [`open_dir`], creating missing directories (owner-only until
+/// [`Destination::finish_dirs`] sets their modes).
+fn ensure_dir(base: BorrowedFd<'_>, rel: &Path) -> Result<OwnedFd> {
+    walk_dirs(base, rel, true)
+}
+
+fn walk_dirs(base: BorrowedFd<'_>, rel: &Path, create: bool) -> Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut at = rustix::fs::openat(base, ".", flags, Mode::empty())?;
+    for (i, part) in rel.components().enumerate() {
+        let Component::Normal(name) = part else {
+            bail!("{} is not a plain relative path", rel.display());
+        };
+        if create {
+            match rustix::fs::mkdirat(&at, name, Mode::from_raw_mode(0o700)) {
+                Ok(()) | Err(Errno::EXIST) => {}
+                Err(e) => {
+                    return Err(io::Error::from(e)).with_context(|| {
+                        format!(
+                            "cannot create {}",
+                            rel.iter().take(i + 1).collect::<PathBuf>().display()
+                        )
+                    });
+                }
+            }
+        }
+        at = match rustix::fs::openat(&at, name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::LOOP | Errno::NOTDIR) => bail!(
+                "{} is not a directory (a link or a file there is never followed)",
+                rel.iter().take(i + 1).collect::<PathBuf>().display()
+            ),
+            Err(e) => {
+                return Err(io::Error::from(e)).with_context(|| {
+                    format!(
+                        "cannot open {}",
+                        rel.iter().take(i + 1).collect::<PathBuf>().display()
+                    )
+                });
+            }
+        };
+    }
+    Ok(at)
+}
+
+/// The names in an open directory (without `.` and `..`).
+fn list(dir: BorrowedFd<'_>) -> io::Result<Vec<std::ffi::OsString>> {
+    use std::os::unix::ffi::OsStringExt;
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            names.push(std::ffi::OsString::from_vec(name.to_vec()));
+        }
+    }
+    Ok(names)
+}
+
+/// Removes `rel` below `base` and everything in it, never following a link.
+fn remove_tree(base: BorrowedFd<'_>, rel: &Path) -> io::Result<()> {
+    let dir = match rustix::fs::openat(
+        base,
+        rel,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(Errno::NOTDIR | Errno::LOOP) => {
+            return Ok(rustix::fs::unlinkat(base, rel, AtFlags::empty())?);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for name in list(dir.as_fd())? {
+        match rustix::fs::unlinkat(&dir, name.as_os_str(), AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(Errno::ISDIR) => remove_tree(dir.as_fd(), Path::new(&name))?,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    drop(dir);
+    match rustix::fs::unlinkat(base, rel, AtFlags::REMOVEDIR) {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn set_owner(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
+    rustix::fs::fchown(
+        fd,
+        Some(rustix::fs::Uid::from_raw(uid)),
+        Some(rustix::fs::Gid::from_raw(gid)),
+    )?;
+    Ok(())
+}
+
+fn times(mtime: i64) -> Timestamps {
+    let t = Timespec {
+        tv_sec: mtime,
+        tv_nsec: 0,
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
+/// `path` with `.` parts removed, if it is relative and stays inside.
+pub fn safe_relative(path: &Path) -> Result<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    bail!("leaves the directory");
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => bail!("is absolute"),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_are_checked() {
+        assert_eq!(
+            safe_relative(Path::new("a/./b")).unwrap(),
+            PathBuf::from("a/b")
+        );
+        assert_eq!(
+            safe_relative(Path::new("a/../b")).unwrap(),
+            PathBuf::from("b")
+        );
+        assert!(safe_relative(Path::new("../etc/passwd")).is_err());
+        assert!(safe_relative(Path::new("a/../../b")).is_err());
+        assert!(safe_relative(Path::new("/etc/passwd")).is_err());
+        assert_eq!(safe_relative(Path::new("a/..")).unwrap(), PathBuf::new());
+    }
+
+    #[test]
+    fn scopes_hold_what_they_should() {
+        let user = Scope::Under(vec![PathBuf::from("c/b/a/xabc")]);
+        assert!(user.allows(Path::new("c/b/a/xabc")));
+        assert!(user.allows(Path::new("c/b/a/xabc/f.sqlite")));
+        assert!(!user.allows(Path::new("c/b/a/xabcd")));
+        assert!(!user.allows(Path::new("user-index.db")));
+        assert!(Scope::NoUserDirs.allows(Path::new("c/b/a")));
+        assert!(Scope::NoUserDirs.allows(Path::new("_shared/x/y/z")));
+        assert!(!Scope::NoUserDirs.allows(Path::new("c/b/a/xabc")));
+        assert!(!Scope::NoUserDirs.allows(Path::new("c/b/a/xabc/f")));
+    }
+}
