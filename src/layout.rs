@@ -60,6 +60,20 @@ pub fn snapshot_of_index(key: &str) -> Option<&str> {
     name.strip_suffix(".json")
 }
 
+/// Whether `s` has the shape of a snapshot id (`YYYYMMDDTHHMMSSZ-<hex>`).
+pub fn is_snapshot_id(s: &str) -> bool {
+    let Some((time, random)) = s.split_once('-') else {
+        return false;
+    };
+    let t = time.as_bytes();
+    t.len() == 16
+        && t[8] == b'T'
+        && t[15] == b'Z'
+        && t[..8].iter().chain(&t[9..15]).all(u8::is_ascii_digit)
+        && (1..=16).contains(&random.len())
+        && random.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// `<core>/audit/`: the encrypted copies of the core's audit log.
 pub fn audit_dir(core: &str) -> String {
     format!("{core}/audit/")
@@ -82,6 +96,21 @@ pub fn audit_copy_range(key: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_ids_are_recognised() {
+        assert!(is_snapshot_id("20261126T023000Z-3f9a"));
+        assert!(is_snapshot_id("20261126T023000Z-3f9a01c2d4e5"));
+        for bad in [
+            "empty",
+            "20261126T023000Z",
+            "20261126X023000Z-3f",
+            "20261126T023000Z-xyz",
+            "2026112T023000Z-3f",
+        ] {
+            assert!(!is_snapshot_id(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn audit_copy_keys_round_trip_and_sort() {

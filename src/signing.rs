@@ -28,6 +28,11 @@ pub const SUFFIX: &str = ".minisig";
 /// Secret key files are a few hundred bytes; anything larger is not one.
 const MAX_KEY_FILE: u64 = 4096;
 
+/// The file name a signature's statement names: the last part of `key`.
+pub fn file_name(key: &str) -> &str {
+    key.rsplit('/').next().unwrap_or(key)
+}
+
 /// The key of the signature of the object at `key`.
 pub fn signature_key(key: &str) -> String {
     format!("{key}{SUFFIX}")
@@ -148,7 +153,16 @@ pub fn core_signer(config: &crate::config::Config) -> crate::Result<Option<Signe
     let path = &config.core.signing_key;
     let listed = zone.signing_keys.get(core);
     let field = format!("zones.{}.signing_keys.{core}", zone.id);
-    let exists = std::fs::symlink_metadata(path).is_ok();
+    let exists = match std::fs::symlink_metadata(path) {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => {
+            return Err(Error::Usage(format!(
+                "cannot read the signing key {}: {e}",
+                path.display()
+            )));
+        }
+    };
     match (exists, listed) {
         (false, None) => {
             tracing::warn!(
@@ -196,8 +210,14 @@ pub fn parse_public_key(text: &str) -> Result<PublicKey, String> {
 pub enum BadSignature {
     #[error("its signature is not a minisign signature")]
     Malformed,
-    #[error("it is not signed by any key the zone map lists for core {0}")]
-    UnknownKey(String),
+    #[error(
+        "it is signed by key {key}, which the zone map does not list for core {core} (it lists {listed})"
+    )]
+    UnknownKey {
+        core: String,
+        key: String,
+        listed: String,
+    },
     #[error("its signature does not match its contents")]
     Mismatch,
     #[error("its signature was made for another object ({0:?})")]
@@ -214,12 +234,32 @@ pub fn verify(
 ) -> Result<(), BadSignature> {
     let text = std::str::from_utf8(signature).map_err(|_| BadSignature::Malformed)?;
     let sig = SignatureBox::from_string(text).map_err(|_| BadSignature::Malformed)?;
-    let key = keys
+    let key_id = |keynum: &[u8]| {
+        keynum
+            .iter()
+            .rev()
+            .map(|b| format!("{b:02X}"))
+            .collect::<String>()
+    };
+    let candidates: Vec<&PublicKey> = keys.iter().filter(|k| k.keynum() == sig.keynum()).collect();
+    if candidates.is_empty() {
+        return Err(BadSignature::UnknownKey {
+            core: what.core.to_string(),
+            key: key_id(sig.keynum()),
+            listed: keys
+                .iter()
+                .map(|k| key_id(k.keynum()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    // key ids are 8 random bytes: a clash is unlikely, but try each
+    if !candidates
         .iter()
-        .find(|k| k.keynum() == sig.keynum())
-        .ok_or_else(|| BadSignature::UnknownKey(what.core.to_string()))?;
-    minisign::verify(key, &sig, Cursor::new(data), true, false, false)
-        .map_err(|_| BadSignature::Mismatch)?;
+        .any(|key| minisign::verify(key, &sig, Cursor::new(data), true, false, false).is_ok())
+    {
+        return Err(BadSignature::Mismatch);
+    }
     let comment = sig.trusted_comment().map_err(|_| BadSignature::Malformed)?;
     if comment != what.comment() {
         return Err(BadSignature::WrongStatement(comment));
@@ -269,10 +309,10 @@ mod tests {
         let other = dir.path().join("other.key");
         let other_public = write_key(&other);
         let other_keys = vec![parse_public_key(&other_public).unwrap()];
-        assert_eq!(
+        assert!(matches!(
             verify(b"index", &sig, &other_keys, &statement("a.json")),
-            Err(BadSignature::UnknownKey("core-ch-1".into()))
-        );
+            Err(BadSignature::UnknownKey { .. })
+        ));
         assert_eq!(
             verify(b"index", b"junk", &keys, &statement("a.json")),
             Err(BadSignature::Malformed)

@@ -68,6 +68,17 @@ pub fn label(volume: &str, kind: &UnitKind) -> String {
     }
 }
 
+/// Whether `id` can name a user directory: at least 3 characters, letters,
+/// digits, `.`, `_` and `-`, not starting with `.` (a manifest is checked
+/// with this before any of its ids becomes a path).
+pub fn is_valid_user_id(id: &str) -> bool {
+    id.chars().count() >= 3
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
 /// `<a>/<b>/<c>/<userId>` for a user id, relative to the volume root.
 pub fn user_dir(id: &str) -> PathBuf {
     let chars: Vec<char> = id.chars().collect();
@@ -96,6 +107,15 @@ pub fn is_user_dir(rel: &Path) -> Option<String> {
         .enumerate()
         .all(|(i, part)| part.chars().count() == 1 && part.starts_with(chars[n - 1 - i]));
     ok.then(|| id.to_string())
+}
+
+/// Whether an entry at `rel` belongs to a user unit rather than to the
+/// shared unit: a user directory itself, or anything below one. A file or
+/// link that merely has a user directory's name stays shared. Backup's walk
+/// and restore's scope check use this one rule.
+pub fn in_user_dir(rel: &Path, is_dir: bool) -> bool {
+    let head: PathBuf = rel.components().take(4).collect();
+    is_user_dir(&head).is_some() && (is_dir || rel.components().count() > 4)
 }
 
 /// The units of a volume, users sorted by id, the shared unit last.
@@ -170,7 +190,7 @@ pub fn walk(
             if exclude.is_match(rel) {
                 return false;
             }
-            !(shared && e.file_type().is_dir() && is_user_dir(rel).is_some())
+            !(shared && in_user_dir(rel, e.file_type().is_dir()))
         })
 }
 

@@ -181,37 +181,43 @@ impl Destination {
 
     /// Sets the mode, owner and mtime of restored directories, deepest first
     /// (writing into a directory changes its mtime). A directory that is no
-    /// longer a directory is left alone; nothing is followed.
-    pub fn finish_dirs(&self, mut dirs: Vec<DirMeta>) -> Result<()> {
+    /// longer a directory is left alone; nothing is followed. What cannot be
+    /// set is returned as refused, not an error: the files are in place.
+    pub fn finish_dirs(&self, mut dirs: Vec<DirMeta>) -> Vec<Refused> {
         dirs.sort_by_key(|d| std::cmp::Reverse(d.path.components().count()));
+        let mut refused = Vec::new();
         for d in dirs {
             let full = Path::new(&d.volume).join(&d.path);
             let Ok(fd) = open_dir(self.root.as_fd(), &full) else {
                 continue;
             };
-            if let Some((uid, gid)) = d.owner.filter(|_| self.owners) {
-                set_owner(fd.as_fd(), uid, gid)
-                    .with_context(|| format!("cannot set the owner of {}", full.display()))?;
+            let set = (|| -> io::Result<()> {
+                if let Some((uid, gid)) = d.owner.filter(|_| self.owners) {
+                    set_owner(fd.as_fd(), uid, gid)?;
+                }
+                rustix::fs::fchmod(&fd, Mode::from_raw_mode(d.mode & 0o7777))?;
+                rustix::fs::futimens(&fd, &times(d.mtime))?;
+                Ok(())
+            })();
+            if let Err(e) = set {
+                refused.push(Refused {
+                    path: full.display().to_string(),
+                    reason: format!("restored, but its owner, mode or mtime could not be set: {e}"),
+                });
             }
-            rustix::fs::fchmod(&fd, Mode::from_raw_mode(d.mode & 0o7777))
-                .map_err(io::Error::from)
-                .with_context(|| format!("cannot set the mode of {}", full.display()))?;
-            rustix::fs::futimens(&fd, &times(d.mtime))
-                .map_err(io::Error::from)
-                .with_context(|| format!("cannot set the mtime of {}", full.display()))?;
         }
-        Ok(())
+        refused
     }
 
     /// Removes the (empty) staging directory at the end of a restore.
-    pub fn finish(&self) -> Result<()> {
+    pub fn finish(&self) {
         match rustix::fs::unlinkat(&self.root, STAGING, AtFlags::REMOVEDIR) {
-            Ok(()) | Err(Errno::NOENT) => Ok(()),
-            Err(e) => Err(anyhow!(
-                "cannot remove {}/{STAGING}: {}",
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(e) => tracing::warn!(
+                "cannot remove {}/{STAGING}: {}; it holds nothing restored, delete it",
                 self.path.display(),
                 io::Error::from(e)
-            )),
+            ),
         }
     }
 }
@@ -228,13 +234,19 @@ pub enum Scope {
 }
 
 impl Scope {
-    fn allows(&self, rel: &Path) -> bool {
+    /// The scope of a unit of `kind`: what its backup put in it.
+    pub fn of(kind: &units::UnitKind) -> Scope {
+        match kind {
+            units::UnitKind::User(id) => Scope::Under(vec![units::user_dir(id)]),
+            units::UnitKind::Shared => Scope::NoUserDirs,
+            units::UnitKind::Volume => Scope::Volume,
+        }
+    }
+
+    fn allows(&self, rel: &Path, is_dir: bool) -> bool {
         match self {
             Scope::Under(dirs) => dirs.iter().any(|d| rel.starts_with(d)),
-            Scope::NoUserDirs => {
-                let first4: PathBuf = rel.components().take(4).collect();
-                units::is_user_dir(&first4).is_none()
-            }
+            Scope::NoUserDirs => !units::in_user_dir(rel, is_dir),
             Scope::Volume => true,
         }
     }
@@ -302,7 +314,8 @@ impl Staged<'_> {
             if rel.as_os_str().is_empty() {
                 continue; // "./": the volume root, which restore creates
             }
-            if !self.scope.allows(&rel) {
+            let is_dir = entry.header().entry_type() == EntryType::Directory;
+            if !self.scope.allows(&rel, is_dir) {
                 bail!(
                     "{} holds {}, which is not this unit's to hold ({}): refused",
                     self.label,
@@ -370,13 +383,18 @@ impl Staged<'_> {
                 .map_err(io::Error::from)
                 .context("cannot create it")?;
                 let mut file = std::fs::File::from(fd);
-                io::copy(entry, &mut file).context("cannot write it")?;
-                if owners {
-                    set_owner(file.as_fd(), owner.0, owner.1)?;
-                }
-                // after the owner: chown clears set-id bits
-                rustix::fs::fchmod(&file, Mode::from_raw_mode(mode & 0o7777))?;
-                rustix::fs::futimens(&file, &times(mtime))?;
+                let written = (|| -> Result<()> {
+                    io::copy(entry, &mut file).context("cannot write it")?;
+                    if owners {
+                        set_owner(file.as_fd(), owner.0, owner.1)?;
+                    }
+                    // after the owner: chown clears set-id bits
+                    rustix::fs::fchmod(&file, Mode::from_raw_mode(mode & 0o7777))?;
+                    rustix::fs::futimens(&file, &times(mtime))?;
+                    Ok(())
+                })();
+                // a refused entry must not be moved into place half made
+                written.inspect_err(|_| unlink(parent, &name))?;
             }
             EntryType::Symlink => {
                 let target = entry
@@ -386,21 +404,25 @@ impl Staged<'_> {
                 rustix::fs::symlinkat(target.as_os_str(), parent, name.as_os_str())
                     .map_err(io::Error::from)
                     .context("cannot create the link")?;
-                if owners {
-                    rustix::fs::chownat(
+                let finished = (|| -> io::Result<()> {
+                    if owners {
+                        rustix::fs::chownat(
+                            parent,
+                            name.as_os_str(),
+                            Some(rustix::fs::Uid::from_raw(owner.0)),
+                            Some(rustix::fs::Gid::from_raw(owner.1)),
+                            AtFlags::SYMLINK_NOFOLLOW,
+                        )?;
+                    }
+                    rustix::fs::utimensat(
                         parent,
                         name.as_os_str(),
-                        Some(rustix::fs::Uid::from_raw(owner.0)),
-                        Some(rustix::fs::Gid::from_raw(owner.1)),
+                        &times(mtime),
                         AtFlags::SYMLINK_NOFOLLOW,
                     )?;
-                }
-                rustix::fs::utimensat(
-                    parent,
-                    name.as_os_str(),
-                    &times(mtime),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )?;
+                    Ok(())
+                })();
+                finished.inspect_err(|_| unlink(parent, &name))?;
             }
             EntryType::Link => {
                 let target = entry
@@ -408,7 +430,7 @@ impl Staged<'_> {
                     .context("a hard link without a target")?
                     .into_owned();
                 let target = safe_relative(&target).map_err(|e| anyhow!("its target {e}"))?;
-                if !self.scope.allows(&target) {
+                if !self.scope.allows(&target, false) {
                     bail!("its target {} is not in this unit", target.display());
                 }
                 let target_name = target
@@ -470,7 +492,7 @@ impl Staged<'_> {
             })?;
         let staged = self.dir.take().context("the unit was already committed")?;
         let mut refused = std::mem::take(&mut self.refused);
-        let merged = merge(
+        merge(
             staged.as_fd(),
             volume.as_fd(),
             Path::new(""),
@@ -480,7 +502,6 @@ impl Staged<'_> {
         );
         drop(staged);
         self.remove();
-        merged?;
         Ok(Placed {
             files: self.files,
             dirs: std::mem::take(&mut self.dirs),
@@ -513,7 +534,9 @@ impl Drop for Staged<'_> {
     }
 }
 
-/// Merges the tree under `src` into `dst` (both open directories).
+/// Merges the tree under `src` into `dst` (both open directories). Never
+/// stops half way: whatever cannot be placed is refused, entry by entry, and
+/// the rest goes on (the unit was verified, another copy would not help).
 fn merge(
     src: BorrowedFd<'_>,
     dst: BorrowedFd<'_>,
@@ -521,62 +544,70 @@ fn merge(
     force: bool,
     volume: &str,
     refused: &mut Vec<Refused>,
-) -> Result<()> {
-    for name in list(src)? {
-        let here = rel.join(&name);
-        match rustix::fs::renameat_with(
-            src,
-            name.as_os_str(),
-            dst,
-            name.as_os_str(),
-            RenameFlags::NOREPLACE,
-        ) {
-            Ok(()) => continue,
-            Err(Errno::EXIST) => {}
-            Err(e) => {
-                return Err(io::Error::from(e)).with_context(|| {
-                    format!("cannot move {volume}/{} into place", here.display())
-                });
-            }
+) {
+    fn refuse(refused: &mut Vec<Refused>, volume: &str, here: &Path, reason: String) {
+        let path = format!("{volume}/{}", here.display());
+        tracing::warn!(%path, %reason, "entry not restored");
+        refused.push(Refused { path, reason });
+    }
+    let names = match list(src) {
+        Ok(names) => names,
+        Err(e) => {
+            return refuse(
+                refused,
+                volume,
+                rel,
+                format!("cannot read the staged copy: {e}"),
+            );
         }
-        let is_dir = |fd| {
-            rustix::fs::statat(fd, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)
-                .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
-        };
-        let (s_dir, d_dir) = (is_dir(src)?, is_dir(dst)?);
-        let refuse = |refused: &mut Vec<Refused>, reason: &str| {
-            tracing::warn!(path = %format!("{volume}/{}", here.display()), reason, "entry not restored");
-            refused.push(Refused {
-                path: format!("{volume}/{}", here.display()),
-                reason: reason.to_string(),
-            });
-        };
-        match (s_dir, d_dir) {
-            (true, true) => {
-                let s = open_dir(src, Path::new(&name))?;
-                let d = open_dir(dst, Path::new(&name))?;
-                merge(s.as_fd(), d.as_fd(), &here, force, volume, refused)?;
-            }
-            (false, false) if force => {
-                rustix::fs::renameat(src, name.as_os_str(), dst, name.as_os_str())
-                    .map_err(io::Error::from)
-                    .with_context(|| format!("cannot replace {volume}/{}", here.display()))?;
-            }
-            (false, false) => refuse(
-                refused,
-                "exists in the restore directory; not overwritten (--force replaces files)",
-            ),
-            (true, false) => refuse(
-                refused,
-                "a directory in the snapshot, but something else (a file or a link) exists there; not replaced",
-            ),
-            (false, true) => refuse(
-                refused,
-                "a directory exists there; not replaced by the snapshot's file",
-            ),
+    };
+    for name in names {
+        let here = rel.join(&name);
+        if let Err(reason) = place(src, dst, &name, &here, force, volume, refused) {
+            refuse(refused, volume, &here, reason);
         }
     }
-    Ok(())
+}
+
+/// Moves one staged entry into place; `Err` is why it was not.
+fn place(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    here: &Path,
+    force: bool,
+    volume: &str,
+    refused: &mut Vec<Refused>,
+) -> Result<(), String> {
+    let moved = |e: Errno| {
+        match e {
+        Errno::XDEV => "cannot be moved into place: the restore directory spans file systems (a mount point inside it); restore into a directory on one file system".to_string(),
+        Errno::INVAL => "cannot be moved into place: this file system does not support renameat2(RENAME_NOREPLACE)".to_string(),
+        e => format!("cannot be moved into place: {}", io::Error::from(e)),
+    }
+    };
+    match rustix::fs::renameat_with(src, name, dst, name, RenameFlags::NOREPLACE) {
+        Ok(()) => return Ok(()),
+        Err(Errno::EXIST) => {}
+        Err(e) => return Err(moved(e)),
+    }
+    let is_dir = |fd| {
+        rustix::fs::statat(fd, name, AtFlags::SYMLINK_NOFOLLOW)
+            .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+            .map_err(|e| format!("cannot inspect it: {}", io::Error::from(e)))
+    };
+    match (is_dir(src)?, is_dir(dst)?) {
+        (true, true) => {
+            let s = open_dir(src, Path::new(name)).map_err(|e| format!("{e:#}"))?;
+            let d = open_dir(dst, Path::new(name)).map_err(|e| format!("{e:#}"))?;
+            merge(s.as_fd(), d.as_fd(), here, force, volume, refused);
+            Ok(())
+        }
+        (false, false) if force => rustix::fs::renameat(src, name, dst, name).map_err(moved),
+        (false, false) => Err("exists in the restore directory; not overwritten (--force replaces files)".into()),
+        (true, false) => Err("a directory in the snapshot, but something else (a file or a link) exists there; not replaced".into()),
+        (false, true) => Err("a directory exists there; not replaced by the snapshot's file".into()),
+    }
 }
 
 /// Opens `rel` below `base`, every component a real directory (no link is followed).
@@ -672,6 +703,12 @@ fn remove_tree(base: BorrowedFd<'_>, rel: &Path) -> io::Result<()> {
     }
 }
 
+/// Removes a staged entry that could not be made whole (best effort: the
+/// staging directory is removed at the end of the unit anyway).
+fn unlink(parent: BorrowedFd<'_>, name: &std::ffi::OsStr) {
+    let _ = rustix::fs::unlinkat(parent, name, AtFlags::empty());
+}
+
 fn set_owner(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
     rustix::fs::fchown(
         fd,
@@ -730,16 +767,239 @@ mod tests {
         assert_eq!(safe_relative(Path::new("a/..")).unwrap(), PathBuf::new());
     }
 
+    /// A tar of raw entries: (path, kind, content or link target).
+    fn tar_of(entries: &[(&str, EntryType, &str)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, content) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mode(if *kind == EntryType::Directory {
+                0o755
+            } else {
+                0o640
+            });
+            h.set_mtime(1_700_000_000);
+            match kind {
+                EntryType::Symlink | EntryType::Link => {
+                    h.set_size(0);
+                    b.append_link(&mut h, path, content).unwrap();
+                }
+                _ => {
+                    h.set_size(content.len() as u64);
+                    b.append_data(&mut h, path, content.as_bytes()).unwrap();
+                }
+            }
+        }
+        b.into_inner().unwrap()
+    }
+
+    /// Unpacks `tar` as one unit of volume `v` into a new DIR and commits
+    /// it; returns DIR, the unit's outcome, and a directory outside DIR.
+    fn restore(
+        scope: Scope,
+        tar: &[u8],
+        prepare: impl FnOnce(&Path),
+        force: bool,
+    ) -> (tempfile::TempDir, PathBuf, Result<Placed>) {
+        let top = tempfile::tempdir().unwrap();
+        let to = top.path().join("restore");
+        std::fs::create_dir(&to).unwrap();
+        std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        let outside = top.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        prepare(&to);
+        let dest = Destination::open(&to, force).unwrap();
+        let mut staged = dest.stage("v", "v/unit", scope).unwrap();
+        let outcome = staged.unpack(tar).and_then(|()| staged.commit());
+        dest.finish();
+        (top, to, outcome)
+    }
+
+    fn nothing_outside(top: &Path) {
+        assert_eq!(std::fs::read_dir(top.join("outside")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn entries_that_leave_the_volume_refuse_the_unit() {
+        for entries in [
+            &[("../escape", EntryType::Regular, "x")][..],
+            &[("a/../../escape", EntryType::Regular, "x")][..],
+            &[("/abs", EntryType::Regular, "x")][..],
+        ] {
+            let (top, to, outcome) = restore(Scope::Volume, &tar_of_raw(entries), |_| {}, false);
+            let e = outcome.unwrap_err().to_string();
+            assert!(e.contains("refused"), "{e}");
+            nothing_outside(top.path());
+            assert!(!to.join("v").exists());
+        }
+    }
+
+    /// Like [`tar_of`], but writes the path bytes as they are (the tar
+    /// crate refuses `..` and absolute paths when building).
+    fn tar_of_raw(entries: &[(&str, EntryType, &str)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, content) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.as_gnu_mut().unwrap().name[..path.len()].copy_from_slice(path.as_bytes());
+            h.set_entry_type(*kind);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_size(content.len() as u64);
+            h.set_cksum();
+            b.append(&h, content.as_bytes()).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn links_are_created_as_links_and_never_written_through() {
+        let tar = tar_of(&[
+            ("up", EntryType::Symlink, "../../outside"),
+            ("up/planted", EntryType::Regular, "x"),
+            ("abs", EntryType::Symlink, "/etc"),
+            ("abs/planted", EntryType::Regular, "x"),
+            ("kept", EntryType::Regular, "data"),
+        ]);
+        let (top, to, outcome) = restore(Scope::Volume, &tar, |_| {}, false);
+        let placed = outcome.unwrap();
+        nothing_outside(top.path());
+        assert_eq!(
+            std::fs::read_link(to.join("v/up")).unwrap(),
+            Path::new("../../outside")
+        );
+        assert_eq!(
+            std::fs::read_link(to.join("v/abs")).unwrap(),
+            Path::new("/etc")
+        );
+        assert_eq!(std::fs::read_to_string(to.join("v/kept")).unwrap(), "data");
+        let refused: Vec<&str> = placed.refused.iter().map(|r| r.path.as_str()).collect();
+        assert_eq!(refused, ["v/up/planted", "v/abs/planted"]);
+        assert!(!Path::new("/etc/planted").exists());
+    }
+
+    #[test]
+    fn hard_links_stay_inside_the_unit() {
+        let tar = tar_of(&[
+            ("c/b/a/xabc/f", EntryType::Regular, "mine"),
+            ("c/b/a/xabc/same", EntryType::Link, "c/b/a/xabc/f"),
+        ]);
+        let user = || Scope::of(&units::UnitKind::User("xabc".into()));
+        let (_top, to, outcome) = restore(user(), &tar, |_| {}, false);
+        let refused = outcome.unwrap().refused;
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!(
+            std::fs::read_to_string(to.join("v/c/b/a/xabc/same")).unwrap(),
+            "mine"
+        );
+        // a link to another user's file, or out of the volume, is refused
+        for target in ["c/b/a/yabc/f", "../../../etc/passwd"] {
+            let tar = tar_of_raw(&[("c/b/a/xabc/x", EntryType::Regular, "")]);
+            let mut tar = tar[..tar.len() - 1024].to_vec(); // drop the end marker
+            let mut h = tar::Header::new_gnu();
+            h.as_gnu_mut().unwrap().name[..14].copy_from_slice(b"c/b/a/xabc/lnk");
+            h.as_gnu_mut().unwrap().linkname[..target.len()].copy_from_slice(target.as_bytes());
+            h.set_entry_type(EntryType::Link);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_size(0);
+            h.set_cksum();
+            tar.extend_from_slice(h.as_bytes());
+            tar.extend_from_slice(&[0; 1024]);
+            let (top, to, outcome) = restore(user(), &tar, |_| {}, false);
+            let placed = outcome.unwrap();
+            assert_eq!(placed.refused.len(), 1, "{target}");
+            assert!(!to.join("v/c/b/a/xabc/lnk").exists());
+            nothing_outside(top.path());
+        }
+    }
+
+    #[test]
+    fn names_longer_than_path_max_are_restored() {
+        let name = "n".repeat(200);
+        let deep: Vec<&str> = std::iter::repeat_n(name.as_str(), 25).collect();
+        let deep = deep.join("/");
+        let file = format!("{deep}/leaf");
+        let tar = tar_of(&[(file.as_str(), EntryType::Regular, "deep")]);
+        let (_top, to, outcome) = restore(Scope::Volume, &tar, |_| {}, false);
+        let refused = outcome.unwrap().refused;
+        assert!(refused.is_empty(), "{refused:?}");
+        // read it back through descriptors too: the path is over PATH_MAX
+        let dir = open_dir(
+            rustix::fs::open(&to, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
+                .unwrap()
+                .as_fd(),
+            &Path::new("v").join(&deep),
+        )
+        .unwrap();
+        let fd = rustix::fs::openat(&dir, "leaf", OFlags::RDONLY, Mode::empty()).unwrap();
+        let mut text = String::new();
+        std::fs::File::from(fd).read_to_string(&mut text).unwrap();
+        assert_eq!(text, "deep");
+    }
+
+    #[test]
+    fn force_replaces_files_never_directories_and_follows_no_link_in_dir() {
+        let tar = tar_of(&[
+            ("d", EntryType::Directory, ""),
+            ("d/new", EntryType::Regular, "new"),
+            ("d/file", EntryType::Regular, "snapshot"),
+            ("d/dir", EntryType::Regular, "a file where a directory is"),
+            ("l", EntryType::Directory, ""),
+            ("l/x", EntryType::Regular, "x"),
+        ]);
+        let prepare = |to: &Path| {
+            std::fs::create_dir_all(to.join("v/d/dir")).unwrap();
+            std::fs::write(to.join("v/d/file"), "old").unwrap();
+            std::os::unix::fs::symlink(to.parent().unwrap().join("outside"), to.join("v/l"))
+                .unwrap();
+        };
+        let (top, to, outcome) = restore(Scope::Volume, &tar, prepare, true);
+        let placed = outcome.unwrap();
+        nothing_outside(top.path());
+        assert_eq!(std::fs::read_to_string(to.join("v/d/new")).unwrap(), "new");
+        assert_eq!(
+            std::fs::read_to_string(to.join("v/d/file")).unwrap(),
+            "snapshot"
+        );
+        assert!(to.join("v/d/dir").is_dir());
+        let mut refused: Vec<&str> = placed.refused.iter().map(|r| r.path.as_str()).collect();
+        refused.sort();
+        assert_eq!(refused, ["v/d/dir", "v/l"]);
+        assert!(!to.join(STAGING).exists());
+    }
+
+    #[test]
+    fn without_force_a_file_another_unit_placed_is_kept() {
+        let top = tempfile::tempdir().unwrap();
+        let to = top.path().join("r");
+        let dest = Destination::open(&to, false).unwrap();
+        for content in ["first", "second"] {
+            let mut staged = dest.stage("v", "v/unit", Scope::Volume).unwrap();
+            staged
+                .unpack(&tar_of(&[("f", EntryType::Regular, content)])[..])
+                .unwrap();
+            let placed = staged.commit().unwrap();
+            assert_eq!(placed.refused.len(), usize::from(content == "second"));
+        }
+        assert_eq!(std::fs::read_to_string(to.join("v/f")).unwrap(), "first");
+    }
+
     #[test]
     fn scopes_hold_what_they_should() {
-        let user = Scope::Under(vec![PathBuf::from("c/b/a/xabc")]);
-        assert!(user.allows(Path::new("c/b/a/xabc")));
-        assert!(user.allows(Path::new("c/b/a/xabc/f.sqlite")));
-        assert!(!user.allows(Path::new("c/b/a/xabcd")));
-        assert!(!user.allows(Path::new("user-index.db")));
-        assert!(Scope::NoUserDirs.allows(Path::new("c/b/a")));
-        assert!(Scope::NoUserDirs.allows(Path::new("_shared/x/y/z")));
-        assert!(!Scope::NoUserDirs.allows(Path::new("c/b/a/xabc")));
-        assert!(!Scope::NoUserDirs.allows(Path::new("c/b/a/xabc/f")));
+        let user = Scope::of(&units::UnitKind::User("xabc".into()));
+        assert!(user.allows(Path::new("c/b/a/xabc"), true));
+        assert!(user.allows(Path::new("c/b/a/xabc/f.sqlite"), false));
+        assert!(!user.allows(Path::new("c/b/a/xabcd"), true));
+        assert!(!user.allows(Path::new("user-index.db"), false));
+        let shared = Scope::NoUserDirs;
+        assert!(shared.allows(Path::new("c/b/a"), true));
+        assert!(shared.allows(Path::new("_shared/x/y/z"), true));
+        assert!(!shared.allows(Path::new("c/b/a/xabc"), true));
+        assert!(!shared.allows(Path::new("c/b/a/xabc/f"), false));
+        // a link or file with a user directory's name is the shared unit's
+        assert!(shared.allows(Path::new("c/b/a/xabc"), false));
     }
 }

@@ -16,10 +16,6 @@ use common::{
 use zonevault_testkit::fixture;
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
-    walk(dir)
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return out;
@@ -28,7 +24,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         let p = e.path();
         out.push(p.clone());
         if e.file_type().is_ok_and(|t| t.is_dir()) {
-            out.extend(walk(&p));
+            out.extend(files_under(&p));
         }
     }
     out
@@ -106,20 +102,18 @@ fn a_link_planted_while_restore_runs_redirects_no_write() {
     // The racer: whenever DIR/users is a real directory, move it away and put
     // a link to `outside` in its place, then take the link away again.
     let stop = Arc::new(AtomicBool::new(false));
-    let swaps = Arc::new(AtomicUsize::new(0));
+    // real directories that restore made and the racer moved away: the race ran
+    let moves = Arc::new(AtomicUsize::new(0));
     let racer = {
-        let (stop, swaps, to, outside) = (stop.clone(), swaps.clone(), to.clone(), outside.clone());
+        let (stop, moves, to, outside) = (stop.clone(), moves.clone(), to.clone(), outside.clone());
         std::thread::spawn(move || {
             let users = to.join("users");
-            let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
                 if std::fs::symlink_metadata(&users).is_ok_and(|m| m.is_dir()) {
-                    n += 1;
+                    let n = moves.fetch_add(1, Ordering::Relaxed);
                     let _ = std::fs::rename(&users, to.join(format!("moved-{n}")));
                 }
-                if std::os::unix::fs::symlink(&outside, &users).is_ok() {
-                    swaps.fetch_add(1, Ordering::Relaxed);
-                }
+                let _ = std::os::unix::fs::symlink(&outside, &users);
                 std::thread::sleep(std::time::Duration::from_micros(300));
                 if std::fs::symlink_metadata(&users).is_ok_and(|m| m.is_symlink()) {
                     let _ = std::fs::remove_file(&users);
@@ -139,8 +133,8 @@ fn a_link_planted_while_restore_runs_redirects_no_write() {
     racer.join().unwrap();
     let (stdout, stderr) = common::output_text(&out);
     assert!(
-        swaps.load(Ordering::Relaxed) > 0,
-        "the race never ran: {stderr}"
+        moves.load(Ordering::Relaxed) > 0,
+        "restore never created DIR/users between two swaps: the race did not run\n{stderr}"
     );
     assert!(
         matches!(out.status.code(), Some(0 | 1)),
@@ -349,6 +343,23 @@ fn links_that_leave_a_plain_volume_restore_as_links() {
         "a = 1\n"
     );
     assert!(to.join("etc/core.yml").is_file());
+}
+
+#[test]
+fn a_link_named_like_a_user_directory_restores_with_the_shared_unit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core, _) = fleet_with_users(dir.path(), 2, 1_000);
+    let users = fleet.volumes_dir("core-ch-1").join("users");
+    std::fs::create_dir_all(users.join("c/b/a")).unwrap();
+    std::os::unix::fs::symlink("/nowhere", users.join("c/b/a/xyzabc")).unwrap();
+    run(zv(&core).args(["backup"]), 0);
+    let to = dir.path().join("r");
+    restore(&core, &fleet.identity("ch"), &to, &[], 0);
+    assert_eq!(
+        std::fs::read_link(to.join("users/c/b/a/xyzabc")).unwrap(),
+        Path::new("/nowhere")
+    );
+    assert!(to.join("users/user-index.db").exists());
 }
 
 #[test]

@@ -345,7 +345,9 @@ async fn snapshot(
         snapshot: Some(&id),
         users: &[],
     };
-    put_everywhere(
+    // Every object of the commit is new: a run never replaces what another
+    // committed (ids do not collide, and this checks it).
+    put_new_everywhere(
         targets,
         &manifest_key,
         &sealed,
@@ -360,10 +362,10 @@ async fn snapshot(
                 core,
                 zone: &zone.id,
                 snapshot: &id,
-                file: key.rsplit('/').next().unwrap_or(key),
+                file: signing::file_name(key),
             };
             let signature = Bytes::from(signer.sign(body, &statement)?);
-            put_everywhere(
+            put_new_everywhere(
                 targets,
                 &signing::signature_key(key),
                 &signature,
@@ -432,10 +434,12 @@ async fn commit<S: Store>(
     body: &Bytes,
     contents: &Contents<'_>,
 ) -> Result<()> {
-    let results = put_on_all(targets, key, body, contents, true).await;
+    let results = put_new_on_all(targets, key, body, contents).await;
     if results.iter().any(Result::is_err) {
         for (t, r) in targets.iter().zip(&results) {
-            if r.is_ok()
+            // where the write may have landed (a timeout after the server
+            // stored it), but never where another run's index is
+            if !r.as_ref().is_err_and(is_exists)
                 && let Err(undo) = t.delete(&t.key(key), "taking back a partial commit").await
             {
                 tracing::warn!(target = %t.target().name, error = %format!("{undo:#}"), "could not take back a partial commit");
@@ -446,32 +450,38 @@ async fn commit<S: Store>(
     Ok(())
 }
 
-async fn put_everywhere<S: Store>(
+fn is_exists(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<crate::storage::StoreError>(),
+            Some(crate::storage::StoreError::Exists { .. })
+        )
+    })
+}
+
+/// Writes a new object to every target (never over an existing one).
+async fn put_new_everywhere<S: Store>(
     targets: &[Writable<S>],
     key: &str,
     body: &Bytes,
     contents: &Contents<'_>,
 ) -> Result<()> {
-    crate::upload::settle(put_on_all(targets, key, body, contents, false).await)?;
+    crate::upload::settle(put_new_on_all(targets, key, body, contents).await)?;
     Ok(())
 }
 
-/// Writes one object to every target at once (`new`: only where none
-/// exists under `key`); one result per target, in order.
-async fn put_on_all<S: Store>(
+/// Writes one new object to every target at once (only where none exists
+/// under `key`); one result per target, in order.
+async fn put_new_on_all<S: Store>(
     targets: &[Writable<S>],
     key: &str,
     body: &Bytes,
     contents: &Contents<'_>,
-    new: bool,
 ) -> Vec<anyhow::Result<()>> {
     let puts = targets.iter().map(|t| async move {
-        let put = if new {
-            t.put_new(key, body.clone(), contents).await
-        } else {
-            t.put(key, body.clone(), contents).await
-        };
-        put.with_context(|| format!("writing {} to target {}", t.key(key), t.target().name))
+        t.put_new(key, body.clone(), contents)
+            .await
+            .with_context(|| format!("writing {} to target {}", t.key(key), t.target().name))
     });
     futures::future::join_all(puts).await
 }
@@ -637,14 +647,31 @@ pub async fn sweep<S: Store>(
 ) -> anyhow::Result<usize> {
     let store = target.store();
     let mut removed = abort_uploads(target, core).await?;
-    let manifests: Vec<_> = store
+    let listed = store
         .list(&target.key(&layout::snapshots_dir(core)))
-        .await?
+        .await?;
+    let prefix = target.key("");
+    // An index that could not be read (damaged, or of a newer format) was
+    // skipped by the listing, so `referenced` lacks what it needs: sweep
+    // nothing until an operator repairs or removes it.
+    let unreadable: Vec<&str> = listed
+        .iter()
+        .map(|f| f.key.strip_prefix(&prefix).unwrap_or(&f.key))
+        .filter(|rel| {
+            layout::snapshot_of_index(rel).is_some_and(|id| {
+                layout::is_snapshot_id(id) && !referenced.contains(&layout::manifest_key(core, id))
+            })
+        })
+        .collect();
+    if !unreadable.is_empty() {
+        tracing::warn!(target = %target.target().name, "not deleting unreferenced objects: {} cannot be read as snapshot indexes, and the objects they reference are unknown; repair or remove them (see `zonevault snapshots`)", unreadable.join(", "));
+        return Ok(removed);
+    }
+    let manifests: Vec<_> = listed
         .into_iter()
         .filter(|f| f.key.ends_with(".manifest.age") || f.key.ends_with(crate::signing::SUFFIX))
         .collect();
     let objects = store.list(&target.key(&layout::objects_dir(core))).await?;
-    let prefix = target.key("");
     for f in objects.iter().chain(&manifests) {
         let rel = f.key.strip_prefix(&prefix).unwrap_or(&f.key);
         if !referenced.contains(rel) {

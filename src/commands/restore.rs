@@ -23,7 +23,7 @@ use crate::snapshot::{Index, Manifest, UnitRecord};
 use crate::storage::{Store, s3::S3Store};
 use crate::targets;
 use crate::units::{self, UnitKind};
-use crate::unpack::{Destination, DestinationError, Refused, Scope};
+use crate::unpack::{Destination, DestinationError, Placed, Refused, Scope};
 
 use super::snapshots;
 
@@ -125,14 +125,21 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
     let zone = config.zone();
 
     let (indexes, store, target) = snapshots::list(config, &core).await?;
+    let keys = zone
+        .signing_keys
+        .get(&core)
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
     let index: Index =
         if options.snapshot == "latest" {
-            indexes.last().cloned().ok_or_else(|| {
-                Error::failed(format!(
-                    "core {core} has no snapshot in zone {} yet",
-                    zone.id
-                ))
-            })?
+            latest(&indexes, &store, &target, keys)
+                .await?
+                .ok_or_else(|| {
+                    Error::failed(format!(
+                        "core {core} has no snapshot in zone {} yet",
+                        zone.id
+                    ))
+                })?
         } else {
             indexes.iter().find(|i| i.id == options.snapshot).cloned().ok_or_else(|| {
             Error::failed(format!(
@@ -153,11 +160,7 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
         store: &store,
         target: &target,
         index: &index,
-        keys: zone
-            .signing_keys
-            .get(&core)
-            .map(Vec::as_slice)
-            .unwrap_or(&[]),
+        keys,
         require: options.require_signed,
     };
     // The index as stored, checked against its signature; from here on only
@@ -166,10 +169,10 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
     let raw_index = store
         .get(&index_key)
         .await
-        .map_err(anyhow::Error::from)?
+        .with_context(|| format!("reading {index_key} on target {}", target.name))?
         .ok_or_else(|| Error::failed(format!("the index of snapshot {} vanished", index.id)))?;
     let is_signed = signed
-        .check(&layout::index_key(&core, &index.id), &raw_index)
+        .check(&layout::index_key(&core, &index.id), &raw_index, false)
         .await?;
     let checked: Index = serde_json::from_slice(&raw_index).with_context(|| {
         format!(
@@ -191,14 +194,18 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
     let sealed = store
         .get(&manifest_key)
         .await
-        .map_err(anyhow::Error::from)?
+        .with_context(|| format!("reading {manifest_key} on target {}", target.name))?
         .ok_or_else(|| {
             Error::failed(format!(
                 "the manifest of snapshot {} ({manifest_key}) is missing on target {}",
                 index.id, target.name
             ))
         })?;
-    if signed.check(&index.manifest.key, &sealed).await? != is_signed {
+    if signed
+        .check(&index.manifest.key, &sealed, is_signed)
+        .await?
+        != is_signed
+    {
         return Err(Error::failed(format!(
             "snapshot {}: its index and its manifest are not both signed: refused",
             index.id
@@ -291,12 +298,15 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
         }
     }
     let finish = Arc::clone(&dest);
-    tokio::task::spawn_blocking(move || {
-        finish.finish_dirs(dirs)?;
-        finish.finish()
-    })
-    .await
-    .map_err(Error::failed)??;
+    refused.extend(
+        tokio::task::spawn_blocking(move || {
+            let refused = finish.finish_dirs(dirs);
+            finish.finish();
+            refused
+        })
+        .await
+        .map_err(Error::failed)?,
+    );
     failed.sort_by(|a, b| a.unit.cmp(&b.unit));
 
     Ok(Report {
@@ -320,6 +330,34 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
         failed,
         refused,
     })
+}
+
+/// The newest snapshot; where the zone map lists signing keys for the core,
+/// the newest *signed* one, so that an unsigned index planted with a time in
+/// the future does not become `latest` (none signed: the newest).
+async fn latest(
+    indexes: &[Index],
+    store: &S3Store,
+    target: &Target,
+    keys: &[minisign::PublicKey],
+) -> Result<Option<Index>> {
+    if !keys.is_empty() {
+        for index in indexes.iter().rev() {
+            let key = target.key(&signing::signature_key(&layout::index_key(
+                &index.core,
+                &index.id,
+            )));
+            if store
+                .get(&key)
+                .await
+                .with_context(|| format!("reading {key} on target {}", target.name))?
+                .is_some()
+            {
+                return Ok(Some(index.clone()));
+            }
+        }
+    }
+    Ok(indexes.last().cloned())
 }
 
 /// The restore directory, opened once (see [`crate::unpack`]).
@@ -347,17 +385,23 @@ struct Signatures<'a> {
 impl Signatures<'_> {
     /// Checks the signature of `body`, stored under `rel`. Returns whether
     /// it was signed; an unsigned object is accepted with a warning unless
-    /// signatures are required; a bad signature is always refused.
-    async fn check(&self, rel: &str, body: &[u8]) -> Result<bool> {
+    /// signatures are required (or `must`: its index was signed); a bad
+    /// signature is always refused.
+    async fn check(&self, rel: &str, body: &[u8], must: bool) -> Result<bool> {
         let id = &self.index.id;
         let sig_key = self.target.key(&signing::signature_key(rel));
         let signature = self
             .store
             .get(&sig_key)
             .await
-            .map_err(anyhow::Error::from)?;
-        let file = rel.rsplit('/').next().unwrap_or(rel);
+            .with_context(|| format!("reading {sig_key} on target {}", self.target.name))?;
+        let file = signing::file_name(rel);
         let Some(signature) = signature else {
+            if must {
+                return Err(Error::failed(format!(
+                    "snapshot {id}: its index is signed but {file} is not: refused (someone who can write to the bucket may have replaced it)"
+                )));
+            }
             if self.require {
                 return Err(Error::failed(format!(
                     "snapshot {id}: {file} is not signed, and --require-signed was given: refused"
@@ -448,8 +492,6 @@ async fn restore_from(
     .await?
 }
 
-type Placed = crate::unpack::Placed;
-
 /// Unpacks one unit into staging, checks its BLAKE3, and only then moves it
 /// into place. A unit that fails leaves nothing in the restore directory.
 fn restore_unit(
@@ -460,13 +502,10 @@ fn restore_unit(
 ) -> anyhow::Result<Placed> {
     let plain =
         pipeline::open(reader, identities).map_err(|e| anyhow::anyhow!("cannot be opened: {e}"))?;
-    let mut hashing = HashingReader::new(plain);
-    let scope = match &rec.kind {
-        UnitKind::User(id) => Scope::Under(vec![units::user_dir(id)]),
-        UnitKind::Shared => Scope::NoUserDirs,
-        UnitKind::Volume => Scope::Volume,
-    };
-    let mut staged = dest.stage(&rec.volume, &units::label(&rec.volume, &rec.kind), scope)?;
+    // never more than the manifest says: a swapped object must not fill the disk
+    let mut hashing = HashingReader::new(std::io::Read::take(plain, rec.plain_size + 1));
+    let label = units::label(&rec.volume, &rec.kind);
+    let mut staged = dest.stage(&rec.volume, &label, Scope::of(&rec.kind))?;
     staged.unpack(std::io::BufReader::with_capacity(256 << 10, &mut hashing))?;
     let (blake3, size) = hashing.finish().context("reading the end of the object")?;
     if blake3 != rec.blake3 || size != rec.plain_size {
@@ -493,6 +532,16 @@ fn select(manifest: &Manifest, volumes: &[String], users: &[String]) -> Result<V
             return Err(Error::failed(format!(
                 "the manifest of snapshot {} names volume {:?}, which is not a valid volume name: refusing to restore it",
                 manifest.snapshot, u.volume
+            )));
+        }
+    }
+    for u in &manifest.units {
+        if let UnitKind::User(id) = &u.kind
+            && !units::is_valid_user_id(id)
+        {
+            return Err(Error::failed(format!(
+                "the manifest of snapshot {} names user {id:?}, which is not a valid user id: refusing to restore it",
+                manifest.snapshot
             )));
         }
     }

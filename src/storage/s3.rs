@@ -229,7 +229,8 @@ impl Store for S3Store {
             .send()
             .await
             .map_err(|e| match e.raw_response().map(|r| r.status().as_u16()) {
-                Some(412) => StoreError::Exists {
+                // 412: the condition failed; 409: a concurrent conditional write won
+                Some(412 | 409) => StoreError::Exists {
                     key: key.to_string(),
                 },
                 _ => self.classify(e),
