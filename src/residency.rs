@@ -16,8 +16,11 @@
 //! to a target that has not passed the check: the compiler enforces it.
 //!
 //! The gate is also where the audit log learns of every verdict and of every
-//! object written or deleted: a `Writable` records each write itself, after
-//! it succeeded and before it returns.
+//! object written or deleted: a `Writable` records the start of each write
+//! before it starts (`upload_started`: nothing reaches a target that the log
+//! does not know is coming), and the object after it is written and before
+//! the write returns (`object_put`); a write whose record cannot be written
+//! is deleted again and reported failed.
 
 use std::sync::Arc;
 
@@ -112,6 +115,8 @@ impl<S: Store> Writable<S> {
     }
 
     /// [`Writable::put`] of a body whose digest the caller already has.
+    /// The start of the write is recorded before it starts, the object once
+    /// it is written; a write whose start cannot be recorded never starts.
     pub async fn put_digested(
         &self,
         rel: &str,
@@ -119,34 +124,101 @@ impl<S: Store> Writable<S> {
         contents: &Contents<'_>,
         digest: &Digest,
     ) -> anyhow::Result<()> {
+        self.record_start(rel, contents, false).await?;
         self.store.put(&self.permit, &self.key(rel), body).await?;
         self.record_put(rel, contents, digest).await
     }
 
+    /// Records that `rel` is about to be written.
+    async fn record_start(
+        &self,
+        rel: &str,
+        contents: &Contents<'_>,
+        multipart: bool,
+    ) -> anyhow::Result<()> {
+        self.audit
+            .record(Event::UploadStarted {
+                place: self.place(),
+                key: self.key(rel),
+                kind: contents.kind,
+                multipart,
+                snapshot: contents.snapshot.map(str::to_string),
+                users: contents.users.to_vec(),
+            })
+            .await
+            .map(|_| ())
+            .with_context(|| {
+                format!(
+                    "recording the start of the write of {} (nothing was written)",
+                    self.key(rel)
+                )
+            })
+    }
+
+    /// Records a written object. When the record cannot be written, the
+    /// object is deleted again: a write is never reported done, nor left in
+    /// place, without its record.
     async fn record_put(
         &self,
         rel: &str,
         contents: &Contents<'_>,
         digest: &Digest,
     ) -> anyhow::Result<()> {
-        self.audit
+        let key = self.key(rel);
+        let recorded = self
+            .audit
             .record(Event::ObjectPut {
                 place: self.place(),
-                key: self.key(rel),
+                key: key.clone(),
                 kind: contents.kind,
                 bytes: digest.bytes,
                 blake3: digest.blake3.clone(),
                 snapshot: contents.snapshot.map(str::to_string),
                 users: contents.users.to_vec(),
             })
-            .await
-            .map(|_| ())
-            .with_context(|| format!("recording the write of {}", self.key(rel)))
+            .await;
+        let Err(e) = recorded else {
+            return Ok(());
+        };
+        let undone = match self.store.delete(&self.permit, &key).await {
+            Ok(()) => {
+                let deleted = self
+                    .audit
+                    .record(Event::ObjectDeleted {
+                        place: self.place(),
+                        key: key.clone(),
+                        reason: "its write could not be recorded".into(),
+                    })
+                    .await;
+                match deleted {
+                    Ok(_) => "it was deleted again".to_string(),
+                    Err(_) => {
+                        "it was deleted again (unrecorded: the log has its start)".to_string()
+                    }
+                }
+            }
+            Err(d) => format!(
+                "it could not be deleted again ({d}); the log has its start, and the next run's cleanup deletes it"
+            ),
+        };
+        Err(e.context(format!(
+            "{key} was written to target {}, but its record could not be written: {undone}",
+            self.target.name
+        )))
     }
 
-    /// Starts a multipart upload of `rel`; returns its id.
-    pub async fn create_upload(&self, rel: &str) -> Result<String, StoreError> {
-        self.store.create_upload(&self.permit, &self.key(rel)).await
+    /// Starts a multipart upload of `rel`, recorded before it is created;
+    /// returns its id.
+    pub async fn create_upload(
+        &self,
+        rel: &str,
+        contents: &Contents<'_>,
+    ) -> anyhow::Result<String> {
+        self.record_start(rel, contents, true).await?;
+        Ok(self
+            .store
+            .create_upload(&self.permit, &self.key(rel))
+            .await?)
     }
 
     /// Uploads part `number` of `rel`; returns its ETag.
@@ -178,9 +250,27 @@ impl<S: Store> Writable<S> {
         self.record_put(rel, contents, digest).await
     }
 
-    /// Abandons a multipart upload. `key` is a full key (as listed).
-    pub async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
-        self.store.abort_upload(&self.permit, key, upload_id).await
+    /// Abandons a multipart upload (`key` is a full key, as listed) and
+    /// records it, with `reason`.
+    pub async fn abort_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        reason: &str,
+    ) -> anyhow::Result<()> {
+        self.store
+            .abort_upload(&self.permit, key, upload_id)
+            .await?;
+        self.audit
+            .record(Event::UploadAborted {
+                place: self.place(),
+                key: key.to_string(),
+                upload_id: upload_id.to_string(),
+                reason: reason.to_string(),
+            })
+            .await
+            .map(|_| ())
+            .with_context(|| format!("recording the abort of the upload of {key}"))
     }
 
     /// Deletes an object (`key` is a full key, as listed) and records why.

@@ -439,7 +439,13 @@ mod tests {
     impl Tmpfs {
         fn mount(dir: &Path, size: &str) -> Tmpfs {
             let status = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0700"),
+                    "tmpfs",
+                ])
                 .arg(dir)
                 .status()
                 .expect("mount");
@@ -489,11 +495,7 @@ mod tests {
             let handles: Vec<_> = (0..4)
                 .map(|t| {
                     let log = &log;
-                    s.spawn(move || {
-                        (0..200)
-                            .map(|_| log.append(&failed(t)))
-                            .collect::<Vec<_>>()
-                    })
+                    s.spawn(move || (0..200).map(|_| log.append(&failed(t))).collect::<Vec<_>>())
                 })
                 .collect();
             handles
@@ -501,18 +503,29 @@ mod tests {
                 .flat_map(|h| h.join().unwrap())
                 .collect()
         });
-        let ok: Vec<u64> = results.iter().filter_map(|r| r.as_ref().ok().copied()).collect();
+        let ok: Vec<u64> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied())
+            .collect();
         let errors: Vec<String> = results
             .iter()
             .filter_map(|r| r.as_ref().err().map(|e| format!("{e:#}")))
             .collect();
-        assert!(!ok.is_empty() && !errors.is_empty(), "the disk filled partway");
+        assert!(
+            !ok.is_empty() && !errors.is_empty(),
+            "the disk filled partway"
+        );
         let e = &errors[0];
         assert!(e.contains("No space left on device"), "{e}");
         assert!(e.contains("cut back to its last whole record"), "{e}");
-        assert!(e.contains(&dir.path().display().to_string()), "names the state dir: {e}");
+        assert!(
+            e.contains(&dir.path().display().to_string()),
+            "names the state dir: {e}"
+        );
         // the chain holds, and holds exactly the records reported written
-        let holds = crate::audit::chain::verify_file(log.path()).unwrap().unwrap();
+        let holds = crate::audit::chain::verify_file(log.path())
+            .unwrap()
+            .unwrap();
         assert_eq!(holds.records, ok.len() as u64 + 1);
         let lines = read_lines(log.path()).unwrap();
         let mut seqs: Vec<u64> = ok.clone();
@@ -529,7 +542,11 @@ mod tests {
         drop(log);
         let log = AuditLog::open(dir.path(), "c", "z").unwrap();
         log.append(&failed(10)).unwrap();
-        assert!(crate::audit::chain::verify_file(log.path()).unwrap().is_ok());
+        assert!(
+            crate::audit::chain::verify_file(log.path())
+                .unwrap()
+                .is_ok()
+        );
     }
 
     #[test]

@@ -250,7 +250,9 @@ async fn snapshot(
             // Units still in flight were dropped with their uploads open:
             // abort every upload of this core (the run lock makes them ours).
             for t in targets {
-                if let Err(abort) = abort_uploads(t, core).await {
+                if let Err(abort) =
+                    abort_uploads(t, core, "the run failed before the object was complete").await
+                {
                     tracing::warn!(target = %t.target().name, error = %abort, "could not abort unfinished uploads; the next run removes them");
                 }
             }
@@ -535,13 +537,19 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 /// Aborts every unfinished multipart upload of `core` on a target.
-async fn abort_uploads<S: Store>(target: &Writable<S>, core: &str) -> anyhow::Result<usize> {
+async fn abort_uploads<S: Store>(
+    target: &Writable<S>,
+    core: &str,
+    reason: &str,
+) -> anyhow::Result<usize> {
     let uploads = target
         .store()
         .list_uploads(&target.key(&layout::objects_dir(core)))
         .await?;
     for upload in &uploads {
-        target.abort_upload(&upload.key, &upload.upload_id).await?;
+        target
+            .abort_upload(&upload.key, &upload.upload_id, reason)
+            .await?;
     }
     Ok(uploads.len())
 }
@@ -580,7 +588,7 @@ pub async fn sweep<S: Store>(
     reason: &str,
 ) -> anyhow::Result<usize> {
     let store = target.store();
-    let mut removed = abort_uploads(target, core).await?;
+    let mut removed = abort_uploads(target, core, reason).await?;
     let manifests: Vec<_> = store
         .list(&target.key(&layout::snapshots_dir(core)))
         .await?
