@@ -77,9 +77,15 @@ impl Options {
     }
 }
 
-/// Two units per CPU.
+/// The most units in flight that `--jobs` allows.
+pub const MAX_JOBS: usize = 256;
+
+/// The most parts in flight per unit that `--part-jobs` allows.
+pub const MAX_PART_JOBS: usize = 32;
+
+/// Two units per CPU, at most [`MAX_JOBS`].
 pub fn default_jobs() -> usize {
-    2 * std::thread::available_parallelism().map_or(1, |n| n.get())
+    (2 * std::thread::available_parallelism().map_or(1, |n| n.get())).min(MAX_JOBS)
 }
 
 impl Default for Options {
