@@ -375,7 +375,7 @@ pub fn replace(path: &Path, expected_len: u64, lines: &[String]) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn failed(n: u8) -> Event {
@@ -434,10 +434,10 @@ mod tests {
 
     /// A small tmpfs mounted for a test (the tests run as root), unmounted
     /// when dropped, also when the test fails.
-    struct Tmpfs(std::path::PathBuf);
+    pub(crate) struct Tmpfs(std::path::PathBuf);
 
     impl Tmpfs {
-        fn mount(dir: &Path, size: &str) -> Tmpfs {
+        pub(crate) fn mount(dir: &Path, size: &str) -> Tmpfs {
             let status = std::process::Command::new("mount")
                 .args([
                     "-t",
@@ -465,7 +465,7 @@ mod tests {
 
     /// Fills the file system of `dir` with `dir/ballast`, then gives back
     /// `leave` bytes.
-    fn fill(dir: &Path, leave: u64) -> std::path::PathBuf {
+    pub(crate) fn fill(dir: &Path, leave: u64) -> std::path::PathBuf {
         let path = dir.join("ballast");
         let mut f = File::create(&path).unwrap();
         let chunk = vec![0xa5u8; 4096];
