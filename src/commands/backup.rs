@@ -552,10 +552,19 @@ async fn abort_uploads<S: Store>(
         .store()
         .list_uploads(&target.key(&layout::objects_dir(core)))
         .await?;
+    // Every upload is aborted even when one abort (or its record) fails:
+    // what is left is the next run's to remove.
+    let mut first_error = None;
     for upload in &uploads {
-        target
+        if let Err(e) = target
             .abort_upload(&upload.key, &upload.upload_id, reason)
-            .await?;
+            .await
+        {
+            first_error.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
     }
     Ok(uploads.len())
 }
