@@ -193,3 +193,40 @@ fn answer(req: &Request<Incoming>, metrics: &Mutex<Metrics>) -> Response<Full<By
     }
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_the_cap_the_busiest_peer_gives_way_least_recently_active_first() {
+        let mut c = Connections::default();
+        let (b, c_b) = ("10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap());
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        // the scraper's connection is the oldest of all
+        let (_, scraper) = c.admit(b);
+        let flood: Vec<(u64, CancellationToken)> =
+            (1..MAX_CONNECTIONS).map(|_| c.admit(a)).collect();
+        // in the order admitted, one millisecond apart
+        let base = Instant::now() - std::time::Duration::from_secs(1);
+        for (id, conn) in c.open.iter_mut() {
+            conn.active = base + std::time::Duration::from_millis(*id);
+        }
+        // a's first connection answered a request since: its second is the
+        // least recently active
+        c.touch(flood[0].0);
+        let (_, newcomer) = c.admit(c_b);
+        assert_eq!(c.open.len(), MAX_CONNECTIONS);
+        assert!(
+            !scraper.is_cancelled(),
+            "the other peer keeps its connection"
+        );
+        assert!(!newcomer.is_cancelled());
+        assert!(!flood[0].1.is_cancelled());
+        assert!(flood[1].1.is_cancelled(), "the flooding peer's idlest goes");
+        assert_eq!(flood.iter().filter(|(_, t)| t.is_cancelled()).count(), 1);
+        // a closed connection leaves the table
+        c.remove(flood[2].0);
+        assert_eq!(c.open.len(), MAX_CONNECTIONS - 1);
+    }
+}
