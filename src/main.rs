@@ -68,12 +68,13 @@ enum Command {
         /// Only this volume (repeatable); default: all.
         #[arg(long = "volume", value_name = "NAME")]
         volumes: Vec<String>,
-        /// Units processed at once (default: twice the number of CPUs).
-        #[arg(long, value_name = "N")]
-        jobs: Option<usize>,
-        /// Upload parts (8 MiB) in flight per unit.
-        #[arg(long, value_name = "N", default_value_t = 2)]
-        part_jobs: usize,
+        /// Units processed at once, 1 to 256 (default: twice the number of
+        /// CPUs). At most jobs × (part-jobs + 2) parts of 8 MiB are in memory.
+        #[arg(long, value_name = "N", value_parser = jobs_range())]
+        jobs: Option<u16>,
+        /// Upload parts (8 MiB) in flight per unit, 1 to 32.
+        #[arg(long, value_name = "N", default_value_t = 2, value_parser = part_jobs_range())]
+        part_jobs: u16,
         /// Upload every unit, even those unchanged since the last snapshot.
         #[arg(long)]
         full: bool,
@@ -120,9 +121,9 @@ enum Command {
         /// unsigned one, made before signing, is restored with a warning).
         #[arg(long)]
         require_signed: bool,
-        /// Units restored at once (default: twice the number of CPUs).
-        #[arg(long, value_name = "N")]
-        jobs: Option<usize>,
+        /// Units restored at once, 1 to 256 (default: twice the number of CPUs).
+        #[arg(long, value_name = "N", value_parser = jobs_range())]
+        jobs: Option<u16>,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -202,6 +203,17 @@ enum AuditCommand {
         #[arg(long, value_name = "FILE")]
         identity: PathBuf,
     },
+}
+
+/// `--jobs`: 0 would do nothing forever, and thousands of units in flight
+/// only exhaust memory and file descriptors.
+fn jobs_range() -> clap::builder::RangedI64ValueParser<u16> {
+    clap::value_parser!(u16).range(1..=commands::backup::MAX_JOBS as i64)
+}
+
+/// `--part-jobs`: parts in flight per unit.
+fn part_jobs_range() -> clap::builder::RangedI64ValueParser<u16> {
+    clap::value_parser!(u16).range(1..=commands::backup::MAX_PART_JOBS as i64)
 }
 
 fn main() -> ExitCode {
@@ -312,8 +324,8 @@ fn run(cli: Cli) -> Result<Exit, Error> {
             let audit = open_audit(&config, "backup")?;
             let mut options = commands::backup::Options::new();
             options.volumes = volumes;
-            options.jobs = jobs.unwrap_or(options.jobs);
-            options.part_jobs = part_jobs;
+            options.jobs = jobs.map_or(options.jobs, usize::from);
+            options.part_jobs = usize::from(part_jobs);
             options.full = full;
             options.wait = !no_wait;
             options.progress = !json;
@@ -352,7 +364,7 @@ fn run(cli: Cli) -> Result<Exit, Error> {
                 core,
                 force,
                 require_signed,
-                jobs: jobs.unwrap_or_else(commands::backup::default_jobs),
+                jobs: jobs.map_or_else(commands::backup::default_jobs, usize::from),
                 progress: !json,
             };
             let report = runtime()?.block_on(commands::restore::run(&config, &audit, &options))?;

@@ -268,7 +268,16 @@ pub fn audit_show(records: &[serde_json::Map<String, serde_json::Value>]) -> Str
             field("event")
         ));
         // what an operator looks for first, then the rest in name order
-        const FIRST: [&str; 6] = ["target", "key", "kind", "snapshot", "users", "reason"];
+        const FIRST: [&str; 8] = [
+            "target",
+            "key",
+            "kind",
+            "multipart",
+            "upload_id",
+            "snapshot",
+            "users",
+            "reason",
+        ];
         let mut fields: Vec<(&String, &serde_json::Value)> = r
             .iter()
             .filter(|(k, _)| !HEAD.contains(&k.as_str()))

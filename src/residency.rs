@@ -16,8 +16,11 @@
 //! to a target that has not passed the check: the compiler enforces it.
 //!
 //! The gate is also where the audit log learns of every verdict and of every
-//! object written or deleted: a `Writable` records each write itself, after
-//! it succeeded and before it returns.
+//! object written or deleted: a `Writable` records the start of each write
+//! before it starts (`upload_started`: nothing reaches a target that the log
+//! does not know is coming), and the object after it is written and before
+//! the write returns (`object_put`); a write whose record cannot be written
+//! is deleted again and reported failed.
 
 use std::sync::Arc;
 
@@ -112,6 +115,8 @@ impl<S: Store> Writable<S> {
     }
 
     /// [`Writable::put`] of a body whose digest the caller already has.
+    /// The start of the write is recorded before it starts, the object once
+    /// it is written; a write whose start cannot be recorded never starts.
     pub async fn put_digested(
         &self,
         rel: &str,
@@ -119,6 +124,7 @@ impl<S: Store> Writable<S> {
         contents: &Contents<'_>,
         digest: &Digest,
     ) -> anyhow::Result<()> {
+        self.record_start(rel, contents, false).await?;
         self.store.put(&self.permit, &self.key(rel), body).await?;
         self.record_put(rel, contents, digest).await
     }
@@ -138,34 +144,101 @@ impl<S: Store> Writable<S> {
             return Err(StoreError::Exists { key }.into());
         }
         let digest = Digest::of(&body);
+        self.record_start(rel, contents, false).await?;
         self.store.put_new(&self.permit, &key, body).await?;
         self.record_put(rel, contents, &digest).await
     }
 
+    /// Records that `rel` is about to be written.
+    async fn record_start(
+        &self,
+        rel: &str,
+        contents: &Contents<'_>,
+        multipart: bool,
+    ) -> anyhow::Result<()> {
+        self.audit
+            .record(Event::UploadStarted {
+                place: self.place(),
+                key: self.key(rel),
+                kind: contents.kind,
+                multipart,
+                snapshot: contents.snapshot.map(str::to_string),
+                users: contents.users.to_vec(),
+            })
+            .await
+            .map(|_| ())
+            .with_context(|| {
+                format!(
+                    "recording the start of the write of {} (nothing was written)",
+                    self.key(rel)
+                )
+            })
+    }
+
+    /// Records a written object. When the record cannot be written, the
+    /// object is deleted again: a write is never reported done, nor left in
+    /// place, without its record.
     async fn record_put(
         &self,
         rel: &str,
         contents: &Contents<'_>,
         digest: &Digest,
     ) -> anyhow::Result<()> {
-        self.audit
+        let key = self.key(rel);
+        let recorded = self
+            .audit
             .record(Event::ObjectPut {
                 place: self.place(),
-                key: self.key(rel),
+                key: key.clone(),
                 kind: contents.kind,
                 bytes: digest.bytes,
                 blake3: digest.blake3.clone(),
                 snapshot: contents.snapshot.map(str::to_string),
                 users: contents.users.to_vec(),
             })
-            .await
-            .map(|_| ())
-            .with_context(|| format!("recording the write of {}", self.key(rel)))
+            .await;
+        let Err(e) = recorded else {
+            return Ok(());
+        };
+        let undone = match self.store.delete(&self.permit, &key).await {
+            Ok(()) => {
+                let deleted = self
+                    .audit
+                    .record(Event::ObjectDeleted {
+                        place: self.place(),
+                        key: key.clone(),
+                        reason: "its write could not be recorded".into(),
+                    })
+                    .await;
+                match deleted {
+                    Ok(_) => "it was deleted again".to_string(),
+                    Err(_) => {
+                        "it was deleted again (unrecorded: the log has its start)".to_string()
+                    }
+                }
+            }
+            Err(d) => format!(
+                "it could not be deleted again ({d}); the log has its start, and the next run's cleanup deletes it"
+            ),
+        };
+        Err(e.context(format!(
+            "{key} was written to target {}, but its record could not be written: {undone}",
+            self.target.name
+        )))
     }
 
-    /// Starts a multipart upload of `rel`; returns its id.
-    pub async fn create_upload(&self, rel: &str) -> Result<String, StoreError> {
-        self.store.create_upload(&self.permit, &self.key(rel)).await
+    /// Starts a multipart upload of `rel`, recorded before it is created;
+    /// returns its id.
+    pub async fn create_upload(
+        &self,
+        rel: &str,
+        contents: &Contents<'_>,
+    ) -> anyhow::Result<String> {
+        self.record_start(rel, contents, true).await?;
+        Ok(self
+            .store
+            .create_upload(&self.permit, &self.key(rel))
+            .await?)
     }
 
     /// Uploads part `number` of `rel`; returns its ETag.
@@ -197,9 +270,27 @@ impl<S: Store> Writable<S> {
         self.record_put(rel, contents, digest).await
     }
 
-    /// Abandons a multipart upload. `key` is a full key (as listed).
-    pub async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
-        self.store.abort_upload(&self.permit, key, upload_id).await
+    /// Abandons a multipart upload (`key` is a full key, as listed) and
+    /// records it, with `reason`.
+    pub async fn abort_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        reason: &str,
+    ) -> anyhow::Result<()> {
+        self.store
+            .abort_upload(&self.permit, key, upload_id)
+            .await?;
+        self.audit
+            .record(Event::UploadAborted {
+                place: self.place(),
+                key: key.to_string(),
+                upload_id: upload_id.to_string(),
+                reason: reason.to_string(),
+            })
+            .await
+            .map(|_| ())
+            .with_context(|| format!("recording the abort of the upload of {key}"))
     }
 
     /// Deletes an object (`key` is a full key, as listed) and records why.
@@ -405,4 +496,217 @@ async fn judge<S: Store>(
         audit: Arc::clone(audit),
         permit: WritePermit(()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::audit::log::tests::{Tmpfs, fill};
+    use crate::storage::{Body, ObjectInfo, PendingUpload};
+
+    /// A bucket in memory whose `put` fills the state dir's file system
+    /// first, as another process would while the object travels.
+    #[derive(Debug, Default)]
+    struct FillingStore {
+        objects: Mutex<BTreeMap<String, Bytes>>,
+        fill: Option<PathBuf>,
+    }
+
+    impl Store for FillingStore {
+        async fn bucket_location(&self) -> Result<String, StoreError> {
+            Ok("r".into())
+        }
+        async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(self.objects.lock().unwrap().get(key).map(|b| b.to_vec()))
+        }
+        async fn get_stream(&self, _: &str) -> Result<Option<Body>, StoreError> {
+            Ok(None)
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+            Ok(self
+                .objects
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(k, b)| ObjectInfo {
+                    key: k.clone(),
+                    size: b.len() as u64,
+                })
+                .collect())
+        }
+        async fn list_uploads(&self, _: &str) -> Result<Vec<PendingUpload>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn put(&self, _: &WritePermit, key: &str, body: Bytes) -> Result<(), StoreError> {
+            self.objects.lock().unwrap().insert(key.to_string(), body);
+            if let Some(dir) = &self.fill {
+                fill(dir, 0);
+            }
+            Ok(())
+        }
+        async fn put_new(&self, p: &WritePermit, key: &str, body: Bytes) -> Result<(), StoreError> {
+            if self.objects.lock().unwrap().contains_key(key) {
+                return Err(StoreError::Exists { key: key.into() });
+            }
+            self.put(p, key, body).await
+        }
+        async fn create_upload(&self, _: &WritePermit, _: &str) -> Result<String, StoreError> {
+            Err(StoreError::Other("no multipart here".into()))
+        }
+        async fn upload_part(
+            &self,
+            _: &WritePermit,
+            _: &str,
+            _: &str,
+            _: i32,
+            _: Bytes,
+        ) -> Result<String, StoreError> {
+            Err(StoreError::Other("no multipart here".into()))
+        }
+        async fn complete_upload(
+            &self,
+            _: &WritePermit,
+            _: &str,
+            _: &str,
+            _: Vec<(i32, String)>,
+        ) -> Result<(), StoreError> {
+            Err(StoreError::Other("no multipart here".into()))
+        }
+        async fn abort_upload(&self, _: &WritePermit, _: &str, _: &str) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn delete(&self, _: &WritePermit, key: &str) -> Result<(), StoreError> {
+            self.objects.lock().unwrap().remove(key);
+            Ok(())
+        }
+    }
+
+    fn writable(store: FillingStore, audit: &Arc<AuditLog>) -> Writable<FillingStore> {
+        Writable {
+            target: Target {
+                name: "t".into(),
+                zone: "z".into(),
+                endpoint: "http://127.0.0.1:9".into(),
+                region: "r".into(),
+                bucket: "b".into(),
+                prefix: "p".into(),
+                path_style: true,
+            },
+            store,
+            reported_region: "r".into(),
+            marker_present: true,
+            audit: Arc::clone(audit),
+            permit: WritePermit(()),
+        }
+    }
+
+    fn events(audit: &AuditLog) -> Vec<String> {
+        crate::audit::log::read_lines(audit.path())
+            .unwrap()
+            .iter()
+            .map(|l| {
+                crate::audit::record::Stored::parse(&l.text)
+                    .unwrap()
+                    .event()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_record_cannot_be_written_is_deleted_again_and_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let _fs = Tmpfs::mount(dir.path(), "128k");
+        let audit = Arc::new(AuditLog::open(dir.path(), "c", "z").unwrap());
+        let t = writable(
+            FillingStore {
+                fill: Some(dir.path().to_path_buf()),
+                ..FillingStore::default()
+            },
+            &audit,
+        );
+        // users enough that the start record nearly fills a page of the
+        // tmpfs: the object_put, as long, needs another one
+        let mut users: Vec<String> = Vec::new();
+        let start_len = |users: &[String]| {
+            let event = Event::UploadStarted {
+                place: Place::from(&t.target),
+                key: t.key("objects/a"),
+                kind: ObjectKind::Unit,
+                multipart: false,
+                snapshot: None,
+                users: users.to_vec(),
+            };
+            let time = "2026-01-01T00:00:00.000Z";
+            crate::audit::record::seal(&event, 1, time, "c", "z", crate::audit::record::GENESIS)
+                .0
+                .len()
+                + 1
+        };
+        while start_len(&users) < 3_950 {
+            users.push(format!("user{:04}", users.len()));
+        }
+        assert!(start_len(&users) < 4_096);
+        let contents = Contents {
+            kind: ObjectKind::Unit,
+            snapshot: None,
+            users: &users,
+        };
+        let e = t
+            .put("objects/a", Bytes::from_static(b"data"), &contents)
+            .await
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("p/objects/a was written to target t, but its record could not be written"),
+            "{e}"
+        );
+        assert!(e.contains("it was deleted again"), "{e}");
+        assert!(e.contains("No space left on device"), "{e}");
+        assert!(
+            t.store.objects.lock().unwrap().is_empty(),
+            "the object is gone"
+        );
+        // the log knew it was coming, and is whole
+        assert_eq!(events(&audit), ["upload_started"]);
+        assert!(
+            crate::audit::chain::verify_file(audit.path())
+                .unwrap()
+                .is_ok()
+        );
+        std::fs::remove_file(dir.path().join("ballast")).unwrap();
+
+        // a write whose start cannot be recorded never starts
+        fill(dir.path(), 0);
+        let t = writable(FillingStore::default(), &audit);
+        let e = t
+            .put(
+                "objects/b",
+                Bytes::from_static(b"data"),
+                &Contents::of(ObjectKind::Unit),
+            )
+            .await
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("nothing was written"), "{e:#}");
+        assert!(t.store.objects.lock().unwrap().is_empty());
+        std::fs::remove_file(dir.path().join("ballast")).unwrap();
+
+        // with space, both records, in order
+        t.put(
+            "objects/c",
+            Bytes::from_static(b"data"),
+            &Contents::of(ObjectKind::Unit),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            events(&audit),
+            ["upload_started", "upload_started", "object_put"]
+        );
+    }
 }

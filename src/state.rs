@@ -34,6 +34,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
             f.sync_all()
         })
         .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        // A full disk leaves a partial temporary file: give its space back,
+        // the old file is intact.
+        let _ = std::fs::remove_file(&tmp);
+    }
     written.with_context(|| format!("cannot write {}", path.display()))?;
     sync_parent(path)
 }

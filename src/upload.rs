@@ -47,14 +47,15 @@ pub async fn upload<S: Store>(
         }
     };
 
-    let ids = futures::future::join_all(targets.iter().map(|t| t.create_upload(key))).await;
+    let ids =
+        futures::future::join_all(targets.iter().map(|t| t.create_upload(key, contents))).await;
     let mut uploads = Vec::new();
     let mut failure = None;
     for (t, id) in targets.iter().zip(ids) {
         match id {
             Ok(id) => uploads.push((t, id)),
             Err(e) => {
-                failure.get_or_insert(context(e, "starting the upload of", t, key));
+                failure.get_or_insert(e.context(describe("starting the upload of", t, key)));
             }
         }
     }
@@ -64,12 +65,14 @@ pub async fn upload<S: Store>(
             Err(e) => failure = Some(e),
         }
     }
+    let failure = failure.expect("a failure was recorded");
+    let reason = format!("the upload failed: {failure}");
     for (t, id) in &uploads {
-        if let Err(e) = t.abort_upload(&t.key(key), id).await {
-            tracing::warn!(target = %t.target().name, error = %e, "could not abort an upload; the next run removes it");
+        if let Err(e) = t.abort_upload(&t.key(key), id, &reason).await {
+            tracing::warn!(target = %t.target().name, error = %format!("{e:#}"), "could not abort an upload; the next run removes it");
         }
     }
-    Err(failure.expect("a failure was recorded"))
+    Err(failure)
 }
 
 /// Sends every part to every upload, at most `concurrency` parts at a time,

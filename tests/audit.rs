@@ -197,11 +197,16 @@ fn tampering_is_caught_at_the_right_line() {
     let count = std::fs::read_to_string(&log).unwrap().lines().count();
     assert!(count > 12, "{count} records");
 
+    let lines = std::fs::read_to_string(&log).unwrap();
+    let put = lines
+        .lines()
+        .position(|l| l.contains("\"event\":\"object_put\""))
+        .unwrap();
     let e = tampered(&core, &log, |l| {
-        l[9] = l[9].replace("\"event\":\"object_put\"", "\"event\":\"object_read\"");
-        assert!(l[9].contains("object_read"));
+        l[put] = l[put].replace("\"event\":\"object_put\"", "\"event\":\"object_read\"");
+        assert!(l[put].contains("object_read"));
     });
-    assert!(e.contains("line 10: edited"), "{e}");
+    assert!(e.contains(&format!("line {}: edited", put + 1)), "{e}");
 
     let e = tampered(&core, &log, |l| {
         l.remove(6);
@@ -568,4 +573,269 @@ fn audit_usage_errors_exit_2() {
     assert_eq!(show(&core, &["--since", "1h"]).len(), 3);
     let (stdout, _) = run(zv(&core).args(["audit", "show"]), 0);
     assert!(stdout.contains("residency_passed"), "{stdout}");
+}
+
+/// A small tmpfs mounted over `dir` for a test (tests run as root, as CI
+/// does), unmounted when dropped: also when the test fails.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .expect("mount");
+        assert!(status.success(), "mounting a tmpfs needs root");
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the file system of `dir` with `dir/ballast`, then gives `leave`
+/// bytes back.
+fn fill(dir: &Path, leave: u64) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("ballast");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0x5au8; 64 << 10];
+    loop {
+        match f.write(&chunk) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let len = f.metadata().unwrap().len();
+    f.set_len(len.saturating_sub(leave)).unwrap();
+    path
+}
+
+/// What the log says of each (target, key): started, written, deleted, in
+/// order. Checks that every deletion is of an object the log knew of.
+#[derive(Default)]
+struct Known {
+    started: std::collections::HashSet<(String, String)>,
+    live: std::collections::HashSet<(String, String)>,
+}
+
+fn known(core: &Path) -> Known {
+    let mut k = Known::default();
+    for r in show(core, &[]) {
+        let (Some(target), Some(key)) = (r["target"].as_str(), r["key"].as_str()) else {
+            continue;
+        };
+        let at = (target.to_string(), key.to_string());
+        match r["event"].as_str().unwrap() {
+            "upload_started" => {
+                k.started.insert(at);
+            }
+            "object_put" => {
+                assert!(k.started.contains(&at), "put without a start: {r}");
+                k.live.insert(at);
+            }
+            "object_deleted" => {
+                assert!(
+                    k.started.contains(&at),
+                    "a deletion of an object the log never knew of: {r}"
+                );
+                k.live.remove(&at);
+            }
+            _ => {}
+        }
+    }
+    k
+}
+
+/// Every key on zone ch's targets, as (target, key).
+fn stored(fleet: &zonevault_testkit::Fleet) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for t in &fleet.zone("ch").targets {
+        for key in fleet.garage(&t.region).keys().unwrap() {
+            out.push((t.name.clone(), key));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_full_state_dir_fails_the_run_never_tears_the_log_and_the_next_run_needs_no_operator() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core) = fleet(dir.path());
+    fleet
+        .users_fixture("core-ch-1", &Spec::new(300, 2_000))
+        .unwrap();
+    let state = dir.path().join("state/core-ch-1");
+    let _fs = Tmpfs::mount(&state, "16m");
+    // The state dir fills at different points of a run: at once, among
+    // the first uploads, further on.
+    for leave in [24u64 << 10, 0, 70 << 10, 200 << 10] {
+        let ballast = fill(&state, leave);
+        let (_, e) = run(zv(&core).args(["backup", "--full", "--json"]), 1);
+        assert!(e.contains("No space left on device"), "{leave}: {e}");
+        assert!(
+            e.contains(state.to_str().unwrap()),
+            "names the state dir: {e}"
+        );
+        assert!(!e.contains("panicked"), "{e}");
+        // the log is whole: every line a record, the chain holds
+        let (stdout, _) = run(zv(&core).args(["audit", "verify"]), 0);
+        assert!(stdout.contains("the chain holds"), "{stdout}");
+        // nothing is on a target that the log did not know was coming
+        let k = known(&core);
+        for at in stored(&fleet) {
+            assert!(
+                k.started.contains(&at),
+                "{leave}: {at:?} is on the target, the log never heard of it"
+            );
+        }
+
+        // space freed: the next run goes on, no operator action
+        std::fs::remove_file(&ballast).unwrap();
+        run(zv(&core).args(["backup", "--json"]), 0);
+        run(zv(&core).args(["audit", "verify"]), 0);
+        let k = known(&core);
+        let on_targets = stored(&fleet);
+        for at in &on_targets {
+            assert!(
+                k.live.contains(at),
+                "{leave}: {at:?} is on the target without an object_put that no deletion followed"
+            );
+        }
+        let objects = on_targets
+            .iter()
+            .filter(|(_, key)| key.contains("/objects/"))
+            .count();
+        assert_eq!(
+            objects,
+            2 * 302,
+            "one object per unit per target, no leftovers"
+        );
+    }
+    let key = fleet.identity("ch");
+    verify_remote(&core, &key, 0);
+}
+
+#[test]
+fn multipart_uploads_are_on_record_from_before_their_start_to_their_end_or_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core) = fleet(dir.path());
+    // one incompressible unit of many 8 MiB parts: a multipart upload, long
+    // enough to be killed in the middle
+    let mut big = vec![0u8; 160 << 20];
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for chunk in big.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(fleet.volumes_dir("core-ch-1").join("etc/big.bin"), &big).unwrap();
+    drop(big);
+
+    let mut child = process(&core)
+        .args(["backup", "--jobs", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let gva = fleet.garage("ch-gva-2");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while gva.pending_uploads().unwrap() == 0 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup ended before an upload was seen"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no multipart upload started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL: nothing of the run aborts its uploads
+    child.wait().unwrap();
+    // the log knew the upload was coming before the target did
+    let started: Vec<Value> = show(&core, &["--event", "upload_started"])
+        .into_iter()
+        .filter(|r| r["multipart"] == true)
+        .collect();
+    let primary: Vec<&Value> = started
+        .iter()
+        .filter(|r| r["target"] == "ch-primary")
+        .collect();
+    assert_eq!(primary.len(), 1, "{started:?}");
+    let killed = primary[0]["key"].as_str().unwrap().to_string();
+    assert_eq!(primary[0]["kind"], "unit");
+    assert!(killed.contains("/objects/"), "{killed}");
+
+    // the next run aborts the upload left behind, on record, and uploads
+    // the unit again: started, then put
+    run(zv(&core).args(["backup", "--json"]), 0);
+    assert_eq!(gva.pending_uploads().unwrap(), 0);
+    let records = show(&core, &[]);
+    let position = |event: &str, target: &str, key: &str| {
+        records
+            .iter()
+            .position(|r| r["event"] == event && r["target"] == target && r["key"] == key)
+    };
+    let aborted = position("upload_aborted", "ch-primary", &killed)
+        .unwrap_or_else(|| panic!("no upload_aborted of {killed}: {records:?}"));
+    let abort = &records[aborted];
+    assert!(
+        abort["upload_id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{abort}"
+    );
+    assert!(
+        abort["reason"].as_str().unwrap().contains("unfinished run"),
+        "{abort}"
+    );
+    assert!(position("upload_started", "ch-primary", &killed).unwrap() < aborted);
+    for r in records.iter().filter(|r| r["event"] == "upload_aborted") {
+        let (target, key) = (r["target"].as_str().unwrap(), r["key"].as_str().unwrap());
+        assert!(
+            position("upload_started", target, key).is_some(),
+            "an abort of an upload the log never saw start: {r}"
+        );
+    }
+    let big_puts: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["event"] == "object_put" && r["bytes"].as_u64().unwrap_or(0) > 2 * (8 << 20))
+        .collect();
+    assert_eq!(big_puts.len(), 2, "on each target: {big_puts:?}");
+    for put in big_puts {
+        let (target, key) = (
+            put["target"].as_str().unwrap(),
+            put["key"].as_str().unwrap(),
+        );
+        let start = position("upload_started", target, key).expect("a start record");
+        assert_eq!(records[start]["multipart"], true, "{}", records[start]);
+        assert_eq!(records[start]["users"], put["users"]);
+        assert!(start < position("object_put", target, key).unwrap());
+    }
+    // `audit show` prints the new events in its human form too
+    let (stdout, _) = run(
+        zv(&core).args(["audit", "show", "--event", "upload_aborted"]),
+        0,
+    );
+    assert!(
+        stdout.contains("upload_aborted") && stdout.contains(&killed),
+        "{stdout}"
+    );
+    run(zv(&core).args(["audit", "verify"]), 0);
 }

@@ -374,3 +374,207 @@ fn device_as_zone_map_is_refused() {
     );
     s.expect_error(&["/dev/zero: zone map is not a regular file"]);
 }
+
+// --- secret files, recipient lists and job counts with sane bounds ---
+
+impl Setup {
+    /// Runs `zonevault ARGS` and waits at most `secs` for it: a command
+    /// that blocks fails the test instead of hanging it. Returns the exit
+    /// code, stdout and stderr.
+    fn run_within(&self, args: &[&str], secs: u64) -> (Option<i32>, String, String) {
+        use std::io::Read;
+        let mut child = common::process(&self.path("core.toml"))
+            .args(args)
+            .env("ZV_TEST_KEY_ID", "GK0123")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                panic!("zonevault {args:?} still runs after {secs} s: it blocks");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let (mut stdout, mut stderr) = (String::new(), String::new());
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut stdout)
+            .unwrap();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        (status.code(), stdout, stderr)
+    }
+
+    /// [`Setup::run_within`] expecting exit 2 and each of `expect` in stderr.
+    fn expect_usage_error(&self, args: &[&str], expect: &[&str]) -> String {
+        let (code, stdout, stderr) = self.run_within(args, 20);
+        assert_eq!(
+            code,
+            Some(2),
+            "{args:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        );
+        assert!(stdout.is_empty(), "{stdout}");
+        for e in expect {
+            assert!(stderr.contains(e), "{args:?}: expected {e:?} in:\n{stderr}");
+        }
+        for bad in ["panicked", "RUST_BACKTRACE", "s3cr3t-value"] {
+            assert!(!stderr.contains(bad), "{bad:?} in:\n{stderr}");
+        }
+        stderr
+    }
+}
+
+#[test]
+fn a_fifo_as_secret_file_is_refused_without_blocking() {
+    let s = Setup::new();
+    let secret = s.path("secret.txt");
+    std::fs::remove_file(&secret).unwrap();
+    let c = std::ffi::CString::new(secret.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string; mkfifo only creates the node.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    s.expect_usage_error(
+        &["check"],
+        &[
+            "credentials.ch-primary.secret_access_key_file",
+            "secret.txt is a FIFO (named pipe), not a regular file",
+        ],
+    );
+}
+
+#[test]
+fn a_huge_secret_file_is_refused_unread() {
+    let s = Setup::new();
+    // 100 MB (sparse): the wrong file, which today is read whole
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(s.path("secret.txt"))
+        .unwrap();
+    f.set_len(100_000_000).unwrap();
+    s.expect_usage_error(
+        &["check"],
+        &[
+            "credentials.ch-primary.secret_access_key_file",
+            "is 100000000 bytes",
+            "at most 4096 bytes",
+        ],
+    );
+    // the cap is 4096 bytes: a key with a trailing comment line still fits
+    f.set_len(4096).unwrap();
+    let (_, _, stderr) = s.run_within(&["check"], 60);
+    assert!(!stderr.contains("secret_access_key_file"), "{stderr}");
+}
+
+#[test]
+fn a_directory_or_a_device_as_secret_file_is_refused() {
+    let s = Setup::new();
+    s.edit(
+        "core.toml",
+        "secret_access_key_file = \"secret.txt\"",
+        "secret_access_key_file = \"/dev/zero\"",
+    );
+    s.expect_usage_error(
+        &["check"],
+        &[
+            "secret_access_key_file",
+            "/dev/zero is a device, not a regular file",
+        ],
+    );
+    let s = Setup::new();
+    std::fs::remove_file(s.path("secret.txt")).unwrap();
+    std::fs::create_dir(s.path("secret.txt")).unwrap();
+    std::fs::set_permissions(s.path("secret.txt"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    s.expect_usage_error(
+        &["check"],
+        &[
+            "secret_access_key_file",
+            "is a directory, not a regular file",
+        ],
+    );
+}
+
+#[test]
+fn a_recipient_list_has_a_cap() {
+    let s = Setup::new();
+    let many: Vec<String> = (0..65)
+        .map(|_| format!("{:?}", zonevault::keys::generate().recipient))
+        .collect();
+    let map = std::fs::read_to_string(s.path("zonemap.toml")).unwrap();
+    let start = map.find("recipients = [\"age1").unwrap();
+    let end = start + map[start..].find('\n').unwrap();
+    let with = |n: usize| {
+        format!(
+            "{}recipients = [{}]{}",
+            &map[..start],
+            many[..n].join(", "),
+            &map[end..]
+        )
+    };
+    s.write("zonemap.toml", with(65).as_bytes());
+    s.expect_error(&["zones.ch.recipients", "lists 65 recipients", "at most 64"]);
+    // 64 is fine
+    s.write("zonemap.toml", with(64).as_bytes());
+    let map =
+        zonevault::config::ZoneMap::load(&s.path("zonemap.toml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(map.zone_of_core("core-ch-1").unwrap().recipients.len(), 64);
+}
+
+#[test]
+fn absurd_job_counts_are_usage_errors() {
+    let s = Setup::new();
+    for (args, flag) in [
+        (&["backup", "--jobs", "0"][..], "--jobs"),
+        (&["backup", "--jobs", "100000"][..], "--jobs"),
+        (&["backup", "--jobs=-1"][..], "--jobs"),
+        (&["backup", "--part-jobs", "0"][..], "--part-jobs"),
+        (&["backup", "--part-jobs", "33"][..], "--part-jobs"),
+        (
+            &[
+                "restore",
+                "--snapshot",
+                "latest",
+                "--to",
+                "/tmp/nowhere",
+                "--identity",
+                "k",
+                "--jobs",
+                "0",
+            ][..],
+            "--jobs",
+        ),
+        (
+            &[
+                "restore",
+                "--snapshot",
+                "latest",
+                "--to",
+                "/tmp/nowhere",
+                "--identity",
+                "k",
+                "--jobs",
+                "257",
+            ][..],
+            "--jobs",
+        ),
+    ] {
+        let e = s.expect_usage_error(args, &[flag]);
+        let range = if flag == "--jobs" {
+            "1..=256"
+        } else {
+            "1..=32"
+        };
+        assert!(e.contains(range), "{args:?}: {e}");
+    }
+}

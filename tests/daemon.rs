@@ -531,3 +531,43 @@ fn one_daemon_per_core_and_the_endpoint_answers_as_monitors_expect() {
     sigterm(&daemon);
     assert!(exits_within(&mut daemon, 30).success());
 }
+
+#[test]
+fn idle_connections_cannot_hold_the_metrics_endpoint_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut fleet, core, port) = scheduled_fleet(dir.path(), 2, 0);
+    // no schedule: the daemon only serves
+    fleet.zone_mut("ch").schedule = String::new();
+    fleet.write_configs().unwrap();
+    let mut daemon = start_daemon(&core, dir.path(), &[]);
+    wait_for(30, "the endpoint", dir.path(), || get(port, "/healthz"));
+    // many idle sockets, from the same address as the scraper: some that
+    // say nothing, some that never finish their headers (slowloris)
+    let mut idle = Vec::new();
+    for i in 0..300 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        if i % 2 == 0 {
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n");
+        }
+        idle.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..3 {
+        let asked = Instant::now();
+        let (status, body) = get(port, "/metrics").expect("a scrape is answered");
+        assert_eq!(status, 200);
+        assert!(body.contains("zonevault_healthy"), "{body}");
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "the scrape took {:?}",
+            asked.elapsed()
+        );
+        // and more idle sockets in between
+        for _ in 0..50 {
+            idle.push(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+        }
+    }
+    drop(idle);
+    sigterm(&daemon);
+    assert!(exits_within(&mut daemon, 30).success());
+}

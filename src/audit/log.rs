@@ -187,11 +187,45 @@ impl AuditLog {
             lines.push('\n');
             prev = hash;
         }
-        (&self.file)
+        // The length before the batch: a failed write is cut back to it, so
+        // the log never ends in a torn line and no record of the batch (none
+        // of which is reported written) stays behind.
+        let before = self
+            .file
+            .metadata()
+            .with_context(|| format!("cannot read the audit log {}", self.path.display()))?
+            .len();
+        let written = (&self.file)
             .write_all(lines.as_bytes())
-            .and_then(|()| self.file.sync_data())
-            .with_context(|| format!("cannot write to the audit log {}", self.path.display()))?;
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            let state_dir = self.path.parent().unwrap_or(Path::new("."));
+            let hint = if e.raw_os_error() == Some(libc::ENOSPC) {
+                format!(
+                    "; free space in the state directory {}: the next run goes on from there",
+                    state_dir.display()
+                )
+            } else {
+                String::new()
+            };
+            return match self.cut_back(before) {
+                Ok(()) => Err(anyhow::Error::new(e).context(format!(
+                    "cannot write to the audit log {} (the log was cut back to its last whole record{hint})",
+                    self.path.display()
+                ))),
+                Err(cut) => Err(anyhow::Error::new(e).context(format!(
+                    "cannot write to the audit log {}, nor cut it back to its last whole record ({cut}): `zonevault audit verify` names the damaged line",
+                    self.path.display()
+                ))),
+            };
+        }
         Ok(first)
+    }
+
+    /// Cuts the log back to `len` bytes, durably: what a failed batch left.
+    fn cut_back(&self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)?;
+        self.file.sync_all()
     }
 }
 
@@ -341,7 +375,7 @@ pub fn replace(path: &Path, expected_len: u64, lines: &[String]) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn failed(n: u8) -> Event {
@@ -396,6 +430,123 @@ mod tests {
         for (i, l) in lines.iter().enumerate() {
             assert_eq!(Stored::parse(&l.text).unwrap().seq(), Some(i as u64 + 1));
         }
+    }
+
+    /// A small tmpfs mounted for a test (the tests run as root), unmounted
+    /// when dropped, also when the test fails.
+    pub(crate) struct Tmpfs(std::path::PathBuf);
+
+    impl Tmpfs {
+        pub(crate) fn mount(dir: &Path, size: &str) -> Tmpfs {
+            let status = std::process::Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0700"),
+                    "tmpfs",
+                ])
+                .arg(dir)
+                .status()
+                .expect("mount");
+            assert!(status.success(), "mounting a tmpfs needs root");
+            Tmpfs(dir.to_path_buf())
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    /// Fills the file system of `dir` with `dir/ballast`, then gives back
+    /// `leave` bytes.
+    pub(crate) fn fill(dir: &Path, leave: u64) -> std::path::PathBuf {
+        let path = dir.join("ballast");
+        let mut f = File::create(&path).unwrap();
+        let chunk = vec![0xa5u8; 4096];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let len = f.metadata().unwrap().len();
+        f.set_len(len.saturating_sub(leave)).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_full_disk_never_tears_the_log_and_freeing_space_is_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let _fs = Tmpfs::mount(dir.path(), "256k");
+        let log = Arc::new(AuditLog::open(dir.path(), "c", "z").unwrap());
+        log.append(&failed(0)).unwrap();
+        let ballast = fill(dir.path(), 8 << 10);
+        // appends from several threads at once (so batches of several
+        // records fail together) until the disk is full
+        let results: Vec<Result<u64>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|t| {
+                    let log = &log;
+                    s.spawn(move || (0..200).map(|_| log.append(&failed(t))).collect::<Vec<_>>())
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        let ok: Vec<u64> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied())
+            .collect();
+        let errors: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(|e| format!("{e:#}")))
+            .collect();
+        assert!(
+            !ok.is_empty() && !errors.is_empty(),
+            "the disk filled partway"
+        );
+        let e = &errors[0];
+        assert!(e.contains("No space left on device"), "{e}");
+        assert!(e.contains("cut back to its last whole record"), "{e}");
+        assert!(
+            e.contains(&dir.path().display().to_string()),
+            "names the state dir: {e}"
+        );
+        // the chain holds, and holds exactly the records reported written
+        let holds = crate::audit::chain::verify_file(log.path())
+            .unwrap()
+            .unwrap();
+        assert_eq!(holds.records, ok.len() as u64 + 1);
+        let lines = read_lines(log.path()).unwrap();
+        let mut seqs: Vec<u64> = ok.clone();
+        seqs.sort();
+        let on_disk: Vec<u64> = lines[1..]
+            .iter()
+            .map(|l| Stored::parse(&l.text).unwrap().seq().unwrap())
+            .collect();
+        assert_eq!(on_disk, seqs, "every reported seq is on disk, no other");
+        // space freed: the same log (and a new process's) goes on
+        std::fs::remove_file(ballast).unwrap();
+        let next = log.append(&failed(9)).unwrap();
+        assert_eq!(next, ok.len() as u64 + 2);
+        drop(log);
+        let log = AuditLog::open(dir.path(), "c", "z").unwrap();
+        log.append(&failed(10)).unwrap();
+        assert!(
+            crate::audit::chain::verify_file(log.path())
+                .unwrap()
+                .is_ok()
+        );
     }
 
     #[test]

@@ -87,6 +87,31 @@ pub enum Event {
         place: Place,
         reason: String,
     },
+    /// An object is about to be written to a target: recorded before the
+    /// write starts (a PUT, or the creation of a multipart upload), so that
+    /// nothing reaches a target that the log does not know is coming. Its
+    /// `object_put` follows once it is written; without one, the object may
+    /// exist until the next run's cleanup deletes it (recorded).
+    UploadStarted {
+        #[serde(flatten)]
+        place: Place,
+        key: String,
+        kind: ObjectKind,
+        /// A multipart upload (else a single PUT).
+        multipart: bool,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        snapshot: Option<String>,
+        #[serde(skip_serializing_if = "Vec::is_empty", default)]
+        users: Vec<String>,
+    },
+    /// A multipart upload was abandoned: the target removed its parts.
+    UploadAborted {
+        #[serde(flatten)]
+        place: Place,
+        key: String,
+        upload_id: String,
+        reason: String,
+    },
     /// An object was written. `bytes` and `blake3` are those of the stored
     /// (encrypted) object; `users` are the users whose data it holds.
     ObjectPut {
@@ -166,6 +191,8 @@ impl Event {
         "residency_passed",
         "residency_refused",
         "target_unavailable",
+        "upload_started",
+        "upload_aborted",
         "object_put",
         "snapshot_committed",
         "object_read",
@@ -360,6 +387,20 @@ mod tests {
             },
             Event::TargetUnavailable {
                 place: place(),
+                reason: "r".into(),
+            },
+            Event::UploadStarted {
+                place: place(),
+                key: "k".into(),
+                kind: ObjectKind::Unit,
+                multipart: true,
+                snapshot: None,
+                users: vec![],
+            },
+            Event::UploadAborted {
+                place: place(),
+                key: "k".into(),
+                upload_id: "u".into(),
                 reason: "r".into(),
             },
         ];

@@ -213,11 +213,20 @@ pub async fn copy<S: Store>(
             )
             .await;
         if let Err(e) = put {
-            match before {
-                Some(mark) => copied.insert(name.clone(), mark),
-                None => copied.remove(&name),
-            };
-            save_copied(state_dir, &copied)?;
+            // Take the mark back only when the target surely lacks the copy:
+            // a write can land and still fail (its record could not be
+            // written, the answer was lost), and a zone ahead of the mark
+            // would block every later run. A mark left ahead heals.
+            let landed = highest_copied(t.store(), t.target(), audit.core()).await;
+            if matches!(landed, Ok(held) if held < last) {
+                match before {
+                    Some(mark) => copied.insert(name.clone(), mark),
+                    None => copied.remove(&name),
+                };
+                if let Err(undo) = save_copied(state_dir, &copied) {
+                    tracing::warn!(error = %format!("{undo:#}"), "cannot take back the audit copy mark; the next run copies the records again");
+                }
+            }
             return Err(e.context(format!("copying the audit log to target {name}")));
         }
     }

@@ -78,9 +78,15 @@ impl Options {
     }
 }
 
-/// Two units per CPU.
+/// The most units in flight that `--jobs` allows.
+pub const MAX_JOBS: usize = 256;
+
+/// The most parts in flight per unit that `--part-jobs` allows.
+pub const MAX_PART_JOBS: usize = 32;
+
+/// Two units per CPU, at most [`MAX_JOBS`].
 pub fn default_jobs() -> usize {
-    2 * std::thread::available_parallelism().map_or(1, |n| n.get())
+    (2 * std::thread::available_parallelism().map_or(1, |n| n.get())).min(MAX_JOBS)
 }
 
 impl Default for Options {
@@ -261,7 +267,9 @@ async fn snapshot(
             // Units still in flight were dropped with their uploads open:
             // abort every upload of this core (the run lock makes them ours).
             for t in targets {
-                if let Err(abort) = abort_uploads(t, core).await {
+                if let Err(abort) =
+                    abort_uploads(t, core, "the run failed before the object was complete").await
+                {
                     tracing::warn!(target = %t.target().name, error = %abort, "could not abort unfinished uploads; the next run removes them");
                 }
             }
@@ -601,13 +609,28 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 /// Aborts every unfinished multipart upload of `core` on a target.
-async fn abort_uploads<S: Store>(target: &Writable<S>, core: &str) -> anyhow::Result<usize> {
+async fn abort_uploads<S: Store>(
+    target: &Writable<S>,
+    core: &str,
+    reason: &str,
+) -> anyhow::Result<usize> {
     let uploads = target
         .store()
         .list_uploads(&target.key(&layout::objects_dir(core)))
         .await?;
+    // Every upload is aborted even when one abort (or its record) fails:
+    // what is left is the next run's to remove.
+    let mut first_error = None;
     for upload in &uploads {
-        target.abort_upload(&upload.key, &upload.upload_id).await?;
+        if let Err(e) = target
+            .abort_upload(&upload.key, &upload.upload_id, reason)
+            .await
+        {
+            first_error.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
     }
     Ok(uploads.len())
 }
@@ -646,7 +669,7 @@ pub async fn sweep<S: Store>(
     reason: &str,
 ) -> anyhow::Result<usize> {
     let store = target.store();
-    let mut removed = abort_uploads(target, core).await?;
+    let mut removed = abort_uploads(target, core, reason).await?;
     let listed = store
         .list(&target.key(&layout::snapshots_dir(core)))
         .await?;

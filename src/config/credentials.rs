@@ -122,31 +122,81 @@ fn one_secret(
                 format!("environment variable {var} is not valid UTF-8"),
             )),
         },
-        (None, Some(file)) => {
-            let path = base.join(&file);
-            let shown = path.display();
-            let meta = std::fs::metadata(&path).map_err(|e| {
-                ConfigError::field(config, field("file"), format!("cannot read {shown}: {e}"))
-            })?;
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(ConfigError::field(
-                    config,
-                    field("file"),
-                    format!("{shown} is readable by group or others (mode {mode:04o})"),
-                )
-                .help(format!("a secret file must be private to its owner: chmod 600 {shown}")));
-            }
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                ConfigError::field(config, field("file"), format!("cannot read {shown}: {e}"))
-            })?;
-            let value = text.trim();
-            if value.is_empty() {
-                return Err(ConfigError::field(config, field("file"), format!("{shown} is empty")));
-            }
-            Ok(Secret(value.to_string()))
-        }
+        (None, Some(file)) => read_secret_file(config, &field("file"), &base.join(&file)),
     }
+}
+
+/// The largest secret file read: an access key id or a secret access key is
+/// tens of bytes; a bigger file is the wrong file.
+pub const MAX_SECRET_BYTES: u64 = 4096;
+
+/// Reads a secret file: a regular file, private to its owner, at most
+/// [`MAX_SECRET_BYTES`]. It is opened without waiting (`O_NONBLOCK`: a FIFO
+/// or a device never blocks the open) and checked on the opened descriptor,
+/// so what is read is what was checked. Symbolic links are followed (secret
+/// stores such as systemd credentials or Kubernetes use them): the checks
+/// apply to the file they lead to.
+fn read_secret_file(config: &Path, field: &str, path: &Path) -> Result<Secret, ConfigError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+
+    let shown = path.display();
+    let err = |problem: String| ConfigError::field(config, field, problem);
+    let cannot = |e: std::io::Error| err(format!("cannot read {shown}: {e}"));
+    let mut f = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(cannot)?;
+    let meta = f.metadata().map_err(cannot)?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO (named pipe)"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else {
+            "of an unknown kind"
+        };
+        return Err(err(format!("{shown} is {what}, not a regular file"))
+            .help("a secret file is a regular file that holds only the key, private to its owner (chmod 600)"));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(err(format!(
+            "{shown} is readable by group or others (mode {mode:04o})"
+        ))
+        .help(format!(
+            "a secret file must be private to its owner: chmod 600 {shown}"
+        )));
+    }
+    let too_big = |len: u64| {
+        err(format!(
+            "{shown} is {len} bytes; a secret file holds one key and is at most {MAX_SECRET_BYTES} bytes"
+        ))
+        .help("name the file that holds only this key")
+    };
+    if meta.len() > MAX_SECRET_BYTES {
+        return Err(too_big(meta.len()));
+    }
+    let mut bytes = Vec::new();
+    (&mut f)
+        .take(MAX_SECRET_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > MAX_SECRET_BYTES {
+        return Err(too_big(bytes.len() as u64));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| err(format!("{shown} is not UTF-8 text")))?;
+    let value = text.trim();
+    if value.is_empty() {
+        return Err(err(format!("{shown} is empty")));
+    }
+    Ok(Secret(value.to_string()))
 }
 
 #[cfg(test)]

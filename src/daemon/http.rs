@@ -1,9 +1,13 @@
 //! The daemon's HTTP endpoint on `metrics_listen`: `GET /metrics`
 //! (Prometheus text) and `GET /healthz` (200 or 503, with a JSON reason).
+//! At most [`MAX_CONNECTIONS`] connections are open; a new one always gets
+//! in, in place of the least recently active one of the busiest peer.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -12,16 +16,80 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
-/// Connections served at once; more wait to be accepted. Scrapers and
-/// health checks need a handful; the rest of the file budget is the runs'.
-const MAX_CONNECTIONS: usize = 32;
+/// Connections kept open at once. A connection that arrives at the cap is
+/// never turned away: it takes the place of the least recently active
+/// connection of the peer that holds the most (see [`Connections`]), so idle
+/// or slow sockets can never lock a scraper out, and a client that opens
+/// many loses its own first.
+const MAX_CONNECTIONS: usize = 64;
 
 /// A client that does not send its request headers within this is dropped.
 const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 use super::metrics::Metrics;
+
+/// The open connections of the endpoint, and which one gives way to a new one.
+#[derive(Debug, Default)]
+struct Connections {
+    next: u64,
+    open: HashMap<u64, Connection>,
+}
+
+#[derive(Debug)]
+struct Connection {
+    peer: IpAddr,
+    /// Accepted, or last answered a request.
+    active: Instant,
+    close: CancellationToken,
+}
+
+impl Connections {
+    /// Admits a connection from `peer`, closing another one first when at
+    /// the cap: of the peer with the most connections, the one least
+    /// recently active. A scrape (a request as soon as it connects) is then
+    /// the last connection to go.
+    fn admit(&mut self, peer: IpAddr) -> (u64, CancellationToken) {
+        if self.open.len() >= MAX_CONNECTIONS {
+            let mut per_peer: HashMap<IpAddr, usize> = HashMap::new();
+            for c in self.open.values() {
+                *per_peer.entry(c.peer).or_default() += 1;
+            }
+            let victim = self
+                .open
+                .iter()
+                .max_by_key(|(_, c)| (per_peer[&c.peer], std::cmp::Reverse(c.active)))
+                .map(|(id, _)| *id);
+            if let Some(c) = victim.and_then(|id| self.open.remove(&id)) {
+                tracing::debug!(peer = %c.peer, "metrics connections at the cap: closing the least recently active one");
+                c.close.cancel();
+            }
+        }
+        let id = self.next;
+        self.next += 1;
+        let close = CancellationToken::new();
+        self.open.insert(
+            id,
+            Connection {
+                peer,
+                active: Instant::now(),
+                close: close.clone(),
+            },
+        );
+        (id, close)
+    }
+
+    fn touch(&mut self, id: u64) {
+        if let Some(c) = self.open.get_mut(&id) {
+            c.active = Instant::now();
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.open.remove(&id);
+    }
+}
 
 /// Binds `addr` now (so a port in use is a startup error), then serves in
 /// the background until the returned task is aborted.
@@ -33,14 +101,11 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on metrics_listen = {addr}"))?;
     tracing::info!(%addr, "serving /metrics and /healthz");
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = Arc::new(Mutex::new(Connections::default()));
     Ok(tokio::spawn(async move {
         loop {
-            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-                return;
-            };
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // e.g. out of file descriptors: do not spin
                     tracing::warn!(error = %e, "cannot accept a metrics connection");
@@ -48,24 +113,37 @@ pub async fn serve(
                     continue;
                 }
             };
+            let (id, close) = table(&connections).admit(peer.ip());
             let metrics = Arc::clone(&metrics);
+            let connections = Arc::clone(&connections);
             tokio::spawn(async move {
-                let _slot = slot;
+                let seen = Arc::clone(&connections);
                 let service = hyper::service::service_fn(move |req| {
+                    table(&seen).touch(id);
                     let metrics = Arc::clone(&metrics);
                     async move { Ok::<_, Infallible>(answer(&req, &metrics)) }
                 });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                let serving = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    tracing::debug!(error = %e, "metrics connection ended");
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    served = serving => {
+                        if let Err(e) = served {
+                            tracing::debug!(error = %e, "metrics connection ended");
+                        }
+                    }
+                    () = close.cancelled() => {}
                 }
+                table(&connections).remove(id);
             });
         }
     }))
+}
+
+/// The connection table; a panic while holding it leaves it consistent.
+fn table(c: &Mutex<Connections>) -> std::sync::MutexGuard<'_, Connections> {
+    c.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn answer(req: &Request<Incoming>, metrics: &Mutex<Metrics>) -> Response<Full<Bytes>> {
@@ -114,4 +192,41 @@ fn answer(req: &Request<Incoming>, metrics: &Mutex<Metrics>) -> Response<Full<By
         );
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_the_cap_the_busiest_peer_gives_way_least_recently_active_first() {
+        let mut c = Connections::default();
+        let (b, c_b) = ("10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap());
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        // the scraper's connection is the oldest of all
+        let (_, scraper) = c.admit(b);
+        let flood: Vec<(u64, CancellationToken)> =
+            (1..MAX_CONNECTIONS).map(|_| c.admit(a)).collect();
+        // in the order admitted, one millisecond apart
+        let base = Instant::now() - std::time::Duration::from_secs(1);
+        for (id, conn) in c.open.iter_mut() {
+            conn.active = base + std::time::Duration::from_millis(*id);
+        }
+        // a's first connection answered a request since: its second is the
+        // least recently active
+        c.touch(flood[0].0);
+        let (_, newcomer) = c.admit(c_b);
+        assert_eq!(c.open.len(), MAX_CONNECTIONS);
+        assert!(
+            !scraper.is_cancelled(),
+            "the other peer keeps its connection"
+        );
+        assert!(!newcomer.is_cancelled());
+        assert!(!flood[0].1.is_cancelled());
+        assert!(flood[1].1.is_cancelled(), "the flooding peer's idlest goes");
+        assert_eq!(flood.iter().filter(|(_, t)| t.is_cancelled()).count(), 1);
+        // a closed connection leaves the table
+        c.remove(flood[2].0);
+        assert_eq!(c.open.len(), MAX_CONNECTIONS - 1);
+    }
 }
