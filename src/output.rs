@@ -124,6 +124,21 @@ pub fn backup(r: &crate::commands::backup::Report) -> String {
     list_some(&mut s, "vanished during the walk (skipped)", &r.vanished);
     list_some(
         &mut s,
+        "changed during the walk (skipped, not followed)",
+        &r.changed_during_walk,
+    );
+    list_some(
+        &mut s,
+        "hard-linked from outside its unit (stored; the same file may live elsewhere)",
+        &r.hard_links,
+    );
+    list_some(
+        &mut s,
+        "misplaced user directory (backed up in the shared unit)",
+        &r.misplaced,
+    );
+    list_some(
+        &mut s,
         "symlink out of its volume (stored; restore refuses it)",
         &r.escaping_links,
     );
