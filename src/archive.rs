@@ -123,7 +123,9 @@ impl<W: Write> UnitWriter<'_, W> {
             header.set_entry_type(EntryType::Link);
             header.set_size(0);
             let first = linked.first.clone();
-            self.builder.append_link(&mut header, rel, first)?;
+            self.builder
+                .append_link(&mut header, rel, first)
+                .with_context(|| format!("storing {}", self.root.join(rel).display()))?;
             self.stats.files += 1;
             return Ok(());
         }
@@ -170,7 +172,9 @@ impl<W: Write> fswalk::Visitor for UnitWriter<'_, W> {
         match entry.kind() {
             Kind::Dir => {
                 header.set_size(0);
-                self.builder.append_data(&mut header, rel, io::empty())?;
+                self.builder
+                    .append_data(&mut header, rel, io::empty())
+                    .with_context(|| format!("storing {}", self.root.join(rel).display()))?;
             }
             Kind::Symlink => {
                 let target = match entry.read_link() {
@@ -183,7 +187,9 @@ impl<W: Write> fswalk::Visitor for UnitWriter<'_, W> {
                     tracing::warn!(path = %path.display(), target = %target.display(), "symlink points outside the volume: stored, but zonevault restore will refuse it");
                     self.stats.escaping_links.push(path);
                 }
-                self.builder.append_link(&mut header, rel, &target)?;
+                self.builder
+                    .append_link(&mut header, rel, &target)
+                    .with_context(|| format!("storing {}", self.root.join(rel).display()))?;
             }
             Kind::File => return self.file(entry),
             Kind::Other => {

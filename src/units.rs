@@ -121,9 +121,9 @@ pub struct Scan {
     /// where their name puts them (pryv): backed up in the shared unit, each
     /// named in a warning.
     pub misplaced: Vec<PathBuf>,
-    /// Directories (full paths) that changed while the scan looked at them (swapped with a
-    /// link, replaced): skipped, never followed; what they hold is in no user
-    /// unit of this run.
+    /// Directories (full paths) that changed while the scan looked at them
+    /// (swapped with a link, replaced): skipped, never followed; the users
+    /// below them are in no unit of this run.
     pub changed: Vec<PathBuf>,
 }
 
