@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use tar::{EntryType, Header, HeaderMode};
 
+use crate::fswalk::{self, Kind};
 use crate::units::{self, Unit};
 
 /// What writing a unit's tar found.
@@ -25,12 +26,22 @@ pub struct WriteStats {
     pub changed: Vec<PathBuf>,
     /// Entries that disappeared during the walk: skipped.
     pub vanished: Vec<PathBuf>,
+    /// Entries that were no longer what the walk saw when it opened them
+    /// (swapped with a link, a FIFO or another file; a directory replaced):
+    /// skipped, never followed. See [`crate::fswalk`].
+    pub changed_during_walk: Vec<PathBuf>,
+    /// Regular files with more hard links than the unit holds names for:
+    /// the same bytes may also live outside the unit (stored, not refused).
+    pub hard_links: Vec<PathBuf>,
     /// Symlinks whose target is absolute or leaves the volume: stored as
-    /// they are, but `zonevault restore` refuses them (see [`extract`]).
+    /// they are; restore recreates them as links ([`crate::unpack`]).
     pub escaping_links: Vec<PathBuf>,
 }
 
-/// Writes the tar of `unit` to `out`. An unreadable file fails naming its path.
+/// Writes the tar of `unit` to `out`, reading the volume through
+/// [`units::walk`] (descriptors, never following a link). An unreadable
+/// entry fails naming its path; one that vanished or changed during the walk
+/// is skipped and listed.
 pub fn write_unit<W: Write>(
     unit: &Unit,
     exclude: &globset::GlobSet,
@@ -39,112 +50,187 @@ pub fn write_unit<W: Write>(
     let mut builder = tar::Builder::new(out);
     builder.mode(HeaderMode::Complete);
     builder.follow_symlinks(false);
-    let mut stats = WriteStats::default();
-    let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
-
-    for entry in units::walk(unit, exclude) {
-        let entry = match entry {
-            Ok(e) => e,
-            Err(e) if units::is_vanished(&e) => {
-                let path = e.path().map(Path::to_path_buf).unwrap_or_default();
-                tracing::debug!(path = %path.display(), "vanished during the backup; skipped");
-                stats.vanished.push(path);
-                continue;
-            }
-            Err(e) => {
-                let path = e
-                    .path()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default();
-                bail!(
-                    "cannot read {path}: {}",
-                    e.io_error().map_or(e.to_string(), |io| io.to_string())
-                );
-            }
-        };
-        let path = entry.path();
-        let rel = path.strip_prefix(&unit.root).unwrap_or(path);
-        if rel.as_os_str().is_empty() {
-            continue; // the volume root itself: restore creates it
-        }
-        let meta = match std::fs::symlink_metadata(path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                tracing::debug!(path = %path.display(), "vanished during the backup; skipped");
-                stats.vanished.push(path.to_path_buf());
-                continue;
-            }
-            Err(e) => bail!("cannot read {}: {e}", path.display()),
-        };
-        let mut header = Header::new_gnu();
-        header.set_metadata_in_mode(&meta, HeaderMode::Complete);
-        let ft = meta.file_type();
-        if ft.is_dir() {
-            header.set_size(0);
-            builder.append_data(&mut header, rel, io::empty())?;
-        } else if ft.is_symlink() {
-            let target = match std::fs::read_link(path) {
-                Ok(t) => t,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    stats.vanished.push(path.to_path_buf());
-                    continue;
-                }
-                Err(e) => bail!("cannot read link {}: {e}", path.display()),
-            };
-            header.set_size(0);
-            if link_escapes(rel, &target) {
-                tracing::warn!(path = %path.display(), target = %target.display(), "symlink points outside the volume: stored, but zonevault restore will refuse it");
-                stats.escaping_links.push(path.to_path_buf());
-            }
-            builder.append_link(&mut header, rel, &target)?;
-        } else if ft.is_file() {
-            if meta.nlink() > 1 {
-                let id = (meta.dev(), meta.ino());
-                if let Some(first) = links.get(&id) {
-                    header.set_entry_type(EntryType::Link);
-                    header.set_size(0);
-                    builder.append_link(&mut header, rel, first)?;
-                    stats.files += 1;
-                    continue;
-                }
-            }
-            let file = match std::fs::File::open(path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    tracing::debug!(path = %path.display(), "vanished during the backup; skipped");
-                    stats.vanished.push(path.to_path_buf());
-                    continue;
-                }
-                Err(e) => bail!("cannot read {}: {e}", path.display()),
-            };
-            let size = meta.len();
-            let mut reader = ExactSize::new(&file, size);
-            builder
-                .append_data(&mut header, rel, &mut reader)
-                .with_context(|| format!("storing {}", path.display()))?;
-            let after = file.metadata().ok();
-            let changed = reader.short
-                || after.is_none_or(|a| {
-                    a.len() != size
-                        || a.mtime() != meta.mtime()
-                        || a.mtime_nsec() != meta.mtime_nsec()
-                });
-            if changed {
-                tracing::warn!(path = %path.display(), "changed while read; stored as read");
-                stats.changed.push(path.to_path_buf());
-            }
-            if meta.nlink() > 1 {
-                // only now: a later name may link to this one since it is stored
-                links.insert((meta.dev(), meta.ino()), rel.to_path_buf());
-            }
-        } else {
-            tracing::warn!(path = %path.display(), "not a file, directory or link; skipped");
-            continue;
-        }
-        stats.files += 1;
+    let mut writer = UnitWriter {
+        root: &unit.root,
+        builder,
+        stats: WriteStats::default(),
+        links: HashMap::new(),
+    };
+    units::walk(unit, exclude, &mut writer)?;
+    let UnitWriter {
+        root,
+        builder,
+        mut stats,
+        links,
+    } = writer;
+    let mut outside: Vec<PathBuf> = links
+        .into_values()
+        .filter(|l| l.names < l.nlink)
+        .map(|l| root.join(l.first))
+        .collect();
+    outside.sort();
+    for path in &outside {
+        tracing::warn!(path = %path.display(), "has hard links outside this unit: the same file may also live elsewhere");
     }
+    stats.hard_links = outside;
     let out = builder.into_inner()?;
     Ok((out, stats))
+}
+
+/// A file with several links, as the walk of a unit met it.
+struct Linked {
+    /// The first name stored (relative to the volume root).
+    first: PathBuf,
+    nlink: u64,
+    /// Names of it in the unit.
+    names: u64,
+}
+
+/// The tar of one unit, fed by the walk.
+struct UnitWriter<'a, W: Write> {
+    root: &'a Path,
+    builder: tar::Builder<W>,
+    stats: WriteStats,
+    /// Stored files with more than one link, by (device, inode).
+    links: HashMap<(u64, u64), Linked>,
+}
+
+impl<W: Write> UnitWriter<'_, W> {
+    /// Notes an entry skipped by the walk, or fails on an I/O error.
+    fn skip(&mut self, rel: &Path, problem: &fswalk::Problem) -> Result<()> {
+        let path = self.root.join(rel);
+        match problem {
+            fswalk::Problem::Vanished => {
+                tracing::debug!(path = %path.display(), "vanished during the backup; skipped");
+                self.stats.vanished.push(path);
+            }
+            fswalk::Problem::Changed(why) => {
+                tracing::warn!(path = %path.display(), why = %why, "changed during the walk; skipped, not followed");
+                self.stats.changed_during_walk.push(path);
+            }
+            fswalk::Problem::Io(e) => bail!("cannot read {}: {e}", path.display()),
+        }
+        Ok(())
+    }
+
+    fn file(&mut self, entry: &fswalk::Entry<'_>) -> Result<()> {
+        let rel = entry.rel;
+        let id = (entry.meta.dev, entry.meta.ino);
+        if entry.meta.nlink > 1
+            && let Some(linked) = self.links.get_mut(&id)
+        {
+            linked.names += 1;
+            let mut header = header_of(&entry.meta);
+            header.set_entry_type(EntryType::Link);
+            header.set_size(0);
+            let first = linked.first.clone();
+            self.builder
+                .append_link(&mut header, rel, first)
+                .with_context(|| format!("storing {}", self.root.join(rel).display()))?;
+            self.stats.files += 1;
+            return Ok(());
+        }
+        let (file, meta) = match entry.open_file() {
+            Ok(opened) => opened,
+            Err(p) => return self.skip(rel, &p),
+        };
+        // the header tells what was opened (the same inode the walk saw)
+        let mut header = header_of(&meta);
+        let path = self.root.join(rel);
+        let mut reader = ExactSize::new(&file, meta.size);
+        self.builder
+            .append_data(&mut header, rel, &mut reader)
+            .with_context(|| format!("storing {}", path.display()))?;
+        let after = file.metadata().ok();
+        let changed = reader.short
+            || after.is_none_or(|a| {
+                a.len() != meta.size || a.mtime() != meta.mtime || a.mtime_nsec() != meta.mtime_nsec
+            });
+        if changed {
+            tracing::warn!(path = %path.display(), "changed while read; stored as read");
+            self.stats.changed.push(path);
+        }
+        if meta.nlink > 1 {
+            // only now: a later name may link to this one since it is stored
+            self.links.insert(
+                id,
+                Linked {
+                    first: rel.to_path_buf(),
+                    nlink: meta.nlink,
+                    names: 1,
+                },
+            );
+        }
+        self.stats.files += 1;
+        Ok(())
+    }
+}
+
+impl<W: Write> fswalk::Visitor for UnitWriter<'_, W> {
+    fn entry(&mut self, entry: &fswalk::Entry<'_>) -> Result<()> {
+        let rel = entry.rel;
+        let mut header = header_of(&entry.meta);
+        match entry.kind() {
+            Kind::Dir => {
+                header.set_size(0);
+                self.builder
+                    .append_data(&mut header, rel, io::empty())
+                    .with_context(|| format!("storing {}", self.root.join(rel).display()))?;
+            }
+            Kind::Symlink => {
+                let target = match entry.read_link() {
+                    Ok(t) => t,
+                    Err(p) => return self.skip(rel, &p),
+                };
+                header.set_size(0);
+                if link_escapes(rel, &target) {
+                    let path = self.root.join(rel);
+                    tracing::warn!(path = %path.display(), target = %target.display(), "symlink points outside the volume: stored as a link (restore recreates the link and never writes through it; check that it still points where it should after a restore)");
+                    self.stats.escaping_links.push(path);
+                }
+                self.builder
+                    .append_link(&mut header, rel, &target)
+                    .with_context(|| format!("storing {}", self.root.join(rel).display()))?;
+            }
+            Kind::File => return self.file(entry),
+            Kind::Other => {
+                tracing::warn!(path = %self.root.join(rel).display(), "not a file, directory or link; skipped");
+                return Ok(());
+            }
+        }
+        self.stats.files += 1;
+        Ok(())
+    }
+
+    fn skipped(&mut self, rel: &Path, problem: &fswalk::Problem) {
+        // never an I/O error: the walk fails on those itself
+        let _ = self.skip(rel, problem);
+    }
+}
+
+/// A tar header for an entry: type, mode, numeric owner, mtime, size (what
+/// `tar`'s `HeaderMode::Complete` takes from a `Metadata`).
+fn header_of(meta: &fswalk::Meta) -> Header {
+    let mut h = Header::new_gnu();
+    h.set_mode(meta.mode);
+    h.set_uid(u64::from(meta.uid));
+    h.set_gid(u64::from(meta.gid));
+    h.set_mtime(meta.mtime.max(0) as u64);
+    h.set_entry_type(match meta.kind() {
+        Kind::Dir => EntryType::Directory,
+        Kind::Symlink => EntryType::Symlink,
+        _ => EntryType::Regular,
+    });
+    h.set_size(if meta.kind() == Kind::File {
+        meta.size
+    } else {
+        0
+    });
+    if let Some(gnu) = h.as_gnu_mut() {
+        gnu.set_device_major(0);
+        gnu.set_device_minor(0);
+    }
+    h
 }
 
 /// Reads exactly `size` bytes: a file that grew is cut at `size`, one that

@@ -6,7 +6,8 @@
 //!
 //! - [`config`]: the zone map and the core config, validated on load.
 //! - [`keys`]: age identities (keygen, identity files).
-//! - [`units`], [`archive`]: a volume cut into units; a unit as a tar.
+//! - [`units`], [`archive`]: a volume cut into units; a unit as a tar; both
+//!   read the file system through [`fswalk`], a walk by open descriptors.
 //! - [`pipeline`]: tar → BLAKE3 → zstd → age → parts, and back.
 //! - [`storage`]: the object-store trait and its S3 implementation.
 //! - [`residency`]: the gate; the only source of a writable target, which
@@ -25,6 +26,7 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod fswalk;
 pub mod incremental;
 pub mod keys;
 pub mod layout;

@@ -129,7 +129,22 @@ pub fn backup(r: &crate::commands::backup::Report) -> String {
     list_some(&mut s, "vanished during the walk (skipped)", &r.vanished);
     list_some(
         &mut s,
-        "symlink out of its volume (stored; restore refuses it)",
+        "changed during the walk (skipped, not followed)",
+        &r.changed_during_walk,
+    );
+    list_some(
+        &mut s,
+        "hard-linked from outside its unit (stored; the same file may live elsewhere)",
+        &r.hard_links,
+    );
+    list_some(
+        &mut s,
+        "misplaced user directory (backed up in the shared unit)",
+        &r.misplaced,
+    );
+    list_some(
+        &mut s,
+        "symlink out of its volume (stored; restore recreates the link, never follows it)",
         &r.escaping_links,
     );
     s

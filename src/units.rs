@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Layout, Volume};
+use crate::fswalk::{self, Kind, Problem};
 
 /// What a unit holds.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -118,142 +119,181 @@ pub fn in_user_dir(rel: &Path, is_dir: bool) -> bool {
     is_user_dir(&head).is_some() && (is_dir || rel.components().count() > 4)
 }
 
-/// The units of a volume, users sorted by id, the shared unit last.
-pub fn units_of(volume: &Volume) -> std::io::Result<Vec<Unit>> {
+/// Whether a directory at `rel`, four levels below a pryv volume root, looks
+/// like a user directory (three one-character parents, a name of three or
+/// more characters) that is not where its name puts it: `x/y/z/abc123`.
+fn is_misplaced_user_dir(rel: &Path) -> bool {
+    let parts: Vec<&str> = rel.iter().map(|p| p.to_str().unwrap_or("")).collect();
+    let [a, b, c, id] = parts.as_slice() else {
+        return false;
+    };
+    [a, b, c].iter().all(|p| p.chars().count() == 1)
+        && id.chars().count() >= 3
+        && is_user_dir(rel).is_none()
+}
+
+/// What the scan of a volume found.
+#[derive(Debug, Clone)]
+pub struct Scan {
+    /// Users sorted by id, the shared unit last (pryv); the whole volume (plain).
+    pub units: Vec<Unit>,
+    /// Directories (full paths) that look like user directories but are not
+    /// where their name puts them (pryv): backed up in the shared unit, each
+    /// named in a warning.
+    pub misplaced: Vec<PathBuf>,
+    /// Directories (full paths) that changed while the scan looked at them
+    /// (swapped with a link, replaced): skipped, never followed; the users
+    /// below them are in no unit of this run.
+    pub changed: Vec<PathBuf>,
+}
+
+/// The units of a volume, users sorted by id, the shared unit last. The
+/// pryv scan looks four levels deep, through [`fswalk`] like every walk.
+pub fn units_of(volume: &Volume) -> anyhow::Result<Scan> {
     let unit = |kind| Unit {
         volume: volume.name.clone(),
         root: volume.path.clone(),
         kind,
     };
     match volume.layout {
-        Layout::Plain => Ok(vec![unit(UnitKind::Volume)]),
+        Layout::Plain => Ok(Scan {
+            units: vec![unit(UnitKind::Volume)],
+            misplaced: Vec::new(),
+            changed: Vec::new(),
+        }),
         Layout::Pryv => {
-            let mut users = Vec::new();
-            for entry in walkdir::WalkDir::new(&volume.path)
-                .min_depth(4)
-                .max_depth(4)
-                .follow_links(false)
-            {
-                let entry = match entry {
-                    Ok(e) => e,
-                    Err(e) if is_vanished(&e) => continue,
-                    Err(e) => return Err(walk_error(e)),
-                };
-                if !entry.file_type().is_dir() {
-                    continue;
-                }
-                let rel = entry
-                    .path()
-                    .strip_prefix(&volume.path)
-                    .unwrap_or(entry.path());
-                if volume.exclude.is_match(rel) {
-                    continue;
-                }
-                if let Some(id) = is_user_dir(rel) {
-                    users.push(id);
-                }
-            }
+            let mut scan = UserScan {
+                root: &volume.path,
+                exclude: &volume.exclude,
+                users: Vec::new(),
+                misplaced: Vec::new(),
+                changed: Vec::new(),
+            };
+            fswalk::walk(&volume.path, Path::new(""), Some(4), &mut scan)?;
+            let UserScan {
+                mut users,
+                misplaced,
+                changed,
+                ..
+            } = scan;
             users.sort();
+            for path in &misplaced {
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
+                tracing::warn!(path = %path.display(), "looks like a user directory, but user {name} would live in {}: backed up in the shared unit", user_dir(&name).display());
+            }
             let mut units: Vec<Unit> = users
                 .into_iter()
                 .map(|id| unit(UnitKind::User(id)))
                 .collect();
             units.push(unit(UnitKind::Shared));
-            Ok(units)
+            Ok(Scan {
+                units,
+                misplaced,
+                changed,
+            })
         }
     }
 }
 
-/// The walk of one unit: every entry it holds, relative to the volume root,
-/// in a stable order. Excluded paths, user directories (for the shared unit)
-/// and the volume root itself are left out.
+/// The pryv scan: directories four levels down.
+struct UserScan<'a> {
+    root: &'a Path,
+    exclude: &'a globset::GlobSet,
+    users: Vec<String>,
+    misplaced: Vec<PathBuf>,
+    changed: Vec<PathBuf>,
+}
+
+impl fswalk::Visitor for UserScan<'_> {
+    fn keep(&mut self, rel: &Path, kind: Kind) -> bool {
+        // as ever, the excludes count for the user directories themselves only
+        kind == Kind::Dir && (rel.iter().count() < 4 || !self.exclude.is_match(rel))
+    }
+
+    fn entry(&mut self, entry: &fswalk::Entry<'_>) -> anyhow::Result<()> {
+        if entry.depth == 4 {
+            if let Some(id) = is_user_dir(entry.rel) {
+                self.users.push(id);
+            } else if is_misplaced_user_dir(entry.rel) {
+                self.misplaced.push(self.root.join(entry.rel));
+            }
+        }
+        Ok(())
+    }
+
+    fn skipped(&mut self, rel: &Path, problem: &Problem) {
+        if let Problem::Changed(why) = problem {
+            let path = self.root.join(rel);
+            tracing::warn!(path = %path.display(), why = %why, "changed during the walk; skipped, not followed");
+            self.changed.push(path);
+        }
+    }
+}
+
+/// Walks one unit, giving `visitor` every entry it holds, relative to the
+/// volume root, in a stable order (see [`fswalk`]). Excluded paths, user
+/// directories (for the shared unit) and the volume root itself are left out.
 pub fn walk(
     unit: &Unit,
     exclude: &globset::GlobSet,
-) -> impl Iterator<Item = walkdir::Result<walkdir::DirEntry>> {
-    let start = match unit.user_dir() {
-        Some(dir) => unit.root.join(dir),
-        None => unit.root.clone(),
+    visitor: &mut impl fswalk::Visitor,
+) -> anyhow::Result<()> {
+    let start = unit.user_dir().unwrap_or_default();
+    let mut rules = UnitRules {
+        exclude,
+        shared: unit.kind == UnitKind::Shared,
+        inner: visitor,
     };
-    let root = unit.root.clone();
-    let shared = unit.kind == UnitKind::Shared;
-    let exclude = exclude.clone();
-    walkdir::WalkDir::new(start)
-        .follow_links(false)
-        .sort_by_file_name()
-        .into_iter()
-        .filter_entry(move |e| {
-            let rel = e.path().strip_prefix(&root).unwrap_or(e.path());
-            if rel.as_os_str().is_empty() {
-                return true;
-            }
-            if exclude.is_match(rel) {
-                return false;
-            }
-            !(shared && in_user_dir(rel, e.file_type().is_dir()))
-        })
+    fswalk::walk(&unit.root, &start, None, &mut rules)
+}
+
+/// A unit's rules around the visitor of its walk.
+struct UnitRules<'a, V> {
+    exclude: &'a globset::GlobSet,
+    shared: bool,
+    inner: &'a mut V,
+}
+
+impl<V: fswalk::Visitor> fswalk::Visitor for UnitRules<'_, V> {
+    fn keep(&mut self, rel: &Path, kind: Kind) -> bool {
+        let user_dir_in_shared = self.shared && in_user_dir(rel, kind == Kind::Dir);
+        !self.exclude.is_match(rel) && !user_dir_in_shared && self.inner.keep(rel, kind)
+    }
+
+    fn entry(&mut self, entry: &fswalk::Entry<'_>) -> anyhow::Result<()> {
+        self.inner.entry(entry)
+    }
+
+    fn skipped(&mut self, rel: &Path, problem: &Problem) {
+        self.inner.skipped(rel, problem);
+    }
 }
 
 /// The change fingerprint of a unit: BLAKE3 over the relative path, size,
 /// mtime, ctime, inode and mode of every entry of its walk. Equal
 /// fingerprints mean an unchanged unit (ctime catches what a touch-up of
-/// mtime would hide: chmod, chown, rename, replace). Entries that vanish
-/// during the walk are left out, like the archive leaves them out.
-pub fn fingerprint(unit: &Unit, exclude: &globset::GlobSet) -> std::io::Result<String> {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::MetadataExt;
-    let mut hasher = blake3::Hasher::new();
-    for entry in walk(unit, exclude) {
-        let entry = match entry {
-            Ok(e) => e,
-            Err(e) if is_vanished(&e) => continue,
-            Err(e) => return Err(walk_error(e)),
-        };
-        let rel = entry
-            .path()
-            .strip_prefix(&unit.root)
-            .unwrap_or(entry.path());
-        if rel.as_os_str().is_empty() {
-            continue;
+/// mtime would hide: chmod, chown, rename, replace). Entries that vanish or
+/// change during the walk are left out, like the archive leaves them out.
+pub fn fingerprint(unit: &Unit, exclude: &globset::GlobSet) -> anyhow::Result<String> {
+    struct Hash(blake3::Hasher);
+    impl fswalk::Visitor for Hash {
+        fn entry(&mut self, entry: &fswalk::Entry<'_>) -> anyhow::Result<()> {
+            use std::os::unix::ffi::OsStrExt;
+            let m = &entry.meta;
+            self.0.update(entry.rel.as_os_str().as_bytes());
+            self.0.update(
+                format!(
+                    "\0{} {}.{} {}.{} {} {:o}\n",
+                    m.size, m.mtime, m.mtime_nsec, m.ctime, m.ctime_nsec, m.ino, m.mode
+                )
+                .as_bytes(),
+            );
+            Ok(())
         }
-        let meta = match entry.metadata() {
-            Ok(m) => m,
-            Err(e) if is_vanished(&e) => continue,
-            Err(e) => return Err(walk_error(e)),
-        };
-        hasher.update(rel.as_os_str().as_bytes());
-        hasher.update(
-            format!(
-                "\0{} {}.{} {}.{} {} {:o}\n",
-                meta.size(),
-                meta.mtime(),
-                meta.mtime_nsec(),
-                meta.ctime(),
-                meta.ctime_nsec(),
-                meta.ino(),
-                meta.mode()
-            )
-            .as_bytes(),
-        );
     }
-    Ok(hasher.finalize().to_hex().to_string())
-}
-
-/// A walk error that only means the entry disappeared meanwhile.
-pub fn is_vanished(e: &walkdir::Error) -> bool {
-    e.io_error()
-        .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
-}
-
-fn walk_error(e: walkdir::Error) -> std::io::Error {
-    let path = e
-        .path()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    let kind = e
-        .io_error()
-        .map_or(std::io::ErrorKind::Other, |io| io.kind());
-    std::io::Error::new(kind, format!("{path}: {e}"))
+    let mut hash = Hash(blake3::Hasher::new());
+    walk(unit, exclude, &mut hash)?;
+    Ok(hash.0.finalize().to_hex().to_string())
 }
 
 #[cfg(test)]
@@ -273,5 +313,9 @@ mod tests {
         assert_eq!(is_user_dir(Path::new("a/b/c/c123456789abc")), None);
         assert_eq!(is_user_dir(Path::new("c/b/a")), None);
         assert_eq!(is_user_dir(Path::new("_shared/x/y/z")), None);
+        assert!(is_misplaced_user_dir(Path::new("x/y/z/abc123")));
+        assert!(!is_misplaced_user_dir(Path::new("c/b/a/c123456789abc")));
+        assert!(!is_misplaced_user_dir(Path::new("_shared/x/y/z")));
+        assert!(!is_misplaced_user_dir(Path::new("x/y/z/ab")));
     }
 }

@@ -120,7 +120,17 @@ pub struct Report {
     pub changed: Vec<String>,
     /// Entries that vanished during the walk (skipped).
     pub vanished: Vec<String>,
-    /// Symlinks pointing outside their volume: stored, but restore refuses them.
+    /// Entries that were no longer what the walk saw when it opened them
+    /// (swapped with a link, a FIFO or another file): skipped, never followed.
+    pub changed_during_walk: Vec<String>,
+    /// Files with hard links that this unit does not hold: the same bytes may
+    /// also live outside the unit (stored; an operator should know).
+    pub hard_links: Vec<String>,
+    /// Directories of a pryv volume that look like user directories but are
+    /// not where their name puts them: backed up in the shared unit.
+    pub misplaced: Vec<String>,
+    /// Symlinks pointing outside their volume: stored and restored as links
+    /// (whose targets may not exist on a restore machine).
     pub escaping_links: Vec<String>,
     /// Leftovers of uncommitted runs removed before this one.
     pub cleaned: usize,
@@ -223,10 +233,13 @@ async fn snapshot(
         previous.as_ref().map(|p| p.lookup()).unwrap_or_default();
 
     let mut units: Vec<(Unit, globset::GlobSet)> = Vec::new();
+    let (mut misplaced, mut changed_during_walk) = (Vec::new(), Vec::new());
     for v in volumes {
-        let found = units::units_of(v)
+        let scan = units::units_of(v)
             .with_context(|| format!("reading volume {} ({})", v.name, v.path.display()))?;
-        units.extend(found.into_iter().map(|u| (u, v.exclude.clone())));
+        units.extend(scan.units.into_iter().map(|u| (u, v.exclude.clone())));
+        misplaced.extend(scan.misplaced.iter().map(|p| p.display().to_string()));
+        changed_during_walk.extend(scan.changed.iter().map(|p| p.display().to_string()));
     }
 
     let now = chrono::Utc::now();
@@ -278,8 +291,8 @@ async fn snapshot(
     };
 
     let mut records: Vec<UnitRecord> = Vec::new();
-    let (mut changed, mut vanished, mut escaping_links, mut files) =
-        (Vec::new(), Vec::new(), Vec::new(), 0);
+    let (mut changed, mut vanished, mut escaping_links, mut hard_links, mut files) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0);
     let (mut uploaded, mut uploaded_bytes, mut uploaded_plain_bytes) = (0, 0, 0);
     for Stored {
         record: rec,
@@ -295,6 +308,13 @@ async fn snapshot(
         files += rec.files;
         changed.extend(stats.changed.iter().map(|p| p.display().to_string()));
         vanished.extend(stats.vanished.iter().map(|p| p.display().to_string()));
+        changed_during_walk.extend(
+            stats
+                .changed_during_walk
+                .iter()
+                .map(|p| p.display().to_string()),
+        );
+        hard_links.extend(stats.hard_links.iter().map(|p| p.display().to_string()));
         escaping_links.extend(stats.escaping_links.iter().map(|p| p.display().to_string()));
         records.push(rec);
     }
@@ -303,6 +323,12 @@ async fn snapshot(
         tracing::warn!(
             "{} entries vanished during the backup and were skipped",
             vanished.len()
+        );
+    }
+    if !changed_during_walk.is_empty() {
+        tracing::warn!(
+            "{} entries changed during the walk (swapped or replaced) and were skipped, never followed",
+            changed_during_walk.len()
         );
     }
 
@@ -429,6 +455,9 @@ async fn snapshot(
         seconds: started.elapsed().as_secs_f64(),
         changed,
         vanished,
+        changed_during_walk,
+        hard_links,
+        misplaced,
         escaping_links,
         cleaned,
     })
@@ -538,7 +567,11 @@ async fn store_unit(run: &UnitRun<'_>, unit: Unit, exclude: globset::GlobSet) ->
         });
     }
     let (mut record, stats) = backup_unit(run, unit, exclude).await?;
-    record.fingerprint = fingerprint;
+    // A unit that lost an entry to a change during the walk is uploaded
+    // again by the next run, whatever its fingerprint then.
+    if stats.changed_during_walk.is_empty() {
+        record.fingerprint = fingerprint;
+    }
     Ok(Stored {
         record,
         stats,
