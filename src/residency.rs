@@ -505,8 +505,8 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::audit::log::tests::{Tmpfs, fill};
     use crate::storage::{Body, ObjectInfo, PendingUpload};
+    use zonevault_testkit::tmpfs::{Tmpfs, fill};
 
     /// A bucket in memory whose `put` fills the state dir's file system
     /// first, as another process would while the object travels.

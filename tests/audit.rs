@@ -3,6 +3,8 @@
 
 mod common;
 
+use zonevault_testkit::tmpfs::{Tmpfs, fill};
+
 use std::path::{Path, PathBuf};
 
 use common::{fleet, process, run, spoof_ch_secondary, tool, zv};
@@ -573,58 +575,6 @@ fn audit_usage_errors_exit_2() {
     assert_eq!(show(&core, &["--since", "1h"]).len(), 3);
     let (stdout, _) = run(zv(&core).args(["audit", "show"]), 0);
     assert!(stdout.contains("residency_passed"), "{stdout}");
-}
-
-/// A small tmpfs mounted over `dir` for a test (tests run as root, as CI
-/// does), unmounted when dropped: also when the test fails.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).unwrap();
-        let status = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(dir)
-            .status()
-            .expect("mount");
-        assert!(status.success(), "mounting a tmpfs needs root");
-        Tmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
-/// Fills the file system of `dir` with `dir/ballast`, then gives `leave`
-/// bytes back.
-fn fill(dir: &Path, leave: u64) -> PathBuf {
-    use std::io::Write;
-    let path = dir.join("ballast");
-    let mut f = std::fs::File::create(&path).unwrap();
-    let chunk = vec![0x5au8; 64 << 10];
-    loop {
-        match f.write(&chunk) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
-            Err(e) => panic!("{e}"),
-        }
-    }
-    let len = f.metadata().unwrap().len();
-    f.set_len(len.saturating_sub(leave)).unwrap();
-    path
 }
 
 /// What the log says of each (target, key): started, written, deleted, in

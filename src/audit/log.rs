@@ -375,8 +375,9 @@ pub fn replace(path: &Path, expected_len: u64, lines: &[String]) -> Result<()> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use zonevault_testkit::tmpfs::{Tmpfs, fill};
 
     fn failed(n: u8) -> Event {
         Event::RunFailed {
@@ -430,56 +431,6 @@ pub(crate) mod tests {
         for (i, l) in lines.iter().enumerate() {
             assert_eq!(Stored::parse(&l.text).unwrap().seq(), Some(i as u64 + 1));
         }
-    }
-
-    /// A small tmpfs mounted for a test (the tests run as root), unmounted
-    /// when dropped, also when the test fails.
-    pub(crate) struct Tmpfs(std::path::PathBuf);
-
-    impl Tmpfs {
-        pub(crate) fn mount(dir: &Path, size: &str) -> Tmpfs {
-            let status = std::process::Command::new("mount")
-                .args([
-                    "-t",
-                    "tmpfs",
-                    "-o",
-                    &format!("size={size},mode=0700"),
-                    "tmpfs",
-                ])
-                .arg(dir)
-                .status()
-                .expect("mount");
-            assert!(status.success(), "mounting a tmpfs needs root");
-            Tmpfs(dir.to_path_buf())
-        }
-    }
-
-    impl Drop for Tmpfs {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-
-    /// Fills the file system of `dir` with `dir/ballast`, then gives back
-    /// `leave` bytes.
-    pub(crate) fn fill(dir: &Path, leave: u64) -> std::path::PathBuf {
-        let path = dir.join("ballast");
-        let mut f = File::create(&path).unwrap();
-        let chunk = vec![0xa5u8; 4096];
-        loop {
-            match f.write(&chunk) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
-                Err(e) => panic!("{e}"),
-            }
-        }
-        let len = f.metadata().unwrap().len();
-        f.set_len(len.saturating_sub(leave)).unwrap();
-        path
     }
 
     #[test]
