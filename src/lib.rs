@@ -35,6 +35,7 @@ pub mod logging;
 pub mod output;
 pub mod pipeline;
 pub mod progress;
+pub mod pryv;
 pub mod residency;
 pub mod retention;
 pub mod signing;

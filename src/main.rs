@@ -263,7 +263,7 @@ fn run(cli: Cli) -> Result<Exit, Error> {
             Ok(Exit::Ok)
         }
         Command::Check { json } => {
-            let config = Config::load(&cli.config)?;
+            let config = Config::load_live(&cli.config)?;
             let audit = open_audit(&config, "check")?;
             // a signing key that restore would not accept is a config error
             let signer = zonevault::signing::core_signer(&config)
@@ -320,7 +320,7 @@ fn run(cli: Cli) -> Result<Exit, Error> {
             no_wait,
             json,
         } => {
-            let config = Config::load(&cli.config)?;
+            let config = Config::load_live(&cli.config)?;
             let audit = open_audit(&config, "backup")?;
             let mut options = commands::backup::Options::new();
             options.volumes = volumes;

@@ -38,6 +38,14 @@ pub struct UnitRecord {
     /// The unit's change fingerprint when it was stored ([`crate::units::fingerprint`]).
     #[serde(default)]
     pub fingerprint: String,
+    /// The directories (relative to the volume root) the unit holds beyond
+    /// what its kind implies: a user's (`<a>/<b>/<c>/<userId>`, and on Pryv
+    /// v2 `<x>/<y>/<z>/user.<username>`), or the user-shaped directories
+    /// that no user claims, held by the shared unit. Names hold usernames:
+    /// only in the encrypted manifest. Empty in older manifests (a user unit
+    /// then holds its userId directory).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dirs: Vec<std::path::PathBuf>,
 }
 
 /// `<id>.manifest.age`: encrypted to the zone's recipients; holds user ids.

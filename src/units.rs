@@ -5,6 +5,7 @@
 //! userId, is one user unit; everything else is the volume's shared unit.
 //! `layout = "plain"`: the whole volume is one unit.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -42,21 +43,17 @@ pub struct Unit {
     /// The volume's root.
     pub root: PathBuf,
     pub kind: UnitKind,
+    /// Relative to the root. A user unit: the user's directories (the
+    /// userId directory and, on Pryv v2, the `user.<username>` directory
+    /// of its series). The shared unit: directories shaped like a user's
+    /// that no user claims, which it holds. Empty for a plain volume.
+    pub dirs: Vec<PathBuf>,
 }
 
 impl Unit {
     /// A short name for messages: `users/user c123…`, `users/shared`, `etc`.
     pub fn label(&self) -> String {
         label(&self.volume, &self.kind)
-    }
-
-    /// The directory, relative to the volume root, that holds the unit's files
-    /// (`None` for shared and whole-volume units, which start at the root).
-    pub fn user_dir(&self) -> Option<PathBuf> {
-        match &self.kind {
-            UnitKind::User(id) => Some(user_dir(id)),
-            _ => None,
-        }
     }
 }
 
@@ -150,14 +147,15 @@ pub struct Scan {
 /// The units of a volume, users sorted by id, the shared unit last. The
 /// pryv scan looks four levels deep, through [`fswalk`] like every walk.
 pub fn units_of(volume: &Volume) -> anyhow::Result<Scan> {
-    let unit = |kind| Unit {
+    let unit = |kind, dirs| Unit {
         volume: volume.name.clone(),
         root: volume.path.clone(),
         kind,
+        dirs,
     };
     match volume.layout {
         Layout::Plain => Ok(Scan {
-            units: vec![unit(UnitKind::Volume)],
+            units: vec![unit(UnitKind::Volume, Vec::new())],
             misplaced: Vec::new(),
             changed: Vec::new(),
         }),
@@ -171,21 +169,27 @@ pub fn units_of(volume: &Volume) -> anyhow::Result<Scan> {
             };
             fswalk::walk(&volume.path, Path::new(""), Some(4), &mut scan)?;
             let UserScan {
-                mut users,
-                misplaced,
+                users: found,
+                mut misplaced,
                 changed,
                 ..
             } = scan;
-            users.sort();
             for path in &misplaced {
                 let name = path.file_name().unwrap_or_default().to_string_lossy();
                 tracing::warn!(path = %path.display(), "looks like a user directory, but user {name} would live in {}: backed up in the shared unit", user_dir(&name).display());
             }
+            let index = crate::pryv::read_user_index(&volume.path)?;
+            let (users, unclaimed) = claim(found, index.as_ref());
+            for rel in &unclaimed {
+                let path = volume.path.join(rel);
+                tracing::warn!(path = %path.display(), "looks like a user directory, but no user in user-index.db has that id or username: backed up in the shared unit");
+                misplaced.push(path);
+            }
             let mut units: Vec<Unit> = users
                 .into_iter()
-                .map(|id| unit(UnitKind::User(id)))
+                .map(|(id, dirs)| unit(UnitKind::User(id), dirs))
                 .collect();
-            units.push(unit(UnitKind::Shared));
+            units.push(unit(UnitKind::Shared, unclaimed));
             Ok(Scan {
                 units,
                 misplaced,
@@ -195,11 +199,41 @@ pub fn units_of(volume: &Volume) -> anyhow::Result<Scan> {
     }
 }
 
+/// Which user each user-shaped directory belongs to: without a user index
+/// (Pryv v1), each directory is the user its name says; with one (Pryv v2,
+/// `id4name`), a userId directory and a `user.<username>` directory belong
+/// to that userId, and a directory that matches neither is unclaimed (the
+/// shared unit holds it). Returns the users, sorted, with their directories,
+/// and the unclaimed directories.
+fn claim(
+    found: Vec<(String, PathBuf)>,
+    index: Option<&crate::pryv::UserIndex>,
+) -> (BTreeMap<String, Vec<PathBuf>>, Vec<PathBuf>) {
+    let mut users: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    let mut unclaimed = Vec::new();
+    for (name, rel) in found {
+        let owner = match index {
+            None => Some(name),
+            Some(index) => index.owner_of_dir(&name),
+        };
+        match owner {
+            Some(id) => users.entry(id).or_default().push(rel),
+            None => unclaimed.push(rel),
+        }
+    }
+    for dirs in users.values_mut() {
+        dirs.sort();
+    }
+    unclaimed.sort();
+    (users, unclaimed)
+}
+
 /// The pryv scan: directories four levels down.
 struct UserScan<'a> {
     root: &'a Path,
     exclude: &'a globset::GlobSet,
-    users: Vec<String>,
+    /// (directory name, path relative to the root) of every user-shaped directory.
+    users: Vec<(String, PathBuf)>,
     misplaced: Vec<PathBuf>,
     changed: Vec<PathBuf>,
 }
@@ -212,8 +246,8 @@ impl fswalk::Visitor for UserScan<'_> {
 
     fn entry(&mut self, entry: &fswalk::Entry<'_>) -> anyhow::Result<()> {
         if entry.depth == 4 {
-            if let Some(id) = is_user_dir(entry.rel) {
-                self.users.push(id);
+            if let Some(name) = is_user_dir(entry.rel) {
+                self.users.push((name, entry.rel.to_path_buf()));
             } else if is_misplaced_user_dir(entry.rel) {
                 self.misplaced.push(self.root.join(entry.rel));
             }
@@ -238,25 +272,39 @@ pub fn walk(
     exclude: &globset::GlobSet,
     visitor: &mut impl fswalk::Visitor,
 ) -> anyhow::Result<()> {
-    let start = unit.user_dir().unwrap_or_default();
+    let shared = unit.kind == UnitKind::Shared;
     let mut rules = UnitRules {
         exclude,
-        shared: unit.kind == UnitKind::Shared,
+        shared,
+        held: &unit.dirs,
         inner: visitor,
     };
-    fswalk::walk(&unit.root, &start, None, &mut rules)
+    match unit.kind {
+        // each of the user's directories, in order
+        UnitKind::User(_) => unit
+            .dirs
+            .iter()
+            .try_for_each(|dir| fswalk::walk(&unit.root, dir, None, &mut rules)),
+        UnitKind::Shared | UnitKind::Volume => {
+            fswalk::walk(&unit.root, Path::new(""), None, &mut rules)
+        }
+    }
 }
 
 /// A unit's rules around the visitor of its walk.
 struct UnitRules<'a, V> {
     exclude: &'a globset::GlobSet,
     shared: bool,
+    /// The user-shaped directories the shared unit holds anyway.
+    held: &'a [PathBuf],
     inner: &'a mut V,
 }
 
 impl<V: fswalk::Visitor> fswalk::Visitor for UnitRules<'_, V> {
     fn keep(&mut self, rel: &Path, kind: Kind) -> bool {
-        let user_dir_in_shared = self.shared && in_user_dir(rel, kind == Kind::Dir);
+        let user_dir_in_shared = self.shared
+            && in_user_dir(rel, kind == Kind::Dir)
+            && !self.held.iter().any(|d| rel.starts_with(d));
         !self.exclude.is_match(rel) && !user_dir_in_shared && self.inner.keep(rel, kind)
     }
 

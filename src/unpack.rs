@@ -227,18 +227,21 @@ impl Destination {
 pub enum Scope {
     /// A user unit: only entries at or below these directories.
     Under(Vec<PathBuf>),
-    /// The shared unit of a pryv volume: no user directory.
-    NoUserDirs,
+    /// The shared unit of a pryv volume: no user directory, but for the
+    /// user-shaped directories no user claims, which it holds.
+    NoUserDirs(Vec<PathBuf>),
     /// A plain volume: anything inside the volume.
     Volume,
 }
 
 impl Scope {
-    /// The scope of a unit of `kind`: what its backup put in it.
-    pub fn of(kind: &units::UnitKind) -> Scope {
+    /// The scope of a unit of `kind` holding `dirs` (its manifest record's):
+    /// what its backup put in it.
+    pub fn of(kind: &units::UnitKind, dirs: &[PathBuf]) -> Scope {
         match kind {
-            units::UnitKind::User(id) => Scope::Under(vec![units::user_dir(id)]),
-            units::UnitKind::Shared => Scope::NoUserDirs,
+            units::UnitKind::User(id) if dirs.is_empty() => Scope::Under(vec![units::user_dir(id)]),
+            units::UnitKind::User(_) => Scope::Under(dirs.to_vec()),
+            units::UnitKind::Shared => Scope::NoUserDirs(dirs.to_vec()),
             units::UnitKind::Volume => Scope::Volume,
         }
     }
@@ -246,7 +249,9 @@ impl Scope {
     fn allows(&self, rel: &Path, is_dir: bool) -> bool {
         match self {
             Scope::Under(dirs) => dirs.iter().any(|d| rel.starts_with(d)),
-            Scope::NoUserDirs => !units::in_user_dir(rel, is_dir),
+            Scope::NoUserDirs(held) => {
+                !units::in_user_dir(rel, is_dir) || held.iter().any(|d| rel.starts_with(d))
+            }
             Scope::Volume => true,
         }
     }
@@ -322,7 +327,7 @@ impl Staged<'_> {
                     rel.display(),
                     match self.scope {
                         Scope::Under(_) => "not under its user's directories",
-                        Scope::NoUserDirs => "a user's directory in the shared unit",
+                        Scope::NoUserDirs(_) => "a user's directory in the shared unit",
                         Scope::Volume => "outside the volume",
                     }
                 );
@@ -886,7 +891,7 @@ mod tests {
             ("c/b/a/xabc/f", EntryType::Regular, "mine"),
             ("c/b/a/xabc/same", EntryType::Link, "c/b/a/xabc/f"),
         ]);
-        let user = || Scope::of(&units::UnitKind::User("xabc".into()));
+        let user = || Scope::of(&units::UnitKind::User("xabc".into()), &[]);
         let (_top, to, outcome) = restore(user(), &tar, |_| {}, false);
         let refused = outcome.unwrap().refused;
         assert!(refused.is_empty(), "{refused:?}");
@@ -989,17 +994,29 @@ mod tests {
 
     #[test]
     fn scopes_hold_what_they_should() {
-        let user = Scope::of(&units::UnitKind::User("xabc".into()));
+        let user = Scope::of(&units::UnitKind::User("xabc".into()), &[]);
         assert!(user.allows(Path::new("c/b/a/xabc"), true));
         assert!(user.allows(Path::new("c/b/a/xabc/f.sqlite"), false));
         assert!(!user.allows(Path::new("c/b/a/xabcd"), true));
         assert!(!user.allows(Path::new("user-index.db"), false));
-        let shared = Scope::NoUserDirs;
+        let shared = Scope::NoUserDirs(vec![PathBuf::from("1/0/0/user.nobody")]);
         assert!(shared.allows(Path::new("c/b/a"), true));
         assert!(shared.allows(Path::new("_shared/x/y/z"), true));
         assert!(!shared.allows(Path::new("c/b/a/xabc"), true));
         assert!(!shared.allows(Path::new("c/b/a/xabc/f"), false));
         // a link or file with a user directory's name is the shared unit's
         assert!(shared.allows(Path::new("c/b/a/xabc"), false));
+        // and so is a user-shaped directory no user claims
+        assert!(shared.allows(Path::new("1/0/0/user.nobody/series.sqlite"), false));
+        // a Pryv v2 user holds both of their directories
+        let v2 = Scope::of(
+            &units::UnitKind::User("xabc".into()),
+            &[
+                PathBuf::from("c/b/a/xabc"),
+                PathBuf::from("1/0/0/user.alice001"),
+            ],
+        );
+        assert!(v2.allows(Path::new("1/0/0/user.alice001/series-1.0.0.sqlite"), false));
+        assert!(!v2.allows(Path::new("1/0/0/user.bob001"), true));
     }
 }

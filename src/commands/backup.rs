@@ -630,6 +630,7 @@ async fn backup_unit(
         blake3: sealed.blake3,
         files: sealed.extra.files,
         fingerprint: String::new(),
+        dirs: unit.dirs.clone(),
     };
     Ok((record, sealed.extra))
 }

@@ -505,7 +505,7 @@ fn restore_unit(
     // never more than the manifest says: a swapped object must not fill the disk
     let mut hashing = HashingReader::new(std::io::Read::take(plain, rec.plain_size + 1));
     let label = units::label(&rec.volume, &rec.kind);
-    let mut staged = dest.stage(&rec.volume, &label, Scope::of(&rec.kind))?;
+    let mut staged = dest.stage(&rec.volume, &label, Scope::of(&rec.kind, &rec.dirs))?;
     staged.unpack(std::io::BufReader::with_capacity(256 << 10, &mut hashing))?;
     let (blake3, size) = hashing.finish().context("reading the end of the object")?;
     if blake3 != rec.blake3 || size != rec.plain_size {
@@ -542,6 +542,15 @@ fn select(manifest: &Manifest, volumes: &[String], users: &[String]) -> Result<V
             return Err(Error::failed(format!(
                 "the manifest of snapshot {} names user {id:?}, which is not a valid user id: refusing to restore it",
                 manifest.snapshot
+            )));
+        }
+        // a unit's directories are user-shaped directories of its volume
+        if let Some(bad) = u.dirs.iter().find(|d| units::is_user_dir(d).is_none()) {
+            return Err(Error::failed(format!(
+                "the manifest of snapshot {} gives {} the directory {:?}, which is not a user directory: refusing to restore it",
+                manifest.snapshot,
+                units::label(&u.volume, &u.kind),
+                bad
             )));
         }
     }

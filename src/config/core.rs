@@ -52,7 +52,9 @@ pub enum Layout {
 #[derive(Debug, Clone)]
 pub struct Volume {
     pub name: String,
-    /// Canonical, absolute path of the volume root.
+    /// The volume root: as configured (relative to core.toml) after
+    /// [`super::Config::load`], canonical after [`super::Config::load_live`],
+    /// which also checks that it exists.
     pub path: PathBuf,
     pub layout: Layout,
     /// Globs relative to `path`.
@@ -153,40 +155,6 @@ pub(super) fn validate(path: &Path, dir: &Path, f: &CoreFile) -> Result<CoreConf
             return Err(err(&at("path"), "is empty".into())
                 .help("set it to the volume's data directory, e.g. \"/var/pryv/data/users\""));
         }
-        let full = dir.join(&v.path);
-        let canonical = std::fs::canonicalize(&full).map_err(|e| {
-            let why = if e.kind() == std::io::ErrorKind::NotFound {
-                "does not exist".to_string()
-            } else {
-                format!("cannot be opened: {e}")
-            };
-            err(&at("path"), format!("{} {why}", full.display()))
-                .help("point the volume at an existing data directory")
-        })?;
-        if !canonical.is_dir() {
-            return Err(err(
-                &at("path"),
-                format!("{} is not a directory", full.display()),
-            ));
-        }
-        if let Some((j, other)) = volumes
-            .iter()
-            .enumerate()
-            .find(|(_, o)| o.path.starts_with(&canonical) || canonical.starts_with(&o.path))
-        {
-            return Err(err(
-                &at("path"),
-                format!(
-                    "{} overlaps volume {:?} ({}, volumes[{j}])",
-                    canonical.display(),
-                    other.name,
-                    other.path.display()
-                ),
-            )
-            .help(
-                "volumes must not contain one another; use exclude = [...] to leave a part out",
-            ));
-        }
         let mut builder = globset::GlobSetBuilder::new();
         for (k, pattern) in v.exclude.iter().enumerate() {
             let glob = globset::Glob::new(pattern).map_err(|e| {
@@ -202,7 +170,7 @@ pub(super) fn validate(path: &Path, dir: &Path, f: &CoreFile) -> Result<CoreConf
             .map_err(|e| err(&at("exclude"), format!("invalid globs: {e}")))?;
         volumes.push(Volume {
             name: v.name.clone(),
-            path: canonical,
+            path: dir.join(&v.path),
             layout: v.layout,
             exclude,
             exclude_patterns: v.exclude.clone(),
@@ -222,6 +190,54 @@ pub(super) fn validate(path: &Path, dir: &Path, f: &CoreFile) -> Result<CoreConf
         volumes,
         credentials: BTreeMap::new(),
     })
+}
+
+/// The checks of the live data, for the commands that read it (`backup`,
+/// `check`, `daemon`): every volume path exists and is a directory, and no
+/// volume contains another. Paths become canonical. `restore`,
+/// `snapshots`, `forget` and `audit` skip them: after a disk loss the paths
+/// do not exist, and that machine is the one that must restore.
+pub(super) fn check_live(path: &Path, volumes: &mut [Volume]) -> Result<(), ConfigError> {
+    let err = |field: &str, problem: String| ConfigError::field(path, field, problem);
+    for i in 0..volumes.len() {
+        let at = |field: &str| format!("volumes[{i}].{field}");
+        let full = volumes[i].path.clone();
+        let canonical = std::fs::canonicalize(&full).map_err(|e| {
+            let why = if e.kind() == std::io::ErrorKind::NotFound {
+                "does not exist".to_string()
+            } else {
+                format!("cannot be opened: {e}")
+            };
+            err(&at("path"), format!("{} {why}", full.display()))
+                .help("point the volume at an existing data directory")
+        })?;
+        if !canonical.is_dir() {
+            return Err(err(
+                &at("path"),
+                format!("{} is not a directory", full.display()),
+            ));
+        }
+        if let Some((j, other)) = volumes[..i]
+            .iter()
+            .enumerate()
+            .find(|(_, o)| o.path.starts_with(&canonical) || canonical.starts_with(&o.path))
+        {
+            return Err(err(
+                &at("path"),
+                format!(
+                    "{} overlaps volume {:?} ({}, volumes[{j}])",
+                    canonical.display(),
+                    other.name,
+                    other.path.display()
+                ),
+            )
+            .help(
+                "volumes must not contain one another; use exclude = [...] to leave a part out",
+            ));
+        }
+        volumes[i].path = canonical;
+    }
+    Ok(())
 }
 
 /// Resolves `[credentials.*]` now that the zone's targets are known.

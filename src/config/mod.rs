@@ -79,6 +79,15 @@ impl Config {
         })
     }
 
+    /// [`Config::load`], then the checks of the live data that `backup`,
+    /// `check` and `daemon` read: every volume path exists, is a directory,
+    /// and contains no other volume.
+    pub fn load_live(path: &Path) -> Result<Config, ConfigError> {
+        let mut config = Config::load(path)?;
+        core::check_live(path, &mut config.core.volumes)?;
+        Ok(config)
+    }
+
     /// The zone this core belongs to.
     pub fn zone(&self) -> &Zone {
         &self.map.zones[&self.zone]

@@ -51,7 +51,7 @@ pub struct Options {
 
 /// Runs until SIGTERM or SIGINT.
 pub async fn run(options: Options) -> Result<()> {
-    let mut config = Arc::new(Config::load(&options.config_path)?);
+    let mut config = Arc::new(Config::load_live(&options.config_path)?);
     // One daemon per core: a second one would double every run.
     let _daemon_lock = daemon_lock(&config.core.state_dir)?;
     let audit =
@@ -242,7 +242,7 @@ fn reload(
     audit: &AuditLog,
     metrics: &Mutex<Metrics>,
 ) -> Arc<Config> {
-    let loaded = Config::load(&options.config_path)
+    let loaded = Config::load_live(&options.config_path)
         .map_err(Error::from)
         .and_then(|new| {
             if new.core.core_id != old.core.core_id || new.core.state_dir != old.core.state_dir {
