@@ -170,9 +170,13 @@ impl<W: Write> UnitWriter<'_, W> {
         };
         let rel = entry.rel;
         let path = self.root.join(rel);
-        if !sqlite::is_database(file, meta.size)
-            .with_context(|| format!("reading {}", path.display()))?
-        {
+        let head = sqlite::is_database(file, meta.size)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if !head {
+            if sqlite::has_magic(file).unwrap_or(false) {
+                tracing::warn!(path = %path.display(), "starts with the SQLite header but is not a database: stored as a plain file");
+                self.stats.not_databases.push(path);
+            }
             return Ok(false);
         }
         let mut wal_name = rel.file_name().unwrap_or_default().to_os_string();

@@ -46,13 +46,13 @@ const PAGES_PER_STEP: i32 = 1024;
 /// times in steps, then copied in one step (one shared lock).
 const MAX_RESTARTS: u32 = 8;
 
-/// Whether the open regular file `file` of `size` bytes starts with the
-/// SQLite header (read at offset 0: the file position is left alone).
+/// Whether the open regular file `file` of `size` bytes starts with a
+/// SQLite database header (read at offset 0: the file position is left alone).
 pub fn is_database(file: &File, size: u64) -> io::Result<bool> {
     if size < 512 {
         return Ok(false);
     }
-    let mut head = [0u8; 16];
+    let mut head = [0u8; 24];
     let mut read = 0;
     while read < head.len() {
         match file.read_at(&mut head[read..], read as u64)? {
@@ -60,7 +60,20 @@ pub fn is_database(file: &File, size: u64) -> io::Result<bool> {
             n => read += n,
         }
     }
-    Ok(&head == HEADER)
+    // the rest of what every database's header holds: a page size (a power
+    // of two from 512 to 65536, 1 meaning 65536) and the fixed payload
+    // fractions 64, 32, 32. A file that only starts with the magic string is
+    // never handed to SQLite (which would create a -shm beside it).
+    let page = u32::from(u16::from_be_bytes([head[16], head[17]]));
+    let page_ok = page == 1 || (page.is_power_of_two() && (512..=32768).contains(&page));
+    Ok(&head[..16] == HEADER && page_ok && head[21..24] == [64, 32, 32])
+}
+
+/// Whether `file` starts with the 16-byte magic string.
+pub fn has_magic(file: &File) -> io::Result<bool> {
+    let mut head = [0u8; 16];
+    let n = file.read_at(&mut head, 0)?;
+    Ok(n == 16 && &head == HEADER)
 }
 
 /// `<state_dir>/tmp`, where the copies of databases live while they are archived.
