@@ -6,16 +6,31 @@
 //! symlinks are stored as links, hard links within a unit as links to the
 //! first path, empty directories as directories.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use tar::{EntryType, Header, HeaderMode};
 
 use crate::fswalk::{self, Kind};
+use crate::sqlite;
 use crate::units::{self, Unit};
+
+/// How a unit's SQLite databases are captured (`sqlite = "consistent"`):
+/// through [`crate::sqlite`], copied into `tmp` one at a time.
+#[derive(Debug, Clone)]
+pub struct Databases {
+    /// `<state_dir>/tmp` (see [`sqlite::prepare_tmp`]).
+    pub tmp: PathBuf,
+    pub busy_timeout: Duration,
+}
+
+/// The files beside a database that belong to it: not archived once the
+/// database is captured consistently.
+const COMPANIONS: [&str; 3] = ["-wal", "-shm", "-journal"];
 
 /// What writing a unit's tar found.
 #[derive(Debug, Default, Clone)]
@@ -36,15 +51,23 @@ pub struct WriteStats {
     /// Symlinks whose target is absolute or leaves the volume: stored as
     /// they are; restore recreates them as links ([`crate::unpack`]).
     pub escaping_links: Vec<PathBuf>,
+    /// SQLite databases captured through the online backup.
+    pub databases: u64,
+    /// Files with the SQLite header that SQLite cannot read as a database:
+    /// stored as plain files, each named in a warning.
+    pub not_databases: Vec<PathBuf>,
 }
 
 /// Writes the tar of `unit` to `out`, reading the volume through
 /// [`units::walk`] (descriptors, never following a link). An unreadable
 /// entry fails naming its path; one that vanished or changed during the walk
-/// is skipped and listed.
+/// is skipped and listed. With `databases`, every SQLite database (by its
+/// header) is stored as one consistent, self-contained copy and its
+/// `-wal`/`-shm`/`-journal` are left out; without, databases are files.
 pub fn write_unit<W: Write>(
     unit: &Unit,
     exclude: &globset::GlobSet,
+    databases: Option<&Databases>,
     out: W,
 ) -> Result<(W, WriteStats)> {
     let mut builder = tar::Builder::new(out);
@@ -55,6 +78,8 @@ pub fn write_unit<W: Write>(
         builder,
         stats: WriteStats::default(),
         links: HashMap::new(),
+        databases,
+        captured: HashSet::new(),
     };
     units::walk(unit, exclude, &mut writer)?;
     let UnitWriter {
@@ -62,6 +87,7 @@ pub fn write_unit<W: Write>(
         builder,
         mut stats,
         links,
+        ..
     } = writer;
     let mut outside: Vec<PathBuf> = links
         .into_values()
@@ -93,6 +119,10 @@ struct UnitWriter<'a, W: Write> {
     stats: WriteStats,
     /// Stored files with more than one link, by (device, inode).
     links: HashMap<(u64, u64), Linked>,
+    databases: Option<&'a Databases>,
+    /// Databases captured consistently (relative paths): their companions
+    /// (which the walk gives after them, their names sorting after) are left out.
+    captured: HashSet<PathBuf>,
 }
 
 impl<W: Write> UnitWriter<'_, W> {
@@ -113,8 +143,80 @@ impl<W: Write> UnitWriter<'_, W> {
         Ok(())
     }
 
+    /// Whether `rel` is the `-wal`, `-shm` or `-journal` of a database
+    /// captured consistently.
+    fn is_companion(&self, rel: &Path) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = rel.as_os_str().as_bytes();
+        COMPANIONS.iter().any(|suffix| {
+            bytes.strip_suffix(suffix.as_bytes()).is_some_and(|db| {
+                self.captured
+                    .contains(Path::new(std::ffi::OsStr::from_bytes(db)))
+            })
+        })
+    }
+
+    /// A database (by its header) captured through SQLite's backup: the
+    /// copy stored under `rel` with the original's header. `Ok(false)`: not a
+    /// database (or not one SQLite reads), to be stored as a file.
+    fn database(
+        &mut self,
+        entry: &fswalk::Entry<'_>,
+        file: &std::fs::File,
+        meta: &fswalk::Meta,
+    ) -> Result<bool> {
+        let Some(dbs) = self.databases else {
+            return Ok(false);
+        };
+        let rel = entry.rel;
+        let path = self.root.join(rel);
+        let head = sqlite::is_database(file, meta.size)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if !head {
+            if sqlite::has_magic(file).unwrap_or(false) {
+                tracing::warn!(path = %path.display(), "starts with the SQLite header but is not a database: stored as a plain file");
+                self.stats.not_databases.push(path);
+            }
+            return Ok(false);
+        }
+        let mut wal_name = rel.file_name().unwrap_or_default().to_os_string();
+        wal_name.push("-wal");
+        let wal = || entry.sibling(&wal_name).map(|m| (m.dev, m.ino));
+        let source = sqlite::Source {
+            path: &path,
+            id: (meta.dev, meta.ino),
+            wal: &wal,
+        };
+        match sqlite::capture(&source, &dbs.tmp, dbs.busy_timeout)? {
+            sqlite::Capture::Copied(copy) => {
+                let mut header = header_of(meta);
+                header.set_size(copy.size);
+                let mut reader = ExactSize::new(&copy.file, copy.size);
+                self.builder
+                    .append_data(&mut header, rel, &mut reader)
+                    .with_context(|| format!("storing {}", path.display()))?;
+                drop(copy); // the temp copy goes as soon as the tar has it
+                self.captured.insert(rel.to_path_buf());
+                self.stats.databases += 1;
+                Ok(true)
+            }
+            sqlite::Capture::NotADatabase(why) => {
+                tracing::warn!(path = %path.display(), why = %why, "starts with the SQLite header but SQLite cannot read it as a database: stored as a plain file");
+                self.stats.not_databases.push(path);
+                Ok(false)
+            }
+            sqlite::Capture::Changed(why) => {
+                self.skip(rel, &fswalk::Problem::Changed(why))?;
+                Err(Skipped.into())
+            }
+        }
+    }
+
     fn file(&mut self, entry: &fswalk::Entry<'_>) -> Result<()> {
         let rel = entry.rel;
+        if self.is_companion(rel) {
+            return Ok(());
+        }
         let id = (entry.meta.dev, entry.meta.ino);
         if entry.meta.nlink > 1
             && let Some(linked) = self.links.get_mut(&id)
@@ -134,6 +236,12 @@ impl<W: Write> UnitWriter<'_, W> {
             Ok(opened) => opened,
             Err(p) => return self.skip(rel, &p),
         };
+        match self.database(entry, &file, &meta) {
+            Ok(true) => return self.stored(rel, &meta),
+            Ok(false) => {}
+            Err(e) if e.is::<Skipped>() => return Ok(()),
+            Err(e) => return Err(e),
+        }
         // the header tells what was opened (the same inode the walk saw)
         let mut header = header_of(&meta);
         let path = self.root.join(rel);
@@ -150,6 +258,12 @@ impl<W: Write> UnitWriter<'_, W> {
             tracing::warn!(path = %path.display(), "changed while read; stored as read");
             self.stats.changed.push(path);
         }
+        self.stored(rel, &meta)
+    }
+
+    /// Counts a stored file, and notes it for its hard links.
+    fn stored(&mut self, rel: &Path, meta: &fswalk::Meta) -> Result<()> {
+        let id = (meta.dev, meta.ino);
         if meta.nlink > 1 {
             // only now: a later name may link to this one since it is stored
             self.links.insert(
@@ -207,6 +321,18 @@ impl<W: Write> fswalk::Visitor for UnitWriter<'_, W> {
         let _ = self.skip(rel, problem);
     }
 }
+
+/// A database the walk skipped (changed under it).
+#[derive(Debug)]
+struct Skipped;
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("skipped")
+    }
+}
+
+impl std::error::Error for Skipped {}
 
 /// A tar header for an entry: type, mode, numeric owner, mtime, size (what
 /// `tar`'s `HeaderMode::Complete` takes from a `Metadata`).

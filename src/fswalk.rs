@@ -189,6 +189,13 @@ impl Entry<'_> {
         Ok((File::from(fd), found))
     }
 
+    /// The stat of `name` in the entry's directory (never following a
+    /// link), if it is there now: e.g. a database's `-wal` beside it.
+    pub fn sibling(&self, name: &OsStr) -> Option<Meta> {
+        let name = CString::new(name.as_bytes()).ok()?;
+        statat_fd(self.parent, &name).ok()
+    }
+
     /// The target of the entry, a symlink, read through a descriptor of the
     /// link itself (so it is the link the walk saw).
     pub fn read_link(&self) -> Result<PathBuf, Problem> {
@@ -406,6 +413,10 @@ fn fstat(fd: &OwnedFd) -> Result<Meta, Problem> {
 }
 
 fn statat(dir: &OwnedFd, name: &CStr) -> Result<Meta, Problem> {
+    statat_fd(dir.as_fd(), name)
+}
+
+fn statat_fd(dir: BorrowedFd<'_>, name: &CStr) -> Result<Meta, Problem> {
     rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
         .map(|st| Meta::of(&st))
         .map_err(Problem::of)

@@ -40,6 +40,7 @@ pub mod residency;
 pub mod retention;
 pub mod signing;
 pub mod snapshot;
+pub mod sqlite;
 pub mod state;
 pub mod storage;
 pub mod targets;

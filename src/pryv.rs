@@ -9,7 +9,6 @@
 //! memory, which gives one consistent state whatever the core is writing.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
@@ -18,9 +17,6 @@ use rusqlite::{Connection, OpenFlags};
 
 /// The file name of the index in a pryv volume.
 pub const INDEX: &str = "user-index.db";
-
-/// The 16 bytes every SQLite database starts with.
-pub const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
 
 /// How long reading the index may wait for the core's writers.
 const BUSY: Duration = Duration::from_secs(30);
@@ -124,27 +120,16 @@ pub fn read_user_index(root: &Path) -> Result<Option<UserIndex>> {
     Ok(index)
 }
 
-/// Whether `path` holds a SQLite database by its header: the magic string,
-/// a valid page size, and a file size that is a whole number of pages. Only
-/// then is it opened: opening lets SQLite create a `-shm` beside it, and a
-/// read must not change the volume it reads.
-pub fn looks_like_a_database(path: &Path) -> bool {
-    let mut header = [0u8; 100];
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return false;
-    };
-    let Ok(len) = file.metadata().map(|m| m.len()) else {
-        return false;
-    };
-    if file.read_exact(&mut header).is_err() || &header[..16] != SQLITE_HEADER {
-        return false;
-    }
-    let page = match u16::from_be_bytes([header[16], header[17]]) {
-        1 => 65536,
-        n if n >= 512 && n.is_power_of_two() => u64::from(n),
-        _ => return false,
-    };
-    len % page == 0
+/// Whether `path` holds a SQLite database by its whole header
+/// ([`crate::sqlite::is_database`]). Only then is it opened: opening lets
+/// SQLite create a `-shm` beside it, and a read must not change the volume.
+fn looks_like_a_database(path: &Path) -> bool {
+    std::fs::File::open(path)
+        .and_then(|f| {
+            let size = f.metadata()?.len();
+            crate::sqlite::is_database(&f, size)
+        })
+        .unwrap_or(false)
 }
 
 #[cfg(test)]

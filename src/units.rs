@@ -322,6 +322,9 @@ impl<V: fswalk::Visitor> fswalk::Visitor for UnitRules<'_, V> {
 /// fingerprints mean an unchanged unit (ctime catches what a touch-up of
 /// mtime would hide: chmod, chown, rename, replace). Entries that vanish or
 /// change during the walk are left out, like the archive leaves them out.
+/// A `-shm` file counts by inode and mode only, a `-wal` without its ctime. A database whose only
+/// change is in its `-wal` is changed: the `-wal` is walked (though not
+/// archived beside a captured database).
 pub fn fingerprint(unit: &Unit, exclude: &globset::GlobSet) -> anyhow::Result<String> {
     struct Hash(blake3::Hasher);
     impl fswalk::Visitor for Hash {
@@ -329,10 +332,26 @@ pub fn fingerprint(unit: &Unit, exclude: &globset::GlobSet) -> anyhow::Result<St
             use std::os::unix::ffi::OsStrExt;
             let m = &entry.meta;
             self.0.update(entry.rel.as_os_str().as_bytes());
+            // A `-shm` is SQLite's shared-memory index, rewritten by every
+            // reader (the backup's own included), never data: its times
+            // would make every run upload the unit again.
+            if entry.kind() == Kind::File && entry.rel.as_os_str().as_bytes().ends_with(b"-shm") {
+                self.0
+                    .update(format!("\0shm {} {:o}\n", m.ino, m.mode).as_bytes());
+                return Ok(());
+            }
+            // A `-wal` counts by its content's size and mtime: SQLite, run as
+            // root, chowns it to the database's owner on every open (its
+            // ctime moves while nothing changed).
+            let ctime = if entry.rel.as_os_str().as_bytes().ends_with(b"-wal") {
+                (0, 0)
+            } else {
+                (m.ctime, m.ctime_nsec)
+            };
             self.0.update(
                 format!(
                     "\0{} {}.{} {}.{} {} {:o}\n",
-                    m.size, m.mtime, m.mtime_nsec, m.ctime, m.ctime_nsec, m.ino, m.mode
+                    m.size, m.mtime, m.mtime_nsec, ctime.0, ctime.1, m.ino, m.mode
                 )
                 .as_bytes(),
             );

@@ -132,6 +132,10 @@ pub struct Report {
     /// Symlinks pointing outside their volume: stored and restored as links
     /// (whose targets may not exist on a restore machine).
     pub escaping_links: Vec<String>,
+    /// SQLite databases captured through the online backup.
+    pub databases: u64,
+    /// Files with the SQLite header that SQLite cannot read: stored as files.
+    pub not_databases: Vec<String>,
     /// Leftovers of uncommitted runs removed before this one.
     pub cleaned: usize,
 }
@@ -232,6 +236,19 @@ async fn snapshot(
     let previous: HashMap<(&str, &units::UnitKind), &UnitRecord> =
         previous.as_ref().map(|p| p.lookup()).unwrap_or_default();
 
+    // temp copies of databases: a crashed run's leftovers go first
+    let (tmp, _) = crate::sqlite::prepare_tmp(&config.core.state_dir)?;
+    let databases: HashMap<String, Option<archive::Databases>> = volumes
+        .iter()
+        .map(|v| {
+            let dbs =
+                (v.sqlite == crate::config::SqliteMode::Consistent).then(|| archive::Databases {
+                    tmp: tmp.clone(),
+                    busy_timeout: v.sqlite_busy_timeout,
+                });
+            (v.name.clone(), dbs)
+        })
+        .collect();
     let mut units: Vec<(Unit, globset::GlobSet)> = Vec::new();
     let (mut misplaced, mut changed_during_walk) = (Vec::new(), Vec::new());
     for v in volumes {
@@ -255,6 +272,7 @@ async fn snapshot(
         options,
         previous: &previous,
         reusable: &reusable,
+        databases: &databases,
     };
     let results: Result<Vec<Stored>> = futures::stream::iter(units)
         .map(|(unit, exclude)| {
@@ -291,6 +309,7 @@ async fn snapshot(
     };
 
     let mut records: Vec<UnitRecord> = Vec::new();
+    let (mut databases, mut not_databases) = (0, Vec::new());
     let (mut changed, mut vanished, mut escaping_links, mut hard_links, mut files) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0);
     let (mut uploaded, mut uploaded_bytes, mut uploaded_plain_bytes) = (0, 0, 0);
@@ -316,6 +335,8 @@ async fn snapshot(
         );
         hard_links.extend(stats.hard_links.iter().map(|p| p.display().to_string()));
         escaping_links.extend(stats.escaping_links.iter().map(|p| p.display().to_string()));
+        databases += stats.databases;
+        not_databases.extend(stats.not_databases.iter().map(|p| p.display().to_string()));
         records.push(rec);
     }
     records.sort_by(|a, b| (&a.volume, &a.kind).cmp(&(&b.volume, &b.kind)));
@@ -459,6 +480,8 @@ async fn snapshot(
         hard_links,
         misplaced,
         escaping_links,
+        databases,
+        not_databases,
         cleaned,
     })
 }
@@ -535,6 +558,8 @@ struct UnitRun<'a> {
     previous: &'a HashMap<(&'a str, &'a units::UnitKind), &'a UnitRecord>,
     /// Object keys referenced by a committed snapshot on every target.
     reusable: &'a HashSet<String>,
+    /// How each volume's SQLite databases are captured (none: as files).
+    databases: &'a HashMap<String, Option<archive::Databases>>,
 }
 
 /// A unit in the new snapshot.
@@ -592,9 +617,10 @@ async fn backup_unit(
     let (recipients, level) = (run.recipients.to_vec(), run.level);
     let label = unit.label();
     let producer_unit = unit.clone();
+    let databases = run.databases.get(&unit.volume).cloned().flatten();
     let producer = tokio::task::spawn_blocking(move || {
         pipeline::seal(&recipients, level, sink, |w| {
-            let (_, stats) = archive::write_unit(&producer_unit, &exclude, w)?;
+            let (_, stats) = archive::write_unit(&producer_unit, &exclude, databases.as_ref(), w)?;
             Ok(stats)
         })
     });

@@ -33,7 +33,24 @@ pub(super) struct VolumeFile {
     layout: Layout,
     #[serde(default)]
     exclude: Vec<String>,
+    #[serde(default)]
+    sqlite: SqliteMode,
+    sqlite_busy_timeout: Option<String>,
 }
+
+/// How a volume's SQLite databases are read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SqliteMode {
+    /// Through SQLite's online backup: one consistent, self-contained file.
+    #[default]
+    Consistent,
+    /// As plain files (only for volumes known to be quiescent).
+    Files,
+}
+
+/// How long a database may stay locked before its unit fails.
+pub const DEFAULT_SQLITE_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The signing key's file name in the state dir, when `signing_key` is not set.
 pub const DEFAULT_SIGNING_KEY: &str = "signing.key";
@@ -61,6 +78,9 @@ pub struct Volume {
     pub exclude: globset::GlobSet,
     /// The globs as written, for display.
     pub exclude_patterns: Vec<String>,
+    pub sqlite: SqliteMode,
+    /// `sqlite_busy_timeout` (default 30 s).
+    pub sqlite_busy_timeout: std::time::Duration,
 }
 
 /// The validated core config.
@@ -168,12 +188,24 @@ pub(super) fn validate(path: &Path, dir: &Path, f: &CoreFile) -> Result<CoreConf
         let exclude = builder
             .build()
             .map_err(|e| err(&at("exclude"), format!("invalid globs: {e}")))?;
+        let sqlite_busy_timeout = match &v.sqlite_busy_timeout {
+            None => DEFAULT_SQLITE_BUSY_TIMEOUT,
+            Some(t) => humantime::parse_duration(t).map_err(|e| {
+                err(
+                    &at("sqlite_busy_timeout"),
+                    format!("{t:?} is not a duration ({e})"),
+                )
+                .help("write e.g. \"30s\" or \"2m\"")
+            })?,
+        };
         volumes.push(Volume {
             name: v.name.clone(),
             path: dir.join(&v.path),
             layout: v.layout,
             exclude,
             exclude_patterns: v.exclude.clone(),
+            sqlite: v.sqlite,
+            sqlite_busy_timeout,
         });
     }
 

@@ -1,0 +1,369 @@
+//! One job: capture one live SQLite database as one self-contained,
+//! transaction-consistent file, through SQLite's own online backup API.
+//!
+//! - A database is recognised by its 16-byte header `SQLite format 3\0`
+//!   ([`is_database`]), never by its name.
+//! - The source is opened read-only by its path (SQLite finds the `-wal` and
+//!   `-shm` beside a database by name, so a descriptor path such as
+//!   `/proc/self/fd/N` would lose the commits still in the `-wal`), with
+//!   `SQLITE_OPEN_NOFOLLOW` (a path with a symlink in it is refused; the
+//!   bundled SQLite opens every file `O_NOFOLLOW`). Then the descriptor
+//!   SQLite holds is checked: its (device, inode) must be the file the walk
+//!   opened through descriptors, and the `-wal` SQLite opened must be the
+//!   `-wal` entry of the walk's verified directory. Anything else is
+//!   "changed during the walk": skipped, never read.
+//! - A WAL database is read inside one read transaction (writers are never
+//!   blocked by a WAL reader; passive checkpoints go on up to it); a
+//!   rollback-journal database is copied in steps, each holding its shared
+//!   lock for one step only.
+//! - The copy goes to a 0600 file in `<state_dir>/tmp` (0700), is switched to
+//!   `journal_mode = DELETE` (no `-wal` needed to open it), and is deleted
+//!   when the [`TempCopy`] is dropped, right after the tar has it.
+//! - A database busy (`SQLITE_BUSY`/`SQLITE_LOCKED`) for longer than the
+//!   volume's `sqlite_busy_timeout` fails the capture naming the file.
+//! - A file with the header that SQLite cannot read as a database
+//!   (`SQLITE_NOTADB`, `SQLITE_CORRUPT`) is [`Capture::NotADatabase`]: the
+//!   caller stores it as a plain file, with a warning.
+
+use std::ffi::c_void;
+use std::fs::File;
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rusqlite::{Connection, ErrorCode, OpenFlags, ffi};
+
+/// The first 16 bytes of every SQLite database file.
+pub const HEADER: &[u8; 16] = b"SQLite format 3\0";
+
+/// Pages copied per backup step (4 MiB at 4 KiB pages).
+const PAGES_PER_STEP: i32 = 1024;
+
+/// A rollback-journal database that keeps changing is restarted this many
+/// times in steps, then copied in one step (one shared lock).
+const MAX_RESTARTS: u32 = 8;
+
+/// Whether the open regular file `file` of `size` bytes starts with a
+/// SQLite database header (read at offset 0: the file position is left alone).
+pub fn is_database(file: &File, size: u64) -> io::Result<bool> {
+    if size < 512 {
+        return Ok(false);
+    }
+    let mut head = [0u8; 24];
+    let mut read = 0;
+    while read < head.len() {
+        match file.read_at(&mut head[read..], read as u64)? {
+            0 => return Ok(false),
+            n => read += n,
+        }
+    }
+    // the rest of what every database's header holds: a page size (a power
+    // of two from 512 to 65536, 1 meaning 65536) and the fixed payload
+    // fractions 64, 32, 32. A file that only starts with the magic string is
+    // never handed to SQLite (which would create a -shm beside it).
+    let page = u32::from(u16::from_be_bytes([head[16], head[17]]));
+    let page_ok = page == 1 || (page.is_power_of_two() && (512..=32768).contains(&page));
+    Ok(&head[..16] == HEADER && page_ok && head[21..24] == [64, 32, 32])
+}
+
+/// Whether `file` starts with the 16-byte magic string.
+pub fn has_magic(file: &File) -> io::Result<bool> {
+    let mut head = [0u8; 16];
+    let n = file.read_at(&mut head, 0)?;
+    Ok(n == 16 && &head == HEADER)
+}
+
+/// `<state_dir>/tmp`, where the copies of databases live while they are archived.
+pub fn tmp_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("tmp")
+}
+
+/// Creates `<state_dir>/tmp` (0700) and removes what a crashed run left in
+/// it. Returns the directory and the number of leftovers removed.
+pub fn prepare_tmp(state_dir: &Path) -> Result<(PathBuf, usize)> {
+    let dir = tmp_dir(state_dir);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting the mode of {}", dir.display()))?;
+    let mut removed = 0;
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let path = entry.path();
+        let gone = if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        gone.with_context(|| format!("removing the leftover {}", path.display()))?;
+        removed += 1;
+    }
+    if removed > 0 {
+        tracing::info!(dir = %dir.display(), removed, "removed the temporary copies a crashed run left");
+    }
+    Ok((dir, removed))
+}
+
+/// A consistent copy of a database in the temp dir; deleted when dropped.
+#[derive(Debug)]
+pub struct TempCopy {
+    path: PathBuf,
+    /// The copy, open for reading at offset 0.
+    pub file: File,
+    pub size: u64,
+}
+
+impl Drop for TempCopy {
+    fn drop(&mut self) {
+        for p in [
+            self.path.clone(),
+            with_suffix(&self.path, "-journal"),
+            with_suffix(&self.path, "-wal"),
+            with_suffix(&self.path, "-shm"),
+        ] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// What capturing a file with the SQLite header gave.
+#[derive(Debug)]
+pub enum Capture {
+    Copied(TempCopy),
+    /// SQLite cannot read it as a database: why.
+    NotADatabase(String),
+    /// The file SQLite opened is not the one the walk saw: why.
+    Changed(String),
+}
+
+/// Where the source is and what the walk verified about it.
+pub struct Source<'a> {
+    /// Full path of the database.
+    pub path: &'a Path,
+    /// (device, inode) of the database as the walk opened it.
+    pub id: (u64, u64),
+    /// (device, inode) of its `-wal` in the walk's directory now, if there
+    /// is one (asked once SQLite has opened it).
+    pub wal: &'a dyn Fn() -> Option<(u64, u64)>,
+}
+
+/// Copies the database at `source` into a new file of `tmp`.
+pub fn capture(source: &Source<'_>, tmp: &Path, busy_timeout: Duration) -> Result<Capture> {
+    let path = source.path;
+    match copy(source, tmp, busy_timeout) {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            let code = e.chain().find_map(|c| {
+                c.downcast_ref::<rusqlite::Error>()
+                    .and_then(|e| e.sqlite_error_code())
+            });
+            match code {
+                Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => {
+                    Ok(Capture::NotADatabase(format!("{e:#}")))
+                }
+                Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => Err(e.context(
+                    format!(
+                        "{} stayed busy (locked by another process) for longer than sqlite_busy_timeout = {}",
+                        path.display(),
+                        humantime::format_duration(busy_timeout)
+                    ),
+                )),
+                _ => Err(e.context(format!(
+                    "cannot copy the SQLite database {}",
+                    path.display()
+                ))),
+            }
+        }
+    }
+}
+
+fn copy(source: &Source<'_>, tmp: &Path, busy_timeout: Duration) -> Result<Capture> {
+    let deadline = Instant::now() + busy_timeout;
+    let src = Connection::open_with_flags(
+        source.path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_NOFOLLOW
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    src.busy_timeout(busy_timeout)?;
+    if let Some(why) = check_fd(
+        &src,
+        ffi::SQLITE_FCNTL_FILE_POINTER,
+        Some(source.id),
+        "database",
+    ) {
+        return Ok(Capture::Changed(why));
+    }
+    // The journal mode as the file says; a WAL database is read in one read
+    // transaction (which never blocks a writer).
+    let mode: String = retry(deadline, || {
+        src.query_row("PRAGMA journal_mode", [], |r| r.get(0))
+    })?;
+    let wal = mode.eq_ignore_ascii_case("wal");
+    if wal {
+        retry(deadline, || {
+            src.execute_batch("BEGIN; SELECT count(*) FROM sqlite_schema;")
+        })?;
+        if let Some(why) = check_fd(
+            &src,
+            ffi::SQLITE_FCNTL_JOURNAL_POINTER,
+            (source.wal)(),
+            "-wal",
+        ) {
+            return Ok(Capture::Changed(why));
+        }
+    }
+
+    let name = format!("{}.db", random_name());
+    let dest_path = tmp.join(name);
+    let copy_file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&dest_path)
+        .with_context(|| format!("creating {}", dest_path.display()))?;
+    let mut copy = TempCopy {
+        path: dest_path.clone(),
+        file: copy_file,
+        size: 0,
+    };
+    let mut dest = Connection::open_with_flags(
+        &dest_path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_NOFOLLOW
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    dest.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")?;
+    {
+        let backup = rusqlite::backup::Backup::new(&src, &mut dest)?;
+        let (mut restarts, mut last_remaining) = (0u32, i32::MAX);
+        let mut busy_since: Option<Instant> = None;
+        loop {
+            let pages = if restarts >= MAX_RESTARTS {
+                -1
+            } else {
+                PAGES_PER_STEP
+            };
+            use rusqlite::backup::StepResult;
+            match backup.step(pages)? {
+                StepResult::Done => break,
+                StepResult::More => {
+                    busy_since = None;
+                    let remaining = backup.progress().remaining;
+                    if remaining > last_remaining {
+                        restarts += 1; // another process changed it: started over
+                    }
+                    last_remaining = remaining;
+                }
+                StepResult::Busy | StepResult::Locked => {
+                    let since = *busy_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= busy_timeout {
+                        return Err(rusqlite::Error::SqliteFailure(
+                            ffi::Error::new(ffi::SQLITE_BUSY),
+                            Some("the backup step stayed busy".into()),
+                        )
+                        .into());
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => bail!("unexpected backup step result"),
+            }
+        }
+    }
+    if wal {
+        src.execute_batch("COMMIT")?;
+    }
+    drop(src);
+    // the copy carries the source's header: make it a rollback-journal
+    // database that needs no -wal, and check it reads back so
+    let mode: String = dest.query_row("PRAGMA journal_mode = DELETE", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("delete") {
+        bail!(
+            "the copy of {} stays in journal mode {mode}",
+            source.path.display()
+        );
+    }
+    dest.close().map_err(|(_, e)| e)?;
+    copy.size = copy.file.metadata()?.len();
+    Ok(Capture::Copied(copy))
+}
+
+/// Runs `f`, again while SQLite says busy or locked, until `deadline`.
+fn retry<T>(deadline: Instant, mut f: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    loop {
+        match f() {
+            Err(e)
+                if matches!(
+                    e.sqlite_error_code(),
+                    Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+                ) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// The head of SQLite's `unixFile` (os_unix.c of the bundled SQLite): what
+/// `SQLITE_FCNTL_FILE_POINTER` / `_JOURNAL_POINTER` point to.
+#[repr(C)]
+struct UnixFileHead {
+    methods: *const c_void,
+    vfs: *const c_void,
+    inode: *const c_void,
+    h: std::ffi::c_int,
+}
+
+/// Checks that the file SQLite holds (`op`: the database or its journal/WAL)
+/// is `want`; `None` wants no such file open. Returns why not, if not.
+fn check_fd(conn: &Connection, op: i32, want: Option<(u64, u64)>, what: &str) -> Option<String> {
+    let mut ptr: *mut ffi::sqlite3_file = std::ptr::null_mut();
+    // SAFETY: the handle is valid while `conn` lives; the file control
+    // writes one pointer to `ptr`.
+    let rc = unsafe {
+        ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            op,
+            (&raw mut ptr).cast::<c_void>(),
+        )
+    };
+    // SAFETY: a non-null pointer is SQLite's open file of the default unix
+    // VFS, whose head is `UnixFileHead`; `methods` is null when not open.
+    let fd = (rc == ffi::SQLITE_OK && !ptr.is_null())
+        .then(|| unsafe { &*ptr.cast::<UnixFileHead>() })
+        .filter(|f| !f.methods.is_null() && f.h >= 0)
+        .map(|f| f.h);
+    let found = fd.and_then(|fd| {
+        // SAFETY: SQLite keeps the descriptor open while `conn` lives.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        rustix::fs::fstat(fd).ok().map(|st| (st.st_dev, st.st_ino))
+    });
+    match (want, found) {
+        (Some(w), Some(f)) if w == f => None,
+        (None, None) => None,
+        (w, f) => Some(format!(
+            "the {what} SQLite opened ({f:?}) is not the one the walk saw ({w:?})"
+        )),
+    }
+}
+
+fn random_name() -> String {
+    use rand::Rng;
+    let n: u128 = rand::thread_rng().r#gen();
+    format!("{n:032x}")
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
