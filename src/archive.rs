@@ -103,6 +103,50 @@ pub fn write_unit<W: Write>(
     Ok((out, stats))
 }
 
+/// Writes a tar of one regular file `name` (relative to the volume root) of
+/// `size` bytes read from `data`, mode 0600, owned by this process, mtime
+/// now: the unit of a `layout = "command"` volume. `data` is cut or padded
+/// to `size` so the header stays true (a short read fails the unit).
+pub fn write_file<W: Write>(
+    name: &Path,
+    size: u64,
+    data: impl Read,
+    out: W,
+) -> Result<(W, WriteStats)> {
+    let mut builder = tar::Builder::new(out);
+    let mut header = Header::new_gnu();
+    header.set_entry_type(EntryType::Regular);
+    header.set_mode(0o600);
+    // SAFETY: plain getters.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    header.set_uid(u64::from(uid));
+    header.set_gid(u64::from(gid));
+    header.set_mtime(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    );
+    header.set_size(size);
+    let mut reader = ExactSize::new(data, size);
+    builder
+        .append_data(&mut header, name, &mut reader)
+        .with_context(|| format!("storing {}", name.display()))?;
+    if reader.short {
+        bail!(
+            "{}: the spooled dump was shorter than its {size} bytes",
+            name.display()
+        );
+    }
+    let out = builder.into_inner()?;
+    Ok((
+        out,
+        WriteStats {
+            files: 1,
+            ..WriteStats::default()
+        },
+    ))
+}
+
 /// A file with several links, as the walk of a unit met it.
 struct Linked {
     /// The first name stored (relative to the volume root).

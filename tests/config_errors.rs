@@ -578,3 +578,14 @@ fn absurd_job_counts_are_usage_errors() {
         assert!(e.contains(range), "{args:?}: {e}");
     }
 }
+
+// --- command volumes and hooks ---
+bad_config!(command_volume_with_path, "core.toml", "layout = \"plain\"" => "layout = \"command\"\ncommand = [\"pg_dump\"]\nfile = \"db.dump\"", ["volumes[1].path", "not used by a layout = \"command\" volume"]);
+bad_config!(command_volume_without_command, "core.toml", "path = \"data/etc\"\nlayout = \"plain\"" => "layout = \"command\"\nfile = \"db.dump\"", ["volumes[1].command", "is missing"]);
+bad_config!(command_volume_empty_command, "core.toml", "path = \"data/etc\"\nlayout = \"plain\"" => "layout = \"command\"\ncommand = []\nfile = \"db.dump\"", ["volumes[1].command", "is empty"]);
+bad_config!(command_volume_without_file, "core.toml", "path = \"data/etc\"\nlayout = \"plain\"" => "layout = \"command\"\ncommand = [\"pg_dump\"]", ["volumes[1].file", "is missing"]);
+bad_config!(command_volume_file_with_slash, "core.toml", "path = \"data/etc\"\nlayout = \"plain\"" => "layout = \"command\"\ncommand = [\"pg_dump\"]\nfile = \"../db.dump\"", ["volumes[1].file", "not a plain file name"]);
+bad_config!(command_volume_bad_timeout, "core.toml", "path = \"data/etc\"\nlayout = \"plain\"" => "layout = \"command\"\ncommand = [\"pg_dump\"]\nfile = \"db.dump\"\ntimeout = \"soon\"", ["volumes[1].timeout", "not a duration"]);
+bad_config!(command_on_a_plain_volume, "core.toml", "layout = \"plain\"" => "layout = \"plain\"\ncommand = [\"pg_dump\"]", ["volumes[1].command", "only for layout = \"command\""]);
+bad_config!(empty_before_hook, "core.toml", "layout = \"plain\"" => "layout = \"plain\"\nbefore = []", ["volumes[1].before", "is empty"]);
+bad_config!(bad_hook_timeout, "core.toml", "layout = \"plain\"" => "layout = \"plain\"\nhook_timeout = \"0s\"", ["volumes[1].hook_timeout", "not a duration"]);

@@ -175,6 +175,24 @@ pub enum Event {
         snapshot: String,
         reason: String,
     },
+    /// A volume's hook (`phase` `before` or `after`) or dump command
+    /// (`phase` `command`) is about to run.
+    HookStarted {
+        volume: String,
+        phase: String,
+        command: Vec<String>,
+        snapshot: String,
+    },
+    /// A hook or dump command ended: `status` is `exit N`, `signal N`,
+    /// `timeout` or `error` (could not be started).
+    HookFinished {
+        volume: String,
+        phase: String,
+        command: Vec<String>,
+        snapshot: String,
+        status: String,
+        millis: u64,
+    },
     /// A command failed.
     RunFailed {
         command: String,
@@ -200,6 +218,8 @@ impl Event {
         "object_deleted",
         "snapshot_forgotten",
         "run_failed",
+        "hook_started",
+        "hook_finished",
     ];
 }
 
@@ -380,6 +400,20 @@ mod tests {
     #[test]
     fn every_kind_is_listed() {
         let events = [
+            Event::HookStarted {
+                volume: "v".into(),
+                phase: "before".into(),
+                command: vec!["true".into()],
+                snapshot: "s".into(),
+            },
+            Event::HookFinished {
+                volume: "v".into(),
+                phase: "after".into(),
+                command: vec!["true".into()],
+                snapshot: "s".into(),
+                status: "exit 0".into(),
+                millis: 3,
+            },
             Event::RunFailed {
                 command: "backup".into(),
                 exit: 1,

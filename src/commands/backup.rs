@@ -19,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::archive;
 use crate::audit::{AuditLog, Event, ObjectKind};
-use crate::config::{Config, Volume};
+use crate::config::{Config, Dump, Volume};
 use crate::error::{Error, Result};
+use crate::hooks;
 use crate::incremental;
 use crate::layout;
 use crate::pipeline::{self, Part, PartSink};
@@ -150,6 +151,7 @@ pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
     let session = Session::begin(config, audit, "backup", options.wait).await?;
     let result = snapshot(
         config,
+        audit,
         options,
         session.targets(),
         &volumes,
@@ -197,6 +199,7 @@ fn select_volumes(config: &Config, names: &[String]) -> Result<Vec<Volume>> {
 /// Takes the snapshot into `targets`, which passed the gate.
 async fn snapshot(
     config: &Config,
+    audit: &Arc<AuditLog>,
     options: &Options,
     targets: &[Writable<S3Store>],
     volumes: &[Volume],
@@ -249,20 +252,9 @@ async fn snapshot(
             (v.name.clone(), dbs)
         })
         .collect();
-    let mut units: Vec<(Unit, globset::GlobSet)> = Vec::new();
-    let (mut misplaced, mut changed_during_walk) = (Vec::new(), Vec::new());
-    for v in volumes {
-        let scan = units::units_of(v)
-            .with_context(|| format!("reading volume {} ({})", v.name, v.path.display()))?;
-        units.extend(scan.units.into_iter().map(|u| (u, v.exclude.clone())));
-        misplaced.extend(scan.misplaced.iter().map(|p| p.display().to_string()));
-        changed_during_walk.extend(scan.changed.iter().map(|p| p.display().to_string()));
-    }
-
     let now = chrono::Utc::now();
     let id = snapshot::new_id(now);
     let zone = config.zone();
-    let progress = Progress::new(options.progress, units.len() as u64, "backup");
     let run = UnitRun {
         targets,
         core,
@@ -273,39 +265,42 @@ async fn snapshot(
         previous: &previous,
         reusable: &reusable,
         databases: &databases,
+        audit,
+        state_dir: &config.core.state_dir,
     };
-    let results: Result<Vec<Stored>> = futures::stream::iter(units)
-        .map(|(unit, exclude)| {
-            let (progress, run) = (&progress, &run);
-            async move {
-                let r = tokio::select! {
-                    r = store_unit(run, unit, exclude) => r,
-                    () = options.cancel.cancelled() => Err(stopped()),
-                };
-                if let Ok(stored) = &r {
-                    progress.unit_done(stored.record.plain_size);
-                }
-                r
-            }
-        })
-        .buffer_unordered(options.jobs.max(1))
-        .try_collect()
-        .await;
-    progress.finish();
-    let results = match results {
-        Ok(r) => r,
-        Err(e) => {
-            // Units still in flight were dropped with their uploads open:
-            // abort every upload of this core (the run lock makes them ours).
-            for t in targets {
-                if let Err(abort) =
-                    abort_uploads(t, core, "the run failed before the object was complete").await
-                {
-                    tracing::warn!(target = %t.target().name, error = %abort, "could not abort unfinished uploads; the next run removes them");
-                }
-            }
+    // Hooks: every `before` (volumes in order) before any volume is read;
+    // every `after` of a volume whose `before` was started (or that has
+    // none), in reverse order, once all units are done, failed or not.
+    let mut entered: Vec<&Volume> = Vec::new();
+    let mut before_failed = None;
+    for v in volumes {
+        entered.push(v);
+        if let Some(argv) = &v.hooks.before
+            && let Err(e) = run_hook(audit, v, "before", argv, &id).await
+        {
+            before_failed = Some(e);
+            break;
+        }
+    }
+    let read = match before_failed {
+        Some(e) => Err(e),
+        None => read_volumes(&run, volumes).await,
+    };
+    let mut after_failed = None;
+    for v in entered.iter().rev() {
+        if let Some(argv) = &v.hooks.after
+            && let Err(e) = run_hook(audit, v, "after", argv, &id).await
+        {
+            after_failed.get_or_insert(e);
+        }
+    }
+    let (results, misplaced, mut changed_during_walk) = match (read, after_failed) {
+        (Err(e), Some(after)) => {
+            tracing::error!(error = %after, "an after hook failed too");
             return Err(e);
         }
+        (Err(e), None) | (Ok(_), Some(e)) => return Err(e),
+        (Ok(r), None) => r,
     };
 
     let mut records: Vec<UnitRecord> = Vec::new();
@@ -486,6 +481,147 @@ async fn snapshot(
     })
 }
 
+/// What reading the volumes gave: the stored units, misplaced user
+/// directories and entries that changed during the scan.
+type Read = (Vec<Stored>, Vec<String>, Vec<String>);
+
+/// Scans the volumes and stores their units (a command volume: one unit, its
+/// command's stdout). On failure, aborts the uploads left open.
+async fn read_volumes(run: &UnitRun<'_>, volumes: &[Volume]) -> Result<Read> {
+    let (options, targets, core) = (run.options, run.targets, run.core);
+    let mut units: Vec<(Unit, globset::GlobSet, Option<Dump>)> = Vec::new();
+    let (mut misplaced, mut changed_during_walk) = (Vec::new(), Vec::new());
+    for v in volumes {
+        if let Some(dump) = &v.dump {
+            let unit = Unit {
+                volume: v.name.clone(),
+                root: v.path.clone(),
+                kind: units::UnitKind::Volume,
+                dirs: Vec::new(),
+            };
+            units.push((unit, v.exclude.clone(), Some(dump.clone())));
+            continue;
+        }
+        let scan = units::units_of(v)
+            .with_context(|| format!("reading volume {} ({})", v.name, v.path.display()))?;
+        units.extend(scan.units.into_iter().map(|u| (u, v.exclude.clone(), None)));
+        misplaced.extend(scan.misplaced.iter().map(|p| p.display().to_string()));
+        changed_during_walk.extend(scan.changed.iter().map(|p| p.display().to_string()));
+    }
+
+    let progress = Progress::new(options.progress, units.len() as u64, "backup");
+    let results: Result<Vec<Stored>> = futures::stream::iter(units)
+        .map(|(unit, exclude, dump)| {
+            let progress = &progress;
+            async move {
+                let r = tokio::select! {
+                    r = store_unit(run, unit, exclude, dump) => r,
+                    () = options.cancel.cancelled() => Err(stopped()),
+                };
+                if let Ok(stored) = &r {
+                    progress.unit_done(stored.record.plain_size);
+                }
+                r
+            }
+        })
+        .buffer_unordered(options.jobs.max(1))
+        .try_collect()
+        .await;
+    progress.finish();
+    match results {
+        Ok(r) => Ok((r, misplaced, changed_during_walk)),
+        Err(e) => {
+            // Units still in flight were dropped with their uploads open:
+            // abort every upload of this core (the run lock makes them ours).
+            for t in targets {
+                if let Err(abort) =
+                    abort_uploads(t, core, "the run failed before the object was complete").await
+                {
+                    tracing::warn!(target = %t.target().name, error = %abort, "could not abort unfinished uploads; the next run removes them");
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The environment of a volume's hooks and dump command.
+fn hook_env(volume: &Volume, phase: &str, snapshot: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("ZONEVAULT_VOLUME", volume.name.clone()),
+        ("ZONEVAULT_SNAPSHOT", snapshot.to_string()),
+        ("ZONEVAULT_PHASE", phase.to_string()),
+    ]
+}
+
+/// Runs a volume's `before` or `after` hook, on the record: fails the run
+/// when it does not exit with status 0.
+async fn run_hook(
+    audit: &Arc<AuditLog>,
+    volume: &Volume,
+    phase: &'static str,
+    argv: &[String],
+    snapshot: &str,
+) -> Result<()> {
+    audit
+        .record(Event::HookStarted {
+            volume: volume.name.clone(),
+            phase: phase.into(),
+            command: argv.to_vec(),
+            snapshot: snapshot.into(),
+        })
+        .await?;
+    tracing::info!(volume = %volume.name, phase, command = ?argv, "running hook");
+    let (owned, env, timeout) = (
+        argv.to_vec(),
+        hook_env(volume, phase, snapshot),
+        volume.hooks.timeout,
+    );
+    let ran = tokio::task::spawn_blocking(move || {
+        hooks::run(
+            &hooks::Spec {
+                argv: &owned,
+                env,
+                timeout,
+            },
+            None,
+        )
+    })
+    .await
+    .map_err(Error::failed)?;
+    let what = format!("the {phase} hook of volume {} ({argv:?})", volume.name);
+    finished(audit, volume, phase, argv, snapshot, ran.as_ref().ok()).await?;
+    let outcome = ran.map_err(|e| Error::failed(format!("{what}: {e}")))?;
+    tracing::info!(volume = %volume.name, phase, status = %outcome.status, stdout = %outcome.stdout.trim(), stderr = %outcome.stderr.trim(), "hook finished");
+    if !outcome.status.success() {
+        return Err(Error::failed(outcome.describe(&what)));
+    }
+    Ok(())
+}
+
+/// The `hook_finished` record of a hook or dump command (`None`: it could
+/// not be started or its output not be kept).
+async fn finished(
+    audit: &Arc<AuditLog>,
+    volume: &Volume,
+    phase: &str,
+    argv: &[String],
+    snapshot: &str,
+    outcome: Option<&hooks::Outcome>,
+) -> Result<()> {
+    audit
+        .record(Event::HookFinished {
+            volume: volume.name.clone(),
+            phase: phase.into(),
+            command: argv.to_vec(),
+            snapshot: snapshot.into(),
+            status: outcome.map_or("error".into(), |o| o.status.code()),
+            millis: outcome.map_or(0, |o| o.elapsed.as_millis() as u64),
+        })
+        .await?;
+    Ok(())
+}
+
 /// Writes the index on every target, never over an existing one; if any
 /// target fails, takes back the copies this run wrote (and only those).
 async fn commit<S: Store>(
@@ -560,6 +696,9 @@ struct UnitRun<'a> {
     reusable: &'a HashSet<String>,
     /// How each volume's SQLite databases are captured (none: as files).
     databases: &'a HashMap<String, Option<archive::Databases>>,
+    audit: &'a Arc<AuditLog>,
+    /// Where a dump is spooled (encrypted).
+    state_dir: &'a std::path::Path,
 }
 
 /// A unit in the new snapshot.
@@ -574,7 +713,21 @@ struct Stored {
 /// object is still committed on every target, else uploaded. The
 /// fingerprint is taken before the tar, so a change during the run makes
 /// the next run upload the unit again, never miss it.
-async fn store_unit(run: &UnitRun<'_>, unit: Unit, exclude: globset::GlobSet) -> Result<Stored> {
+async fn store_unit(
+    run: &UnitRun<'_>,
+    unit: Unit,
+    exclude: globset::GlobSet,
+    dump: Option<Dump>,
+) -> Result<Stored> {
+    if let Some(dump) = dump {
+        // A dump has no fingerprint: it is uploaded on every run.
+        let (record, stats) = store_dump(run, unit, &dump).await?;
+        return Ok(Stored {
+            record,
+            stats,
+            reused: false,
+        });
+    }
     let (walked, walk_exclude) = (unit.clone(), exclude.clone());
     let fingerprint =
         tokio::task::spawn_blocking(move || units::fingerprint(&walked, &walk_exclude))
@@ -591,7 +744,7 @@ async fn store_unit(run: &UnitRun<'_>, unit: Unit, exclude: globset::GlobSet) ->
             reused: true,
         });
     }
-    let (mut record, stats) = backup_unit(run, unit, exclude).await?;
+    let (mut record, stats) = backup_unit(run, unit, Source::Walk(exclude)).await?;
     // A unit that lost an entry to a change during the walk is uploaded
     // again by the next run, whatever its fingerprint then.
     if stats.changed_during_walk.is_empty() {
@@ -604,12 +757,78 @@ async fn store_unit(run: &UnitRun<'_>, unit: Unit, exclude: globset::GlobSet) ->
     })
 }
 
+/// The unit of a command volume: the command runs to its end, its stdout
+/// spooled encrypted ([`dump`]); only then, if it exited with status 0, is
+/// the unit's tar (one file) uploaded. A failed command uploads nothing.
+async fn store_dump(
+    run: &UnitRun<'_>,
+    unit: Unit,
+    dump: &Dump,
+) -> Result<(UnitRecord, archive::WriteStats)> {
+    let volume = Volume {
+        name: unit.volume.clone(),
+        path: unit.root.clone(),
+        layout: crate::config::Layout::Plain,
+        exclude: globset::GlobSet::empty(),
+        exclude_patterns: Vec::new(),
+        sqlite: Default::default(),
+        sqlite_busy_timeout: crate::config::DEFAULT_SQLITE_BUSY_TIMEOUT,
+        dump: Some(dump.clone()),
+        hooks: Default::default(),
+    };
+    let argv = &dump.command;
+    run.audit
+        .record(Event::HookStarted {
+            volume: unit.volume.clone(),
+            phase: "command".into(),
+            command: argv.clone(),
+            snapshot: run.snapshot.into(),
+        })
+        .await?;
+    tracing::info!(volume = %unit.volume, command = ?argv, "running the dump command");
+    let (owned, env, timeout, state_dir) = (
+        argv.clone(),
+        hook_env(&volume, "command", run.snapshot),
+        dump.timeout,
+        run.state_dir.to_path_buf(),
+    );
+    let ran = tokio::task::spawn_blocking(move || {
+        crate::dump::spool(
+            &state_dir,
+            &hooks::Spec {
+                argv: &owned,
+                env,
+                timeout,
+            },
+        )
+    })
+    .await
+    .map_err(Error::failed)?;
+    let what = format!("the command of volume {} ({argv:?})", unit.volume);
+    let outcome = ran.as_ref().ok().map(|(_, o)| o);
+    finished(run.audit, &volume, "command", argv, run.snapshot, outcome).await?;
+    let (spool, outcome) = ran.map_err(|e| Error::Failed(e.context(what.clone())))?;
+    let Some(spool) = spool else {
+        return Err(Error::failed(outcome.describe(&what)));
+    };
+    tracing::info!(volume = %unit.volume, bytes = spool.size, seconds = outcome.elapsed.as_secs_f64(), "dump spooled");
+    backup_unit(run, unit, Source::Dump(spool, dump.file.clone())).await
+}
+
+/// What a unit's tar is made of.
+enum Source {
+    /// The files of the unit, read through the walk.
+    Walk(globset::GlobSet),
+    /// A command volume's spooled stdout, as the file of that name.
+    Dump(crate::dump::Spool, String),
+}
+
 /// One unit: tar → zstd → age → parts on a blocking thread, parts uploaded
 /// to every target as they come.
 async fn backup_unit(
     run: &UnitRun<'_>,
     unit: Unit,
-    exclude: globset::GlobSet,
+    source: Source,
 ) -> Result<(UnitRecord, archive::WriteStats)> {
     let key = layout::new_object_key(run.core);
     let (tx, rx) = mpsc::channel::<Part>(1);
@@ -620,7 +839,15 @@ async fn backup_unit(
     let databases = run.databases.get(&unit.volume).cloned().flatten();
     let producer = tokio::task::spawn_blocking(move || {
         pipeline::seal(&recipients, level, sink, |w| {
-            let (_, stats) = archive::write_unit(&producer_unit, &exclude, databases.as_ref(), w)?;
+            let (_, stats) = match source {
+                Source::Walk(exclude) => {
+                    archive::write_unit(&producer_unit, &exclude, databases.as_ref(), w)?
+                }
+                Source::Dump(spool, file) => {
+                    let size = spool.size;
+                    archive::write_file(std::path::Path::new(&file), size, spool.reader()?, w)?
+                }
+            };
             Ok(stats)
         })
     });

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -29,13 +30,55 @@ pub(super) struct CoreFile {
 #[serde(deny_unknown_fields)]
 pub(super) struct VolumeFile {
     name: String,
-    path: PathBuf,
-    layout: Layout,
+    path: Option<PathBuf>,
+    layout: LayoutFile,
     #[serde(default)]
     exclude: Vec<String>,
     #[serde(default)]
     sqlite: SqliteMode,
     sqlite_busy_timeout: Option<String>,
+    /// `layout = "command"`: the argv whose stdout is the volume's one file.
+    command: Option<Vec<String>>,
+    /// `layout = "command"`: that file's name.
+    file: Option<String>,
+    /// `layout = "command"`: how long the command may run.
+    timeout: Option<String>,
+    before: Option<Vec<String>>,
+    after: Option<Vec<String>>,
+    hook_timeout: Option<String>,
+}
+
+/// `layout` as written: `command` volumes become [`Volume::dump`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum LayoutFile {
+    Pryv,
+    Plain,
+    Command,
+}
+
+/// How long a dump command may run unless `timeout` says.
+pub const DEFAULT_DUMP_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+/// How long a hook may run unless `hook_timeout` says.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
+/// The command of a `layout = "command"` volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dump {
+    /// argv (never run through a shell).
+    pub command: Vec<String>,
+    /// The one file of the unit, e.g. `pryv-node.dump`.
+    pub file: String,
+    pub timeout: Duration,
+}
+
+/// A volume's `before` / `after` hooks (argv each).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hooks {
+    pub before: Option<Vec<String>>,
+    pub after: Option<Vec<String>>,
+    pub timeout: Duration,
 }
 
 /// How a volume's SQLite databases are read.
@@ -81,6 +124,11 @@ pub struct Volume {
     pub sqlite: SqliteMode,
     /// `sqlite_busy_timeout` (default 30 s).
     pub sqlite_busy_timeout: std::time::Duration,
+    /// `layout = "command"`: the volume is the stdout of this command, one
+    /// file in one unit; `path` is then empty and `layout` is `Plain`
+    /// (unused: nothing is scanned).
+    pub dump: Option<Dump>,
+    pub hooks: Hooks,
 }
 
 /// The validated core config.
@@ -171,7 +219,96 @@ pub(super) fn validate(path: &Path, dir: &Path, f: &CoreFile) -> Result<CoreConf
                 format!("volume name {:?} is already used by volumes[{j}]", v.name),
             ));
         }
-        if v.path.as_os_str().is_empty() {
+        let duration = |field: &str, text: &Option<String>, default: Duration| match text {
+            None => Ok(default),
+            Some(t) => match super::parse_duration(t) {
+                Ok(d) if !d.is_zero() => Ok(d),
+                _ => Err(err(&at(field), format!("{t:?} is not a duration"))
+                    .help("write e.g. \"30s\", \"5m\" or \"1h\"")),
+            },
+        };
+        let argv = |field: &str, a: &Option<Vec<String>>| {
+            match a {
+            Some(a) if a.is_empty() || a[0].is_empty() => Err(err(&at(field), "is empty".into())
+                .help("give the program and its arguments, e.g. [\"pg_dump\", \"-Fc\", \"pryv-node\"] (never run through a shell)")),
+            _ => Ok(a.clone()),
+        }
+        };
+        let hooks = Hooks {
+            before: argv("before", &v.before)?,
+            after: argv("after", &v.after)?,
+            timeout: duration("hook_timeout", &v.hook_timeout, DEFAULT_HOOK_TIMEOUT)?,
+        };
+        let dump = if v.layout == LayoutFile::Command {
+            if v.path.is_some() {
+                return Err(err(&at("path"), "is not used by a layout = \"command\" volume".into())
+                    .help("remove it: the volume is the command's stdout, stored as one file named by `file`"));
+            }
+            if !v.exclude.is_empty() {
+                return Err(err(
+                    &at("exclude"),
+                    "is not used by a layout = \"command\" volume".into(),
+                )
+                .help("remove it"));
+            }
+            let Some(command) = argv("command", &v.command)? else {
+                return Err(err(&at("command"), "is missing".into())
+                    .help("a layout = \"command\" volume needs command = [\"program\", \"arg\", ...], e.g. [\"pg_dump\", \"-Fc\", \"pryv-node\"]"));
+            };
+            let Some(file) = &v.file else {
+                return Err(err(&at("file"), "is missing".into()).help(
+                    "name the file that holds the command's stdout, e.g. file = \"pryv-node.dump\"",
+                ));
+            };
+            let plain = !file.is_empty()
+                && file != "."
+                && file != ".."
+                && !file.contains('/')
+                && !file.contains('\0');
+            if !plain {
+                return Err(err(&at("file"), format!("{file:?} is not a plain file name"))
+                    .help("a name without '/', e.g. \"pryv-node.dump\"; restore writes it to DIR/<volume>/<file>"));
+            }
+            Some(Dump {
+                command,
+                file: file.clone(),
+                timeout: duration("timeout", &v.timeout, DEFAULT_DUMP_TIMEOUT)?,
+            })
+        } else {
+            for (field, given) in [
+                ("command", v.command.is_some()),
+                ("file", v.file.is_some()),
+                ("timeout", v.timeout.is_some()),
+            ] {
+                if given {
+                    return Err(err(
+                        &at(field),
+                        "is only for layout = \"command\" volumes".into(),
+                    )
+                    .help("remove it, or set layout = \"command\""));
+                }
+            }
+            None
+        };
+        if let Some(dump) = dump {
+            volumes.push(Volume {
+                name: v.name.clone(),
+                path: PathBuf::new(),
+                layout: Layout::Plain,
+                exclude: globset::GlobSet::empty(),
+                exclude_patterns: Vec::new(),
+                sqlite: SqliteMode::default(),
+                sqlite_busy_timeout: DEFAULT_SQLITE_BUSY_TIMEOUT,
+                dump: Some(dump),
+                hooks,
+            });
+            continue;
+        }
+        let Some(path) = &v.path else {
+            return Err(err(&at("path"), "is missing".into())
+                .help("set it to the volume's data directory, e.g. \"/var/pryv/data/users\""));
+        };
+        if path.as_os_str().is_empty() {
             return Err(err(&at("path"), "is empty".into())
                 .help("set it to the volume's data directory, e.g. \"/var/pryv/data/users\""));
         }
@@ -200,12 +337,17 @@ pub(super) fn validate(path: &Path, dir: &Path, f: &CoreFile) -> Result<CoreConf
         };
         volumes.push(Volume {
             name: v.name.clone(),
-            path: dir.join(&v.path),
-            layout: v.layout,
+            path: dir.join(path),
+            layout: match v.layout {
+                LayoutFile::Pryv => Layout::Pryv,
+                _ => Layout::Plain,
+            },
             exclude,
             exclude_patterns: v.exclude.clone(),
             sqlite: v.sqlite,
             sqlite_busy_timeout,
+            dump: None,
+            hooks,
         });
     }
 
@@ -232,6 +374,9 @@ pub(super) fn validate(path: &Path, dir: &Path, f: &CoreFile) -> Result<CoreConf
 pub(super) fn check_live(path: &Path, volumes: &mut [Volume]) -> Result<(), ConfigError> {
     let err = |field: &str, problem: String| ConfigError::field(path, field, problem);
     for i in 0..volumes.len() {
+        if volumes[i].dump.is_some() {
+            continue; // a command's stdout: no path
+        }
         let at = |field: &str| format!("volumes[{i}].{field}");
         let full = volumes[i].path.clone();
         let canonical = std::fs::canonicalize(&full).map_err(|e| {
@@ -252,6 +397,7 @@ pub(super) fn check_live(path: &Path, volumes: &mut [Volume]) -> Result<(), Conf
         if let Some((j, other)) = volumes[..i]
             .iter()
             .enumerate()
+            .filter(|(_, o)| o.dump.is_none())
             .find(|(_, o)| o.path.starts_with(&canonical) || canonical.starts_with(&o.path))
         {
             return Err(err(

@@ -13,7 +13,10 @@ mod zonemap;
 
 use std::path::{Path, PathBuf};
 
-pub use self::core::{CoreConfig, DEFAULT_ZSTD_LEVEL, Layout, SqliteMode, Volume};
+pub use self::core::{
+    CoreConfig, DEFAULT_SQLITE_BUSY_TIMEOUT, DEFAULT_ZSTD_LEVEL, Dump, Hooks, Layout, SqliteMode,
+    Volume,
+};
 pub use credentials::{Secret, StaticCredentials};
 pub use error::{ConfigError, Place};
 pub use zonemap::{Retention, Schedule, Target, Zone, ZoneMap, parse_duration};

@@ -7,6 +7,7 @@
 pub mod fixture;
 pub mod fleet;
 pub mod garage;
+pub mod postgres;
 pub mod tmpfs;
 
 pub use fleet::Fleet;
