@@ -6,14 +6,18 @@
 //! is kept as a tail of [`TAIL`] bytes for messages. On timeout the whole
 //! group is killed (SIGKILL); once the command exits, what it left running
 //! in its group is killed too, so a run never leaves a process behind. The
-//! command also dies if zonevault dies (`PR_SET_PDEATHSIG`).
+//! command also dies if zonevault dies (`PR_SET_PDEATHSIG`). A command given
+//! a stop token (the daemon's SIGTERM) is killed the same way when the token
+//! is cancelled; `after` hooks get none, since they undo what `before` did.
 
 use std::io::{self, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
 
 /// Bytes of a command's stderr (or stdout) kept for messages.
 pub const TAIL: usize = 2048;
@@ -27,6 +31,8 @@ pub enum Status {
     Signalled(i32),
     /// Ran past its timeout: zonevault killed its process group.
     TimedOut(Duration),
+    /// zonevault was told to stop (SIGTERM) and killed its process group.
+    Stopped,
 }
 
 impl Status {
@@ -40,6 +46,7 @@ impl Status {
             Status::Exited(c) => format!("exit {c}"),
             Status::Signalled(s) => format!("signal {s}"),
             Status::TimedOut(_) => "timeout".into(),
+            Status::Stopped => "stopped".into(),
         }
     }
 }
@@ -53,6 +60,10 @@ impl std::fmt::Display for Status {
                 f,
                 "timed out after {} (killed with its process group)",
                 humantime::format_duration(*t)
+            ),
+            Status::Stopped => write!(
+                f,
+                "was stopped: zonevault is shutting down (killed with its process group)"
             ),
         }
     }
@@ -87,6 +98,8 @@ pub struct Spec<'a> {
     pub argv: &'a [String],
     pub env: Vec<(&'static str, String)>,
     pub timeout: Duration,
+    /// Killed when this is cancelled (`None`: runs to its end or timeout).
+    pub stop: Option<CancellationToken>,
 }
 
 /// Runs `spec`, writing its stdout to `stdout` (or keeping a tail of it when
@@ -123,15 +136,32 @@ pub fn run(spec: &Spec<'_>, stdout: Option<&mut dyn Write>) -> io::Result<Outcom
         let _ = io::copy(&mut child_stderr, &mut tail);
         tail.text()
     });
-    let timed_out = Arc::new(AtomicBool::new(false));
+    // The watchdog: kills the group at the timeout or when told to stop,
+    // whichever comes first; it looks at the stop token a few times a second.
+    let ended = Arc::new(AtomicU8::new(RUNNING));
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let watchdog = {
-        let (timed_out, timeout) = (timed_out.clone(), spec.timeout);
+        let (ended, stop) = (ended.clone(), spec.stop.clone());
+        // a timeout past what an Instant holds is no timeout
+        let deadline = started.checked_add(spec.timeout);
         std::thread::spawn(move || {
-            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(timeout) {
-                timed_out.store(true, Ordering::SeqCst);
-                kill_group(pgid);
+            loop {
+                let now = Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
+                    ended.store(TIMED_OUT, Ordering::SeqCst);
+                    break;
+                }
+                if stop.as_ref().is_some_and(CancellationToken::is_cancelled) {
+                    ended.store(STOPPED, Ordering::SeqCst);
+                    break;
+                }
+                let wait = deadline.map_or(STOP_POLL, |d| (d - now).min(STOP_POLL));
+                match done_rx.recv_timeout(wait) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                    _ => return,
+                }
             }
+            kill_group(pgid);
         })
     };
     let mut stdout_tail = Tail::default();
@@ -152,12 +182,10 @@ pub fn run(spec: &Spec<'_>, stdout: Option<&mut dyn Write>) -> io::Result<Outcom
     let status = child.wait()?;
     let stderr = stderr_reader.join().unwrap_or_default();
     copied?;
-    let status = if timed_out.load(Ordering::SeqCst) {
-        Status::TimedOut(spec.timeout)
-    } else if let Some(code) = status.code() {
-        Status::Exited(code)
-    } else {
-        Status::Signalled(status.signal().unwrap_or(0))
+    let status = match ended.load(Ordering::SeqCst) {
+        TIMED_OUT => Status::TimedOut(spec.timeout),
+        STOPPED => Status::Stopped,
+        _ => exit_status(status),
     };
     Ok(Outcome {
         status,
@@ -165,6 +193,20 @@ pub fn run(spec: &Spec<'_>, stdout: Option<&mut dyn Write>) -> io::Result<Outcom
         stdout: stdout_tail.text(),
         elapsed: started.elapsed(),
     })
+}
+
+/// How often the watchdog looks at a stop token.
+const STOP_POLL: Duration = Duration::from_millis(100);
+const RUNNING: u8 = 0;
+const TIMED_OUT: u8 = 1;
+const STOPPED: u8 = 2;
+
+fn exit_status(status: std::process::ExitStatus) -> Status {
+    if let Some(code) = status.code() {
+        Status::Exited(code)
+    } else {
+        Status::Signalled(status.signal().unwrap_or(0))
+    }
 }
 
 fn copy(r: &mut impl Read, w: &mut dyn Write) -> io::Result<u64> {
@@ -248,6 +290,7 @@ mod tests {
             argv: a,
             env: vec![("ZONEVAULT_PHASE", "before".into())],
             timeout: Duration::from_secs(secs),
+            stop: None,
         }
     }
 
@@ -286,6 +329,28 @@ mod tests {
         .unwrap();
         assert!(matches!(o.status, Status::TimedOut(_)));
         assert!(o.elapsed < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_stop_kills_the_group_and_says_so() {
+        let a = argv(&["sh", "-c", "sleep 1000 & sleep 1000"]);
+        let stop = CancellationToken::new();
+        let later = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            later.cancel();
+        });
+        let o = run(
+            &Spec {
+                stop: Some(stop),
+                ..spec(&a, 100)
+            },
+            None,
+        )
+        .unwrap();
+        assert_eq!(o.status, Status::Stopped);
+        assert_eq!(o.status.code(), "stopped");
+        assert!(o.elapsed < Duration::from_secs(5), "{:?}", o.elapsed);
     }
 
     #[test]

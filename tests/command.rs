@@ -432,3 +432,85 @@ fn a_hook_that_hangs_times_out() {
             .any(|e| e["event"] == "hook_finished" && e["status"] == "timeout")
     );
 }
+
+/// The daemon's SIGTERM does not wait for a dump that would run for an
+/// hour: the command's process group is killed, nothing is committed, and
+/// the `after` hook still runs (it undoes what `before` did).
+#[test]
+fn sigterm_stops_a_running_dump_and_the_after_hook_still_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut fleet, _) = fleet(dir.path());
+    // a daily schedule: only the catch-up run at start happens
+    fleet.zone_mut("ch").schedule = "backup = \"0 30 2 * * *\"".into();
+    let log = dir.path().join("hooks.log");
+    let core = write_core(
+        &fleet,
+        "",
+        &format!(
+            "\n[[volumes]]\nname = \"db\"\nlayout = \"command\"\ncommand = {}\nfile = \"db.dump\"\ntimeout = \"1h\"\nbefore = {}\nafter = {}\n",
+            toml_argv(&[
+                "sh",
+                "-c",
+                &format!("echo db dumping >> {}; exec sleep 1000.456", log.display()),
+            ]),
+            logging_hook(&log, "db"),
+            logging_hook(&log, "db"),
+        ),
+    );
+    let before = snapshots(&core);
+    let daemon_log = dir.path().join("daemon.log");
+    let mut daemon = process(&core)
+        .args(["daemon", "--stop-timeout", "30s"])
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&daemon_log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while running_with("1000.456").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dump never started:\n{}",
+            std::fs::read_to_string(&daemon_log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let stopped = std::time::Instant::now();
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            stopped.elapsed() < std::time::Duration::from_secs(40),
+            "the daemon did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let daemon_log = std::fs::read_to_string(&daemon_log).unwrap();
+    assert!(status.success(), "{status}\n{daemon_log}");
+    // well inside --stop-timeout: the dump was stopped, not waited for
+    assert!(
+        stopped.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}:\n{daemon_log}",
+        stopped.elapsed()
+    );
+    assert!(
+        running_with("1000.456").is_empty(),
+        "left running: {:?}",
+        running_with("1000.456")
+    );
+    let phases: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(' ').take(2).collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(phases, ["db before", "db dumping", "db after"]);
+    assert_eq!(snapshots(&core), before, "nothing committed");
+    assert!(
+        audit_events(&core).iter().any(|e| e["event"] == "hook_finished"
+            && e["phase"] == "command"
+            && e["status"] == "stopped"),
+        "no hook_finished record with status stopped"
+    );
+}

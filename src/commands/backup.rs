@@ -276,7 +276,7 @@ async fn snapshot(
     for v in volumes {
         entered.push(v);
         if let Some(argv) = &v.hooks.before
-            && let Err(e) = run_hook(audit, v, "before", argv, &id).await
+            && let Err(e) = run_hook(audit, v, "before", argv, &id, Some(options.cancel.clone())).await
         {
             before_failed = Some(e);
             break;
@@ -289,7 +289,7 @@ async fn snapshot(
     let mut after_failed = None;
     for v in entered.iter().rev() {
         if let Some(argv) = &v.hooks.after
-            && let Err(e) = run_hook(audit, v, "after", argv, &id).await
+            && let Err(e) = run_hook(audit, v, "after", argv, &id, None).await
         {
             after_failed.get_or_insert(e);
         }
@@ -562,6 +562,7 @@ async fn run_hook(
     phase: &'static str,
     argv: &[String],
     snapshot: &str,
+    stop: Option<CancellationToken>,
 ) -> Result<()> {
     audit
         .record(Event::HookStarted {
@@ -583,6 +584,7 @@ async fn run_hook(
                 argv: &owned,
                 env,
                 timeout,
+                stop,
             },
             None,
         )
@@ -786,11 +788,12 @@ async fn store_dump(
         })
         .await?;
     tracing::info!(volume = %unit.volume, command = ?argv, "running the dump command");
-    let (owned, env, timeout, state_dir) = (
+    let (owned, env, timeout, state_dir, stop) = (
         argv.clone(),
         hook_env(&volume, "command", run.snapshot),
         dump.timeout,
         run.state_dir.to_path_buf(),
+        run.options.cancel.clone(),
     );
     let ran = tokio::task::spawn_blocking(move || {
         crate::dump::spool(
@@ -799,6 +802,7 @@ async fn store_dump(
                 argv: &owned,
                 env,
                 timeout,
+                stop: Some(stop),
             },
         )
     })
