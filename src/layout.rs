@@ -2,8 +2,61 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::Target;
+
 /// Key of the marker, relative to the target's prefix.
 pub const MARKER: &str = "zonevault.json";
+
+/// A key relative to a target's prefix: the only kind of key that a writer
+/// ([`crate::residency::Writable`]) accepts, so every write and deletion
+/// stays under the prefix of the target that passed the gate. Made by the
+/// functions of this module, from a snapshot's index ([`Key::parse`]) or
+/// from a listing of the target ([`Key::listed`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(String);
+
+impl Key {
+    /// A relative key as an index or manifest names it; `None` when it is
+    /// empty or absolute.
+    pub fn parse(rel: &str) -> Option<Key> {
+        (!rel.is_empty() && !rel.starts_with('/')).then(|| Key(rel.to_string()))
+    }
+
+    /// The relative key of `full`, a key listed on `target`; `None` when it
+    /// is not under the target's prefix.
+    pub fn listed(target: &Target, full: &str) -> Option<Key> {
+        let rel = if target.prefix.is_empty() {
+            full
+        } else {
+            full.strip_prefix(target.prefix.as_str())?
+                .strip_prefix('/')?
+        };
+        Key::parse(rel)
+    }
+
+    /// The marker's key.
+    pub fn marker() -> Key {
+        Key(MARKER.to_string())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Key {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 /// The version of the layout that this zonevault writes and reads.
 pub const FORMAT: u32 = 1;
@@ -36,22 +89,22 @@ pub fn snapshots_dir(core: &str) -> String {
 }
 
 /// A new object key: random, so that it never carries a user id.
-pub fn new_object_key(core: &str) -> String {
+pub fn new_object_key(core: &str) -> Key {
     use rand::RngCore;
     let mut id = [0u8; 16];
     rand::thread_rng().fill_bytes(&mut id);
     let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{core}/objects/{hex}.tar.zst.age")
+    Key(format!("{core}/objects/{hex}.tar.zst.age"))
 }
 
 /// `<core>/snapshots/<id>.manifest.age`.
-pub fn manifest_key(core: &str, snapshot: &str) -> String {
-    format!("{core}/snapshots/{snapshot}.manifest.age")
+pub fn manifest_key(core: &str, snapshot: &str) -> Key {
+    Key(format!("{core}/snapshots/{snapshot}.manifest.age"))
 }
 
 /// `<core>/snapshots/<id>.json`: the cleartext index, written last.
-pub fn index_key(core: &str, snapshot: &str) -> String {
-    format!("{core}/snapshots/{snapshot}.json")
+pub fn index_key(core: &str, snapshot: &str) -> Key {
+    Key(format!("{core}/snapshots/{snapshot}.json"))
 }
 
 /// The snapshot id of an index key, if `key` (relative) is one.
@@ -81,8 +134,13 @@ pub fn audit_dir(core: &str) -> String {
 
 /// `<core>/audit/<first>-<last>.jsonl.age`: a copy of records `first..=last`.
 /// Sequence numbers are zero-padded to 12 digits so the copies list in order.
-pub fn audit_copy_key(core: &str, first: u64, last: u64) -> String {
-    format!("{core}/audit/{first:012}-{last:012}.jsonl.age")
+pub fn audit_copy_key(core: &str, first: u64, last: u64) -> Key {
+    Key(format!("{core}/audit/{first:012}-{last:012}.jsonl.age"))
+}
+
+/// `<key>.minisig`: the detached signature of the object under `key`.
+pub fn signature_key(key: &str) -> Key {
+    Key(format!("{key}{}", crate::signing::SUFFIX))
 }
 
 /// The record range of an audit copy's key (relative or full), if it is one.
@@ -113,9 +171,36 @@ mod tests {
     }
 
     #[test]
+    fn listed_keys_are_relative_to_the_prefix_or_refused() {
+        let mut t = crate::config::Target {
+            name: "t".into(),
+            zone: "ch".into(),
+            endpoint: "http://127.0.0.1:1".into(),
+            region: "r".into(),
+            bucket: "b".into(),
+            prefix: "zv".into(),
+            path_style: true,
+        };
+        assert_eq!(
+            Key::listed(&t, "zv/c/objects/a").map(|k| k.to_string()),
+            Some("c/objects/a".into())
+        );
+        for outside in ["zvx/c/objects/a", "other/zv/a", "zv", "zv/", "zv//a"] {
+            assert_eq!(Key::listed(&t, outside), None, "{outside}");
+        }
+        t.prefix.clear();
+        assert_eq!(Key::listed(&t, "c/a").unwrap().as_str(), "c/a");
+        assert_eq!(Key::parse(""), None);
+        assert_eq!(Key::parse("/abs"), None);
+    }
+
+    #[test]
     fn audit_copy_keys_round_trip_and_sort() {
         let key = audit_copy_key("core-ch-1", 7, 1234);
-        assert_eq!(key, "core-ch-1/audit/000000000007-000000001234.jsonl.age");
+        assert_eq!(
+            key.as_str(),
+            "core-ch-1/audit/000000000007-000000001234.jsonl.age"
+        );
         assert_eq!(audit_copy_range(&key), Some((7, 1234)));
         assert_eq!(
             audit_copy_range(&format!("zonevault/{key}")),

@@ -46,6 +46,8 @@ pub mod sqlite;
 pub mod state;
 pub mod storage;
 pub mod targets;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod units;
 pub mod unpack;
 pub mod upload;

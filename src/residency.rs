@@ -14,6 +14,38 @@
 //! a [`WritePermit`]; its only constructor is private to this module and the
 //! permit never leaves the `Writable` that holds it. So no code path can write
 //! to a target that has not passed the check: the compiler enforces it.
+//! [`verify`] opens the client it checks and then writes through itself,
+//! from the [`Target`] ([`Connect`]), so a `Writable` cannot pair one
+//! target's record with another bucket; and its writes take [`Key`]s
+//! relative to the target's prefix, so they stay under it.
+//!
+//! Neither a permit nor a writer can be made anywhere else:
+//!
+//! ```compile_fail
+//! # async fn forge(store: zonevault::storage::s3::S3Store) {
+//! use zonevault::storage::WriteBackend;
+//! let permit = zonevault::residency::WritePermit(()); // private field
+//! store.delete(&permit, "zv/core/objects/x").await.unwrap();
+//! # }
+//! ```
+//!
+//! ```compile_fail
+//! # fn forge(
+//! #     target: zonevault::config::Target,
+//! #     store: zonevault::storage::s3::S3Store,
+//! #     audit: std::sync::Arc<zonevault::audit::AuditLog>,
+//! #     permit: zonevault::residency::WritePermit,
+//! # ) {
+//! let writer = zonevault::residency::Writable {
+//!     target,
+//!     store,
+//!     reported_region: "ch-gva-2".into(),
+//!     marker_present: true,
+//!     audit,
+//!     permit,
+//! }; // private fields
+//! # }
+//! ```
 //!
 //! The gate is also where the audit log learns of every verdict and of every
 //! object written or deleted: a `Writable` records the start of each write
@@ -29,9 +61,9 @@ use bytes::Bytes;
 
 use crate::audit::{AuditLog, Event, ObjectKind, Place};
 use crate::config::{Config, Target};
-use crate::layout::{self, Marker};
+use crate::layout::{self, Key, Marker};
 use crate::pipeline::Digest;
-use crate::storage::{Store, StoreError};
+use crate::storage::{Connect, StoreError, WriteBackend};
 
 /// What an object holds, for its audit record.
 #[derive(Debug, Clone, Copy)]
@@ -55,7 +87,8 @@ impl Contents<'_> {
 }
 
 /// Proof that the residency check passed. Needed by every write of a
-/// [`Store`]; it cannot be created outside this module.
+/// [`WriteBackend`]; it cannot be created outside this module, and it never
+/// leaves the [`Writable`] that holds it.
 #[derive(Debug)]
 pub struct WritePermit(());
 
@@ -71,7 +104,7 @@ pub struct Writable<S> {
     permit: WritePermit,
 }
 
-impl<S: Store> Writable<S> {
+impl<S: WriteBackend> Writable<S> {
     /// The target.
     pub fn target(&self) -> &Target {
         &self.target
@@ -97,6 +130,12 @@ impl<S: Store> Writable<S> {
         self.target.key(rel)
     }
 
+    /// The relative key of `full`, as listed on this target; `None` when it
+    /// is not under the target's prefix (such a key is never written to).
+    pub fn relative(&self, full: &str) -> Option<Key> {
+        Key::listed(&self.target, full)
+    }
+
     /// The audit log that this target's writes are recorded in.
     pub fn audit(&self) -> &Arc<AuditLog> {
         &self.audit
@@ -109,7 +148,7 @@ impl<S: Store> Writable<S> {
 
     /// Writes a whole object under the target's prefix (`rel` is relative
     /// to it) and records it.
-    pub async fn put(&self, rel: &str, body: Bytes, contents: &Contents<'_>) -> anyhow::Result<()> {
+    pub async fn put(&self, rel: &Key, body: Bytes, contents: &Contents<'_>) -> anyhow::Result<()> {
         let digest = Digest::of(&body);
         self.put_digested(rel, body, contents, &digest).await
     }
@@ -119,7 +158,7 @@ impl<S: Store> Writable<S> {
     /// it is written; a write whose start cannot be recorded never starts.
     pub async fn put_digested(
         &self,
-        rel: &str,
+        rel: &Key,
         body: Bytes,
         contents: &Contents<'_>,
         digest: &Digest,
@@ -135,7 +174,7 @@ impl<S: Store> Writable<S> {
     /// make a run overwrite what an earlier run committed.
     pub async fn put_new(
         &self,
-        rel: &str,
+        rel: &Key,
         body: Bytes,
         contents: &Contents<'_>,
     ) -> anyhow::Result<()> {
@@ -152,7 +191,7 @@ impl<S: Store> Writable<S> {
     /// Records that `rel` is about to be written.
     async fn record_start(
         &self,
-        rel: &str,
+        rel: &Key,
         contents: &Contents<'_>,
         multipart: bool,
     ) -> anyhow::Result<()> {
@@ -180,7 +219,7 @@ impl<S: Store> Writable<S> {
     /// place, without its record.
     async fn record_put(
         &self,
-        rel: &str,
+        rel: &Key,
         contents: &Contents<'_>,
         digest: &Digest,
     ) -> anyhow::Result<()> {
@@ -231,7 +270,7 @@ impl<S: Store> Writable<S> {
     /// returns its id.
     pub async fn create_upload(
         &self,
-        rel: &str,
+        rel: &Key,
         contents: &Contents<'_>,
     ) -> anyhow::Result<String> {
         self.record_start(rel, contents, true).await?;
@@ -244,7 +283,7 @@ impl<S: Store> Writable<S> {
     /// Uploads part `number` of `rel`; returns its ETag.
     pub async fn upload_part(
         &self,
-        rel: &str,
+        rel: &Key,
         upload_id: &str,
         number: i32,
         body: Bytes,
@@ -258,7 +297,7 @@ impl<S: Store> Writable<S> {
     /// and records the object.
     pub async fn complete_upload(
         &self,
-        rel: &str,
+        rel: &Key,
         upload_id: &str,
         parts: Vec<(i32, String)>,
         contents: &Contents<'_>,
@@ -270,16 +309,16 @@ impl<S: Store> Writable<S> {
         self.record_put(rel, contents, digest).await
     }
 
-    /// Abandons a multipart upload (`key` is a full key, as listed) and
-    /// records it, with `reason`.
+    /// Abandons a multipart upload of `rel` and records it, with `reason`.
     pub async fn abort_upload(
         &self,
-        key: &str,
+        rel: &Key,
         upload_id: &str,
         reason: &str,
     ) -> anyhow::Result<()> {
+        let key = self.key(rel);
         self.store
-            .abort_upload(&self.permit, key, upload_id)
+            .abort_upload(&self.permit, &key, upload_id)
             .await?;
         self.audit
             .record(Event::UploadAborted {
@@ -293,9 +332,10 @@ impl<S: Store> Writable<S> {
             .with_context(|| format!("recording the abort of the upload of {key}"))
     }
 
-    /// Deletes an object (`key` is a full key, as listed) and records why.
-    pub async fn delete(&self, key: &str, reason: &str) -> anyhow::Result<()> {
-        self.store.delete(&self.permit, key).await?;
+    /// Deletes the object under `rel` and records why.
+    pub async fn delete(&self, rel: &Key, reason: &str) -> anyhow::Result<()> {
+        let key = self.key(rel);
+        self.store.delete(&self.permit, &key).await?;
         self.audit
             .record(Event::ObjectDeleted {
                 place: self.place(),
@@ -314,7 +354,7 @@ impl<S: Store> Writable<S> {
         }
         let marker = serde_json::to_vec(&Marker::new(&self.target.zone))?;
         self.put(
-            layout::MARKER,
+            &Key::marker(),
             Bytes::from(marker),
             &Contents::of(ObjectKind::Marker),
         )
@@ -342,16 +382,19 @@ pub enum Verdict<S> {
     Unavailable(StoreError),
 }
 
-/// Checks `target` for this core's zone, asking `store` (a client for the
-/// target, signing for the target's configured region), and records the
+/// Checks `target` for this core's zone, asking the server through a client
+/// that `connect` opens for the target itself (signing for the target's
+/// configured region), so the `Writable` it returns writes to the bucket
+/// that passed and no other; records the
 /// verdict in `audit`. A verdict that cannot be recorded makes the target
 /// unavailable: nothing is written that the log does not show was allowed.
-pub async fn verify<S: Store>(
+pub async fn verify<C: Connect>(
     config: &Config,
+    connect: &C,
     audit: &Arc<AuditLog>,
     target: &Target,
-    store: S,
-) -> Verdict<S> {
+) -> Verdict<C::Backend> {
+    let store = connect.connect(target).await;
     let verdict = judge(config, audit, target, store).await;
     let place = Place::from(target);
     let event = match &verdict {
@@ -383,7 +426,7 @@ pub async fn verify<S: Store>(
     }
 }
 
-async fn judge<S: Store>(
+async fn judge<S: WriteBackend>(
     config: &Config,
     audit: &Arc<AuditLog>,
     target: &Target,
@@ -500,109 +543,35 @@ async fn judge<S: Store>(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::path::PathBuf;
-    use std::sync::Mutex;
-
     use super::*;
-    use crate::storage::{Body, ObjectInfo, PendingUpload};
+    use crate::storage::memory::Memory;
     use zonevault_testkit::tmpfs::{Tmpfs, fill};
 
-    /// A bucket in memory whose `put` fills the state dir's file system
-    /// first, as another process would while the object travels.
-    #[derive(Debug, Default)]
-    struct FillingStore {
-        objects: Mutex<BTreeMap<String, Bytes>>,
-        fill: Option<PathBuf>,
-    }
-
-    impl Store for FillingStore {
-        async fn bucket_location(&self) -> Result<String, StoreError> {
-            Ok("r".into())
-        }
-        async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-            Ok(self.objects.lock().unwrap().get(key).map(|b| b.to_vec()))
-        }
-        async fn get_stream(&self, _: &str) -> Result<Option<Body>, StoreError> {
-            Ok(None)
-        }
-        async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-            Ok(self
-                .objects
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|(k, _)| k.starts_with(prefix))
-                .map(|(k, b)| ObjectInfo {
-                    key: k.clone(),
-                    size: b.len() as u64,
-                })
-                .collect())
-        }
-        async fn list_uploads(&self, _: &str) -> Result<Vec<PendingUpload>, StoreError> {
-            Ok(Vec::new())
-        }
-        async fn put(&self, _: &WritePermit, key: &str, body: Bytes) -> Result<(), StoreError> {
-            self.objects.lock().unwrap().insert(key.to_string(), body);
-            if let Some(dir) = &self.fill {
-                fill(dir, 0);
-            }
-            Ok(())
-        }
-        async fn put_new(&self, p: &WritePermit, key: &str, body: Bytes) -> Result<(), StoreError> {
-            if self.objects.lock().unwrap().contains_key(key) {
-                return Err(StoreError::Exists { key: key.into() });
-            }
-            self.put(p, key, body).await
-        }
-        async fn create_upload(&self, _: &WritePermit, _: &str) -> Result<String, StoreError> {
-            Err(StoreError::Other("no multipart here".into()))
-        }
-        async fn upload_part(
-            &self,
-            _: &WritePermit,
-            _: &str,
-            _: &str,
-            _: i32,
-            _: Bytes,
-        ) -> Result<String, StoreError> {
-            Err(StoreError::Other("no multipart here".into()))
-        }
-        async fn complete_upload(
-            &self,
-            _: &WritePermit,
-            _: &str,
-            _: &str,
-            _: Vec<(i32, String)>,
-        ) -> Result<(), StoreError> {
-            Err(StoreError::Other("no multipart here".into()))
-        }
-        async fn abort_upload(&self, _: &WritePermit, _: &str, _: &str) -> Result<(), StoreError> {
-            Ok(())
-        }
-        async fn delete(&self, _: &WritePermit, key: &str) -> Result<(), StoreError> {
-            self.objects.lock().unwrap().remove(key);
-            Ok(())
+    fn target() -> Target {
+        Target {
+            name: "t".into(),
+            zone: "z".into(),
+            endpoint: "http://127.0.0.1:9".into(),
+            region: "r".into(),
+            bucket: "b".into(),
+            prefix: "p".into(),
+            path_style: true,
         }
     }
 
-    fn writable(store: FillingStore, audit: &Arc<AuditLog>) -> Writable<FillingStore> {
+    fn writable(store: Memory, audit: &Arc<AuditLog>) -> Writable<Memory> {
         Writable {
-            target: Target {
-                name: "t".into(),
-                zone: "z".into(),
-                endpoint: "http://127.0.0.1:9".into(),
-                region: "r".into(),
-                bucket: "b".into(),
-                prefix: "p".into(),
-                path_style: true,
-            },
+            target: target(),
             store,
             reported_region: "r".into(),
             marker_present: true,
             audit: Arc::clone(audit),
             permit: WritePermit(()),
         }
+    }
+
+    fn key(rel: &str) -> Key {
+        Key::parse(rel).unwrap()
     }
 
     fn events(audit: &AuditLog) -> Vec<String> {
@@ -623,13 +592,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _fs = Tmpfs::mount(dir.path(), "128k");
         let audit = Arc::new(AuditLog::open(dir.path(), "c", "z").unwrap());
-        let t = writable(
-            FillingStore {
-                fill: Some(dir.path().to_path_buf()),
-                ..FillingStore::default()
-            },
-            &audit,
-        );
+        let store = Memory::new("r");
+        let full = dir.path().to_path_buf();
+        store.after_put(move |_| {
+            fill(&full, 0);
+        });
+        let t = writable(store, &audit);
         // users enough that the start record nearly fills a page of the
         // tmpfs: the object_put, as long, needs another one
         let mut users: Vec<String> = Vec::new();
@@ -658,7 +626,7 @@ mod tests {
             users: &users,
         };
         let e = t
-            .put("objects/a", Bytes::from_static(b"data"), &contents)
+            .put(&key("objects/a"), Bytes::from_static(b"data"), &contents)
             .await
             .unwrap_err();
         let e = format!("{e:#}");
@@ -668,10 +636,7 @@ mod tests {
         );
         assert!(e.contains("it was deleted again"), "{e}");
         assert!(e.contains("No space left on device"), "{e}");
-        assert!(
-            t.store.objects.lock().unwrap().is_empty(),
-            "the object is gone"
-        );
+        assert!(t.store.keys().is_empty(), "the object is gone");
         // the log knew it was coming, and is whole
         assert_eq!(events(&audit), ["upload_started"]);
         assert!(
@@ -683,22 +648,22 @@ mod tests {
 
         // a write whose start cannot be recorded never starts
         fill(dir.path(), 0);
-        let t = writable(FillingStore::default(), &audit);
+        let t = writable(Memory::new("r"), &audit);
         let e = t
             .put(
-                "objects/b",
+                &key("objects/b"),
                 Bytes::from_static(b"data"),
                 &Contents::of(ObjectKind::Unit),
             )
             .await
             .unwrap_err();
         assert!(format!("{e:#}").contains("nothing was written"), "{e:#}");
-        assert!(t.store.objects.lock().unwrap().is_empty());
+        assert!(t.store.keys().is_empty());
         std::fs::remove_file(dir.path().join("ballast")).unwrap();
 
         // with space, both records, in order
         t.put(
-            "objects/c",
+            &key("objects/c"),
             Bytes::from_static(b"data"),
             &Contents::of(ObjectKind::Unit),
         )
@@ -707,6 +672,171 @@ mod tests {
         assert_eq!(
             events(&audit),
             ["upload_started", "upload_started", "object_put"]
+        );
+    }
+
+    /// The gate's verdict for `name` with its bucket prepared by `prepare`.
+    async fn verdict_of(
+        name: &str,
+        prepare: impl FnOnce(&Memory),
+    ) -> (Verdict<Memory>, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::testing::config(dir.path());
+        let audit = crate::testing::audit(&config);
+        let buckets = crate::storage::memory::Buckets::default();
+        let target = crate::testing::target(&config, name);
+        prepare(&buckets.of(target));
+        let verdict = verify(&config, &buckets, &audit, target).await;
+        (verdict, crate::testing::events(&audit))
+    }
+
+    #[tokio::test]
+    async fn the_gate_s_verdicts() {
+        let marker = |zone: &str, format: u32| format!(r#"{{"format":{format},"zone":"{zone}"}}"#);
+        // (target, what the bucket does, verdict, words of the reason)
+        type Prepare = Box<dyn FnOnce(&Memory)>;
+        let cases: Vec<(&str, Prepare, &str, &str)> = vec![
+            ("ch-primary", Box::new(|_| {}), "passed", ""),
+            (
+                "ch-primary",
+                Box::new(move |m| m.insert("zv/zonevault.json", marker("ch", 1).as_bytes())),
+                "passed",
+                "",
+            ),
+            (
+                "ch-primary",
+                Box::new(|m| m.set_region("de-fra-1")),
+                "refused",
+                "reports the bucket in region de-fra-1, not ch-gva-2: de-fra-1 is outside zone ch",
+            ),
+            (
+                "ch-primary",
+                Box::new(|m| m.set_region("ch-dk-2")),
+                "refused",
+                "ch-dk-2 is in zone ch, but the target is configured as ch-gva-2",
+            ),
+            (
+                "ch-primary",
+                Box::new(|m| {
+                    m.fail(
+                        crate::storage::memory::Op::Location,
+                        1,
+                        StoreError::WrongRegion {
+                            reported: "us-east-1".into(),
+                        },
+                    )
+                }),
+                "refused",
+                "us-east-1 is outside zone ch",
+            ),
+            (
+                "ch-primary",
+                Box::new(move |m| m.insert("zv/zonevault.json", marker("de", 1).as_bytes())),
+                "refused",
+                "names zone \"de\": this bucket holds another zone's backups",
+            ),
+            (
+                "ch-primary",
+                Box::new(move |m| m.insert("zv/zonevault.json", marker("ch", 99).as_bytes())),
+                "refused",
+                "has format 99",
+            ),
+            (
+                "ch-primary",
+                Box::new(|m| m.insert("zv/zonevault.json", b"not json")),
+                "refused",
+                "zonevault.json",
+            ),
+            (
+                "de-primary",
+                Box::new(|_| {}),
+                "refused",
+                "target de-primary belongs to zone de, but this core (core-ch-1) is in zone ch",
+            ),
+            (
+                "ch-secondary",
+                Box::new(|m| {
+                    m.fail(
+                        crate::storage::memory::Op::Location,
+                        1,
+                        StoreError::Unreachable {
+                            endpoint: "http://127.0.0.1:2".into(),
+                            cause: "connection refused".into(),
+                        },
+                    )
+                }),
+                "unavailable",
+                "cannot reach http://127.0.0.1:2",
+            ),
+            (
+                "ch-secondary",
+                Box::new(|m| {
+                    m.fail(
+                        crate::storage::memory::Op::Get,
+                        1,
+                        StoreError::Credentials {
+                            cause: "InvalidAccessKeyId".into(),
+                        },
+                    )
+                }),
+                "unavailable",
+                "refused the credentials",
+            ),
+        ];
+        for (name, prepare, expect, words) in cases {
+            let (verdict, events) = verdict_of(name, prepare).await;
+            let (got, reason, event) = match &verdict {
+                Verdict::Passed(_) => ("passed", String::new(), "residency_passed"),
+                Verdict::Refused(r) => ("refused", r.reason.clone(), "residency_refused"),
+                Verdict::Unavailable(e) => ("unavailable", e.to_string(), "target_unavailable"),
+            };
+            assert_eq!(got, expect, "{name}: {reason}");
+            assert!(
+                reason.contains(words),
+                "{name}: {words:?} not in {reason:?}"
+            );
+            assert_eq!(
+                events.last().map(String::as_str),
+                Some(event),
+                "{name}: {events:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_writer_writes_only_to_the_bucket_that_passed() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::testing::config(dir.path());
+        let audit = crate::testing::audit(&config);
+        let buckets = crate::storage::memory::Buckets::default();
+        let writers = crate::testing::writers(&config, &audit, &buckets).await;
+        let (a, b) = (&writers[0], &writers[1]);
+        assert_eq!(a.target().name, "ch-primary");
+        a.put(
+            &key("c/objects/x"),
+            Bytes::from_static(b"x"),
+            &Contents::of(ObjectKind::Unit),
+        )
+        .await
+        .unwrap();
+        a.ensure_marker().await.unwrap();
+        let primary = buckets.of(crate::testing::target(&config, "ch-primary"));
+        let secondary = buckets.of(crate::testing::target(&config, "ch-secondary"));
+        // under A's prefix, in A's bucket; nothing in B's
+        assert_eq!(primary.keys(), ["zv/c/objects/x", "zv/zonevault.json"]);
+        assert!(secondary.keys().is_empty());
+        // a key listed on A that is not under its prefix is not A's to delete
+        primary.insert("elsewhere/y", b"y");
+        assert!(a.relative("elsewhere/y").is_none());
+        assert_eq!(
+            a.relative("zv/c/objects/x").unwrap().as_str(),
+            "c/objects/x"
+        );
+        b.delete(&key("c/objects/x"), "test").await.unwrap();
+        assert_eq!(
+            primary.keys().len(),
+            3,
+            "B's delete cannot reach A's objects"
         );
     }
 }

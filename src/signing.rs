@@ -33,11 +33,6 @@ pub fn file_name(key: &str) -> &str {
     key.rsplit('/').next().unwrap_or(key)
 }
 
-/// The key of the signature of the object at `key`.
-pub fn signature_key(key: &str) -> String {
-    format!("{key}{SUFFIX}")
-}
-
 /// What a signature vouches for; its text is minisign's trusted comment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Statement<'a> {

@@ -95,10 +95,10 @@ impl Index {
 impl Index {
     /// The keys of the detached signatures of this snapshot's index and
     /// manifest (present when the core signs its commits).
-    pub fn signatures(&self) -> [String; 2] {
+    pub fn signatures(&self) -> [crate::layout::Key; 2] {
         [
-            crate::signing::signature_key(&crate::layout::index_key(&self.core, &self.id)),
-            crate::signing::signature_key(&self.manifest.key),
+            crate::layout::signature_key(&crate::layout::index_key(&self.core, &self.id)),
+            crate::layout::signature_key(&self.manifest.key),
         ]
     }
 }
@@ -108,7 +108,11 @@ impl Index {
 pub fn references<'a>(indexes: impl IntoIterator<Item = &'a Index>) -> HashSet<String> {
     indexes
         .into_iter()
-        .flat_map(|i| i.references().map(str::to_string).chain(i.signatures()))
+        .flat_map(|i| {
+            i.references()
+                .map(str::to_string)
+                .chain(i.signatures().map(|k| k.to_string()))
+        })
         .collect()
 }
 

@@ -7,7 +7,7 @@ use crate::audit::AuditLog;
 use crate::config::{Config, Target};
 use crate::error::Error;
 use crate::residency::{self, Verdict, Writable};
-use crate::storage::s3::S3Store;
+use crate::storage::s3::{S3Connect, S3Store};
 
 /// A client per target of the core's zone, in zone-map order.
 pub async fn open(config: &Config) -> Vec<(Target, S3Store)> {
@@ -27,11 +27,12 @@ pub async fn writable(
     config: &Config,
     audit: &Arc<AuditLog>,
 ) -> Result<Vec<Writable<S3Store>>, Error> {
-    let verdicts =
-        futures::future::join_all(open(config).await.into_iter().map(|(t, store)| async move {
-            (residency::verify(config, audit, &t, store).await, t)
-        }))
-        .await;
+    let connect = S3Connect(config);
+    let verdicts = futures::future::join_all(config.zone().targets.iter().map(|t| {
+        let connect = &connect;
+        async move { (residency::verify(config, connect, audit, t).await, t) }
+    }))
+    .await;
     let mut writable = Vec::new();
     let mut refused = Vec::new();
     let mut failed = Vec::new();

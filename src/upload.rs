@@ -12,15 +12,16 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::sync::mpsc;
 
+use crate::layout::Key;
 use crate::pipeline::{Digest, Part};
 use crate::residency::{Contents, Writable};
-use crate::storage::Store;
+use crate::storage::WriteBackend;
 
 /// Receives the parts of object `key` and writes it to every target.
 /// Returns the stored object's digest.
-pub async fn upload<S: Store>(
+pub async fn upload<S: WriteBackend>(
     targets: &[Writable<S>],
-    key: &str,
+    key: &Key,
     mut parts: mpsc::Receiver<Part>,
     concurrency: usize,
     contents: &Contents<'_>,
@@ -68,7 +69,7 @@ pub async fn upload<S: Store>(
     let failure = failure.expect("a failure was recorded");
     let reason = format!("the upload failed: {failure}");
     for (t, id) in &uploads {
-        if let Err(e) = t.abort_upload(&t.key(key), id, &reason).await {
+        if let Err(e) = t.abort_upload(key, id, &reason).await {
             tracing::warn!(target = %t.target().name, error = %format!("{e:#}"), "could not abort an upload; the next run removes it");
         }
     }
@@ -77,9 +78,9 @@ pub async fn upload<S: Store>(
 
 /// Sends every part to every upload, at most `concurrency` parts at a time,
 /// then completes the uploads.
-async fn send_parts<S: Store>(
+async fn send_parts<S: WriteBackend>(
     uploads: &[(&Writable<S>, String)],
-    key: &str,
+    key: &Key,
     first: [Bytes; 2],
     mut parts: mpsc::Receiver<Part>,
     concurrency: usize,
@@ -138,27 +139,157 @@ async fn send_parts<S: Store>(
 
 /// The next part. A channel closed before [`Part::End`] means the producer
 /// failed: the object is incomplete.
-async fn next_part(parts: &mut mpsc::Receiver<Part>, key: &str) -> Result<Part> {
+async fn next_part(parts: &mut mpsc::Receiver<Part>, key: &Key) -> Result<Part> {
     parts
         .recv()
         .await
         .ok_or_else(|| anyhow::anyhow!("the data of {key} stopped before its end"))
 }
 
-fn context<S: Store>(
+fn context<S: WriteBackend>(
     e: crate::storage::StoreError,
     what: &str,
     t: &Writable<S>,
-    key: &str,
+    key: &Key,
 ) -> anyhow::Error {
     anyhow::Error::new(e).context(describe(what, t, key))
 }
 
-fn describe<S: Store>(what: &str, t: &Writable<S>, key: &str) -> String {
+fn describe<S: WriteBackend>(what: &str, t: &Writable<S>, key: &Key) -> String {
     format!("{what} {} to target {}", t.key(key), t.target().name)
 }
 
 /// The first error of writes that all ran to their end.
 pub fn settle(results: Vec<Result<()>>) -> Result<()> {
     results.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::ObjectKind;
+    use crate::storage::StoreError;
+    use crate::storage::memory::{Buckets, Memory, Op};
+    use crate::testing;
+
+    /// Where an upload of three parts to both targets breaks.
+    #[derive(Debug, Clone, Copy)]
+    enum Break {
+        Create,
+        Part(usize),
+        LostPart,
+        Complete,
+        ProducerDies,
+    }
+
+    /// Uploads three parts to both targets with `brk` on the second one;
+    /// returns the error, the buckets and the audit events.
+    async fn upload_broken(brk: Break) -> (anyhow::Error, Vec<Memory>, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = testing::config(dir.path());
+        let audit = testing::audit(&config);
+        let buckets = Buckets::default();
+        let targets = testing::writers(&config, &audit, &buckets).await;
+        let stores: Vec<Memory> = targets.iter().map(|t| t.store().clone()).collect();
+        let failing = &stores[1];
+        let fault = || StoreError::Other("injected".into());
+        match brk {
+            Break::Create => failing.fail(Op::CreateUpload, 1, fault()),
+            Break::Part(n) => failing.fail(Op::UploadPart, n, fault()),
+            Break::LostPart => failing.lose_part(2),
+            Break::Complete => failing.fail(Op::CompleteUpload, 1, fault()),
+            Break::ProducerDies => {}
+        }
+        let (tx, rx) = mpsc::channel(1);
+        let parts: Vec<Bytes> = (0..3u8).map(|i| Bytes::from(vec![i; 1000])).collect();
+        let whole: Vec<u8> = parts.iter().flat_map(|p| p.to_vec()).collect();
+        let producer = tokio::spawn(async move {
+            for p in parts {
+                if tx.send(Part::Data(p)).await.is_err() {
+                    return;
+                }
+            }
+            if !matches!(brk, Break::ProducerDies) {
+                let _ = tx.send(Part::End(Digest::of(&whole))).await;
+            }
+        });
+        let key = crate::layout::new_object_key("core-ch-1");
+        let contents = Contents::of(ObjectKind::Unit);
+        let e = upload(&targets, &key, rx, 2, &contents).await.unwrap_err();
+        producer.await.unwrap();
+        (e, stores, testing::events(&audit))
+    }
+
+    #[tokio::test]
+    async fn every_failure_point_aborts_every_started_upload() {
+        for brk in [
+            Break::Create,
+            Break::Part(1),
+            Break::Part(3),
+            Break::LostPart,
+            Break::Complete,
+            Break::ProducerDies,
+        ] {
+            let (e, stores, events) = upload_broken(brk).await;
+            for (i, s) in stores.iter().enumerate() {
+                assert_eq!(
+                    s.pending_uploads(),
+                    0,
+                    "{brk:?}: target {i} keeps an upload"
+                );
+            }
+            let started = events.iter().filter(|e| *e == "upload_started").count();
+            let aborted = events.iter().filter(|e| *e == "upload_aborted").count();
+            let put = events.iter().filter(|e| *e == "object_put").count();
+            match brk {
+                // the first target completed before the second failed: its
+                // object is recorded (the next run's sweep removes it)
+                Break::Complete | Break::LostPart => {
+                    assert_eq!((started, aborted, put), (2, 1, 1), "{brk:?}: {events:?}");
+                    assert_eq!(stores[0].keys().len(), 1);
+                }
+                Break::Create => {
+                    assert_eq!((started, aborted, put), (2, 1, 0), "{brk:?}: {events:?}");
+                }
+                _ => assert_eq!((started, aborted, put), (2, 2, 0), "{brk:?}: {events:?}"),
+            }
+            if !matches!(brk, Break::Complete | Break::LostPart) {
+                assert!(
+                    stores
+                        .iter()
+                        .all(|s| s.keys().iter().all(|k| k.ends_with(".json"))),
+                    "{brk:?}: no object"
+                );
+            }
+            let e = format!("{e:#}");
+            match brk {
+                Break::ProducerDies => assert!(e.contains("stopped before its end"), "{e}"),
+                _ => assert!(e.contains("ch-secondary"), "{brk:?}: {e}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_small_object_is_one_put_per_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = testing::config(dir.path());
+        let audit = testing::audit(&config);
+        let buckets = Buckets::default();
+        let targets = testing::writers(&config, &audit, &buckets).await;
+        let (tx, rx) = mpsc::channel(2);
+        tx.send(Part::Data(Bytes::from_static(b"small")))
+            .await
+            .unwrap();
+        tx.send(Part::End(Digest::of(b"small"))).await.unwrap();
+        let key = crate::layout::new_object_key("core-ch-1");
+        let digest = upload(&targets, &key, rx, 2, &Contents::of(ObjectKind::Unit))
+            .await
+            .unwrap();
+        assert_eq!(digest.bytes, 5);
+        for t in &targets {
+            assert_eq!(t.store().calls(Op::Put), 1);
+            assert_eq!(t.store().calls(Op::CreateUpload), 0);
+            assert_eq!(t.store().object(&t.key(&key)).unwrap(), "small");
+        }
+    }
 }

@@ -469,16 +469,19 @@ fn a_commit_never_replaces_an_existing_index() {
         let targets = zonevault::targets::writable(&config, &audit).await.unwrap();
         let t = &targets[0];
         let contents = Contents::of(ObjectKind::Index);
-        let rel = "core-ch-1/snapshots/20261201T000000Z-000000000000.json";
-        t.put_new(rel, bytes::Bytes::from_static(b"first"), &contents)
+        let rel = zonevault::layout::index_key("core-ch-1", "20261201T000000Z-000000000000");
+        t.put_new(&rel, bytes::Bytes::from_static(b"first"), &contents)
             .await
             .unwrap();
         let e = t
-            .put_new(rel, bytes::Bytes::from_static(b"second"), &contents)
+            .put_new(&rel, bytes::Bytes::from_static(b"second"), &contents)
             .await
             .unwrap_err();
         assert!(format!("{e:#}").contains("already exists"), "{e:#}");
-        use zonevault::storage::Store;
-        assert_eq!(t.store().get(&t.key(rel)).await.unwrap().unwrap(), b"first");
+        use zonevault::storage::ReadBackend;
+        assert_eq!(
+            t.store().get(&t.key(&rel)).await.unwrap().unwrap(),
+            b"first"
+        );
     });
 }

@@ -26,7 +26,7 @@ use crate::config::Target;
 use crate::layout;
 use crate::pipeline;
 use crate::residency::{Contents, Writable};
-use crate::storage::Store;
+use crate::storage::{ReadBackend, WriteBackend};
 
 const COPIED_FILE: &str = "audit.copied.json";
 
@@ -63,7 +63,7 @@ fn save_copied(state_dir: &Path, copied: &Copied) -> Result<()> {
 }
 
 /// The highest record that `store` holds a copy of for `core` (0 for none).
-async fn highest_copied<S: Store>(store: &S, target: &Target, core: &str) -> Result<u64> {
+async fn highest_copied<S: ReadBackend>(store: &S, target: &Target, core: &str) -> Result<u64> {
     let listed = store
         .list(&target.key(&layout::audit_dir(core)))
         .await
@@ -112,7 +112,7 @@ pub fn marks_break(path: &Path, copied: &Copied) -> Result<Option<chain::Break>>
 
 /// Refuses a run whose log would start a second chain next to the zone's
 /// copies: see the module docs. Call before the first write of a run.
-pub async fn check_continuity<S: Store>(
+pub async fn check_continuity<S: WriteBackend>(
     audit: &AuditLog,
     state_dir: &Path,
     targets: &[Writable<S>],
@@ -144,7 +144,7 @@ pub async fn check_continuity<S: Store>(
 
 /// Copies the records that each target lacks to it. Call at the end of a run,
 /// after its last record.
-pub async fn copy<S: Store>(
+pub async fn copy<S: WriteBackend>(
     audit: &AuditLog,
     state_dir: &Path,
     targets: &[Writable<S>],
@@ -243,7 +243,7 @@ struct Copy {
 
 /// Every record that the copies on `stores` hold, by seq. Copies that
 /// overlap must agree; a copy must be a chain of its own.
-async fn fetch<S: Store>(
+async fn fetch<S: ReadBackend>(
     stores: &[(Target, S)],
     core: &str,
     identities: &[Box<dyn age::Identity + Send + Sync>],
@@ -327,7 +327,7 @@ pub struct RemoteReport {
 
 /// Checks that the local log agrees with every copy in the zone. `Ok(Err)`
 /// names the first line that does not.
-pub async fn verify<S: Store>(
+pub async fn verify<S: ReadBackend>(
     state_dir: &Path,
     stores: &[(Target, S)],
     core: &str,
@@ -394,7 +394,7 @@ pub async fn verify<S: Store>(
 /// never copied (its `check`, `restore` ...): its records are kept,
 /// re-chained after the pulled ones. A log that was copied is the core's
 /// own and is never replaced.
-pub async fn pull<S: Store>(
+pub async fn pull<S: ReadBackend>(
     state_dir: &Path,
     stores: &[(Target, S)],
     core: &str,

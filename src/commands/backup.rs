@@ -29,7 +29,7 @@ use crate::progress::Progress;
 use crate::residency::{Contents, Writable};
 use crate::signing::{self, Signer, Statement};
 use crate::snapshot::{self, Index, IndexObject, Manifest, UnitRecord};
-use crate::storage::{Store, s3::S3Store};
+use crate::storage::{WriteBackend, s3::S3Store};
 use crate::units::{self, Unit};
 
 use super::session::Session;
@@ -276,7 +276,8 @@ async fn snapshot(
     for v in volumes {
         entered.push(v);
         if let Some(argv) = &v.hooks.before
-            && let Err(e) = run_hook(audit, v, "before", argv, &id, Some(options.cancel.clone())).await
+            && let Err(e) =
+                run_hook(audit, v, "before", argv, &id, Some(options.cancel.clone())).await
         {
             before_failed = Some(e);
             break;
@@ -369,7 +370,7 @@ async fn snapshot(
         zone: zone.id.clone(),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         manifest: IndexObject {
-            key: manifest_key.clone(),
+            key: manifest_key.to_string(),
             size: sealed.len() as u64,
         },
         objects: records
@@ -417,7 +418,7 @@ async fn snapshot(
             let signature = Bytes::from(signer.sign(body, &statement)?);
             put_new_everywhere(
                 targets,
-                &signing::signature_key(key),
+                &layout::signature_key(key),
                 &signature,
                 &of_snapshot(ObjectKind::Signature),
             )
@@ -626,9 +627,9 @@ async fn finished(
 
 /// Writes the index on every target, never over an existing one; if any
 /// target fails, takes back the copies this run wrote (and only those).
-async fn commit<S: Store>(
+async fn commit<S: WriteBackend>(
     targets: &[Writable<S>],
-    key: &str,
+    key: &layout::Key,
     body: &Bytes,
     contents: &Contents<'_>,
 ) -> Result<()> {
@@ -638,7 +639,7 @@ async fn commit<S: Store>(
             // where the write may have landed (a timeout after the server
             // stored it), but never where another run's index is
             if !r.as_ref().is_err_and(is_exists)
-                && let Err(undo) = t.delete(&t.key(key), "taking back a partial commit").await
+                && let Err(undo) = t.delete(key, "taking back a partial commit").await
             {
                 tracing::warn!(target = %t.target().name, error = %format!("{undo:#}"), "could not take back a partial commit");
             }
@@ -658,9 +659,9 @@ fn is_exists(e: &anyhow::Error) -> bool {
 }
 
 /// Writes a new object to every target (never over an existing one).
-async fn put_new_everywhere<S: Store>(
+async fn put_new_everywhere<S: WriteBackend>(
     targets: &[Writable<S>],
-    key: &str,
+    key: &layout::Key,
     body: &Bytes,
     contents: &Contents<'_>,
 ) -> Result<()> {
@@ -670,9 +671,9 @@ async fn put_new_everywhere<S: Store>(
 
 /// Writes one new object to every target at once (only where none exists
 /// under `key`); one result per target, in order.
-async fn put_new_on_all<S: Store>(
+async fn put_new_on_all<S: WriteBackend>(
     targets: &[Writable<S>],
-    key: &str,
+    key: &layout::Key,
     body: &Bytes,
     contents: &Contents<'_>,
 ) -> Vec<anyhow::Result<()>> {
@@ -877,11 +878,11 @@ async fn backup_unit(
         (Ok(_), Err(e)) => return Err(Error::Failed(e.context(format!("backing up {label}")))),
         (Ok(s), Ok(_)) => s,
     };
-    tracing::debug!(unit = %label, key, plain = sealed.plain_size, stored = sealed.stored_size, "unit stored");
+    tracing::debug!(unit = %label, %key, plain = sealed.plain_size, stored = sealed.stored_size, "unit stored");
     let record = UnitRecord {
         volume: unit.volume.clone(),
         kind: unit.kind.clone(),
-        object: key,
+        object: key.to_string(),
         plain_size: sealed.plain_size,
         stored_size: sealed.stored_size,
         blake3: sealed.blake3,
@@ -900,7 +901,7 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 /// Aborts every unfinished multipart upload of `core` on a target.
-async fn abort_uploads<S: Store>(
+async fn abort_uploads<S: WriteBackend>(
     target: &Writable<S>,
     core: &str,
     reason: &str,
@@ -913,10 +914,11 @@ async fn abort_uploads<S: Store>(
     // what is left is the next run's to remove.
     let mut first_error = None;
     for upload in &uploads {
-        if let Err(e) = target
-            .abort_upload(&upload.key, &upload.upload_id, reason)
-            .await
-        {
+        // a listing under the prefix names keys under it
+        let Some(rel) = target.relative(&upload.key) else {
+            continue;
+        };
+        if let Err(e) = target.abort_upload(&rel, &upload.upload_id, reason).await {
             first_error.get_or_insert(e);
         }
     }
@@ -930,7 +932,7 @@ async fn abort_uploads<S: Store>(
 /// multipart uploads, objects and manifests that no index references.
 /// Never touches anything a committed snapshot references. Returns how many
 /// it removed and the object keys (relative) that committed indexes reference.
-pub async fn clean_uncommitted<S: Store>(
+pub async fn clean_uncommitted<S: WriteBackend>(
     target: &Writable<S>,
     core: &str,
 ) -> anyhow::Result<(usize, HashSet<String>)> {
@@ -953,7 +955,7 @@ pub async fn clean_uncommitted<S: Store>(
 /// object and manifest of `core` that `referenced` (keys relative to the
 /// target prefix) does not hold, recording `reason`. Only for this core's
 /// own targets under its run lock: nothing else may be writing there.
-pub async fn sweep<S: Store>(
+pub async fn sweep<S: WriteBackend>(
     target: &Writable<S>,
     core: &str,
     referenced: &HashSet<String>,
@@ -964,20 +966,21 @@ pub async fn sweep<S: Store>(
     let listed = store
         .list(&target.key(&layout::snapshots_dir(core)))
         .await?;
-    let prefix = target.key("");
     // An index that could not be read (damaged, or of a newer format) was
     // skipped by the listing, so `referenced` lacks what it needs: sweep
     // nothing until an operator repairs or removes it.
-    let unreadable: Vec<&str> = listed
+    let unreadable: Vec<layout::Key> = listed
         .iter()
-        .map(|f| f.key.strip_prefix(&prefix).unwrap_or(&f.key))
+        .filter_map(|f| target.relative(&f.key))
         .filter(|rel| {
             layout::snapshot_of_index(rel).is_some_and(|id| {
-                layout::is_snapshot_id(id) && !referenced.contains(&layout::manifest_key(core, id))
+                layout::is_snapshot_id(id)
+                    && !referenced.contains(layout::manifest_key(core, id).as_str())
             })
         })
         .collect();
     if !unreadable.is_empty() {
+        let unreadable: Vec<&str> = unreadable.iter().map(|k| k.as_str()).collect();
         tracing::warn!(target = %target.target().name, "not deleting unreferenced objects: {} cannot be read as snapshot indexes, and the objects they reference are unknown; repair or remove them (see `zonevault snapshots`)", unreadable.join(", "));
         return Ok(removed);
     }
@@ -987,10 +990,12 @@ pub async fn sweep<S: Store>(
         .collect();
     let objects = store.list(&target.key(&layout::objects_dir(core))).await?;
     for f in objects.iter().chain(&manifests) {
-        let rel = f.key.strip_prefix(&prefix).unwrap_or(&f.key);
-        if !referenced.contains(rel) {
+        let Some(rel) = target.relative(&f.key) else {
+            continue;
+        };
+        if !referenced.contains(rel.as_str()) {
             tracing::debug!(target = %target.target().name, key = %f.key, reason, "deleting");
-            target.delete(&f.key, reason).await?;
+            target.delete(&rel, reason).await?;
             removed += 1;
         }
     }
@@ -998,4 +1003,138 @@ pub async fn sweep<S: Store>(
         tracing::info!(target = %target.target().name, removed, reason, "deleted unreferenced objects");
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::StoreError;
+    use crate::storage::memory::{Buckets, Memory, Op};
+    use crate::testing;
+
+    const CORE: &str = "core-ch-1";
+    const ID: &str = "20261201T023000Z-00aa";
+
+    struct World {
+        _dir: tempfile::TempDir,
+        audit: Arc<AuditLog>,
+        targets: Vec<Writable<Memory>>,
+    }
+
+    async fn world() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let config = testing::config(dir.path());
+        let audit = testing::audit(&config);
+        let targets = testing::writers(&config, &audit, &Buckets::default()).await;
+        World {
+            _dir: dir,
+            audit,
+            targets,
+        }
+    }
+
+    fn rel(key: &str) -> String {
+        format!("{CORE}/{key}")
+    }
+
+    #[tokio::test]
+    async fn the_sweep_deletes_only_what_no_index_references() {
+        let w = world().await;
+        let t = &w.targets[0];
+        let store = t.store();
+        let keep = [
+            rel("objects/kept.tar.zst.age"),
+            layout::manifest_key(CORE, ID).to_string(),
+            layout::signature_key(&layout::manifest_key(CORE, ID)).to_string(),
+        ];
+        let orphans = [
+            rel("objects/orphan.tar.zst.age"),
+            layout::manifest_key(CORE, "20261201T000000Z-00bb").to_string(),
+            rel("snapshots/20261201T000000Z-00bb.manifest.age.minisig"),
+        ];
+        for k in keep.iter().chain(&orphans) {
+            store.insert(&t.key(k), b"x");
+        }
+        // another core's object, and something outside the prefix
+        store.insert(&t.key("core-ch-2/objects/theirs.tar.zst.age"), b"x");
+        store.insert("outside/core-ch-1/objects/o.tar.zst.age", b"x");
+        let id = t
+            .create_upload(
+                &layout::new_object_key(CORE),
+                &Contents::of(ObjectKind::Unit),
+            )
+            .await
+            .unwrap();
+        assert!(!id.is_empty());
+        let referenced: HashSet<String> = keep.iter().cloned().collect();
+        let removed = sweep(t, CORE, &referenced, "test sweep").await.unwrap();
+        assert_eq!(removed, orphans.len() + 1, "three objects and one upload");
+        let left = store.keys();
+        for k in &keep {
+            assert!(left.contains(&t.key(k)), "{k} was deleted");
+        }
+        for k in &orphans {
+            assert!(!left.contains(&t.key(k)), "{k} was kept");
+        }
+        assert!(left.contains(&t.key("core-ch-2/objects/theirs.tar.zst.age")));
+        assert!(left.contains(&"outside/core-ch-1/objects/o.tar.zst.age".to_string()));
+        assert_eq!(store.pending_uploads(), 0);
+        let events = testing::events(&w.audit);
+        assert_eq!(events.iter().filter(|e| *e == "object_deleted").count(), 3);
+        assert_eq!(events.iter().filter(|e| *e == "upload_aborted").count(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_index_stops_the_sweep() {
+        let w = world().await;
+        let t = &w.targets[0];
+        let orphan = rel("objects/orphan.tar.zst.age");
+        t.store().insert(&t.key(&orphan), b"x");
+        // id-shaped, but not an index: what it references is unknown
+        t.store().insert(
+            &t.key(&layout::index_key(CORE, "20261201T000000Z-00cc")),
+            b"{damaged",
+        );
+        let removed = sweep(t, CORE, &HashSet::new(), "test").await.unwrap();
+        assert_eq!(removed, 0);
+        assert!(t.store().keys().contains(&t.key(&orphan)));
+    }
+
+    #[tokio::test]
+    async fn a_partial_commit_is_taken_back_but_never_another_run_s_index() {
+        let w = world().await;
+        let key = layout::index_key(CORE, ID);
+        let body = Bytes::from_static(b"{}");
+        let contents = Contents::of(ObjectKind::Index);
+        // the second target fails: the first one's copy is taken back
+        w.targets[1]
+            .store()
+            .fail(Op::PutNew, 1, StoreError::Other("injected".into()));
+        let e = commit(&w.targets, &key, &body, &contents)
+            .await
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("ch-secondary"), "{e:#}");
+        for t in &w.targets {
+            assert!(t.store().keys().is_empty(), "{}", t.target().name);
+        }
+        // the second target holds another run's index under that key: the
+        // first one's copy is taken back, the other run's is left alone
+        let theirs = &w.targets[1];
+        theirs.store().insert(&theirs.key(&key), b"another run");
+        commit(&w.targets, &key, &body, &contents)
+            .await
+            .unwrap_err();
+        assert!(w.targets[0].store().keys().is_empty());
+        assert_eq!(
+            theirs.store().object(&theirs.key(&key)).unwrap(),
+            "another run"
+        );
+        // both fine: both committed
+        theirs.store().insert(&theirs.key(&key), b"");
+        let fresh = layout::index_key(CORE, "20261201T023001Z-00ab");
+        commit(&w.targets, &fresh, &body, &contents).await.unwrap();
+        for t in &w.targets {
+            assert_eq!(t.store().object(&t.key(&fresh)).unwrap(), "{}");
+        }
+    }
 }

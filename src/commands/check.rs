@@ -10,8 +10,7 @@ use crate::audit::AuditLog;
 use crate::config::{Config, Target};
 use crate::error::Exit;
 use crate::residency::{self, Verdict};
-use crate::storage::{StoreError, s3::S3Store};
-use crate::targets;
+use crate::storage::{StoreError, s3::S3Connect};
 
 /// The result of checking one target.
 #[derive(Debug, Clone, Serialize)]
@@ -66,10 +65,7 @@ impl CheckReport {
 /// Checks every target of the core's zone, concurrently.
 pub async fn run(config: &Config, audit: &Arc<AuditLog>) -> CheckReport {
     let zone = config.zone();
-    let stores = targets::open(config).await;
-    let checks = stores
-        .into_iter()
-        .map(|(t, store)| async move { check_target(config, audit, &t, store).await });
+    let checks = zone.targets.iter().map(|t| check_target(config, audit, t));
     let targets = futures::future::join_all(checks).await;
     CheckReport {
         core: config.core.core_id.clone(),
@@ -82,13 +78,8 @@ pub async fn run(config: &Config, audit: &Arc<AuditLog>) -> CheckReport {
     }
 }
 
-async fn check_target(
-    config: &Config,
-    audit: &Arc<AuditLog>,
-    target: &Target,
-    store: S3Store,
-) -> TargetReport {
-    let verdict = residency::verify(config, audit, target, store).await;
+async fn check_target(config: &Config, audit: &Arc<AuditLog>, target: &Target) -> TargetReport {
+    let verdict = residency::verify(config, &S3Connect(config), audit, target).await;
     let (reported_region, verdict, reason) = match verdict {
         Verdict::Passed(w) => {
             let marker = if w.marker_present() {

@@ -28,7 +28,7 @@ use crate::layout;
 use crate::residency::Writable;
 use crate::retention::{self, Decision};
 use crate::snapshot::{self, Index};
-use crate::storage::{Store, s3::S3Store};
+use crate::storage::{ReadBackend, s3::S3Store};
 
 use super::backup::sweep;
 use super::session::Session;
@@ -84,7 +84,7 @@ pub async fn plan(config: &Config, options: &Options) -> Result<Report> {
 }
 
 /// Every target's indexes of `core`.
-async fn gather<S: Store>(sources: &[(&Target, &S)], core: &str) -> Result<Vec<Vec<Index>>> {
+async fn gather<S: ReadBackend>(sources: &[(&Target, &S)], core: &str) -> Result<Vec<Vec<Index>>> {
     let mut on_target = Vec::new();
     for (target, store) in sources {
         let indexes = snapshots::indexes(*store, target, core)
@@ -163,8 +163,7 @@ async fn forget(config: &Config, targets: &[Writable<S3Store>], core: &str) -> R
                 continue;
             };
             let why = format!("snapshot {} forgotten: {reason}", index.id);
-            t.delete(&t.key(&layout::index_key(core, &index.id)), &why)
-                .await?;
+            t.delete(&layout::index_key(core, &index.id), &why).await?;
             t.audit()
                 .record(Event::SnapshotForgotten {
                     place: t.place(),
@@ -172,7 +171,13 @@ async fn forget(config: &Config, targets: &[Writable<S3Store>], core: &str) -> R
                     reason: reason.clone(),
                 })
                 .await?;
-            t.delete(&t.key(&index.manifest.key), &why).await?;
+            match layout::Key::parse(&index.manifest.key) {
+                Some(manifest) => t.delete(&manifest, &why).await?,
+                // not a key under the prefix: the sweep finds the manifest
+                None => {
+                    tracing::warn!(target = %t.target().name, snapshot = %index.id, "the index names no valid manifest key ({:?})", index.manifest.key)
+                }
+            }
             deleted += 2;
         }
         if !own {

@@ -20,7 +20,7 @@ use crate::pipeline::{self, HashingReader, OpenError};
 use crate::progress::Progress;
 use crate::signing::{self, Statement};
 use crate::snapshot::{Index, Manifest, UnitRecord};
-use crate::storage::{Store, s3::S3Store};
+use crate::storage::{ReadBackend, s3::S3Store};
 use crate::targets;
 use crate::units::{self, UnitKind};
 use crate::unpack::{Destination, DestinationError, Placed, Refused, Scope};
@@ -343,7 +343,7 @@ async fn latest(
 ) -> Result<Option<Index>> {
     if !keys.is_empty() {
         for index in indexes.iter().rev() {
-            let key = target.key(&signing::signature_key(&layout::index_key(
+            let key = target.key(&layout::signature_key(&layout::index_key(
                 &index.core,
                 &index.id,
             )));
@@ -389,7 +389,7 @@ impl Signatures<'_> {
     /// signature is always refused.
     async fn check(&self, rel: &str, body: &[u8], must: bool) -> Result<bool> {
         let id = &self.index.id;
-        let sig_key = self.target.key(&signing::signature_key(rel));
+        let sig_key = self.target.key(&layout::signature_key(rel));
         let signature = self
             .store
             .get(&sig_key)

@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::layout;
 use crate::snapshot::Index;
-use crate::storage::{Store, s3::S3Store};
+use crate::storage::{ReadBackend, s3::S3Store};
 use crate::targets;
 
 /// Which core's snapshots: this one, or another core of the same zone. A core
@@ -55,7 +55,7 @@ pub async fn list(
 /// index of this core (empty, foreign, named for another id) is skipped
 /// with a warning: it must not stop the restore of an intact snapshot, nor
 /// the next backup.
-pub async fn indexes<S: Store>(
+pub async fn indexes<S: ReadBackend>(
     store: &S,
     target: &crate::config::Target,
     core: &str,

@@ -1,15 +1,22 @@
-//! Object storage, seen through the one trait that the rest of zonevault uses.
+//! Object storage, seen through two traits: [`ReadBackend`] and
+//! [`WriteBackend`]` : ReadBackend`.
 //!
-//! Reading is open to anyone who holds a store. Writing needs a
+//! Reading is open to anyone who holds a backend. Writing needs a
 //! [`WritePermit`], which only [`crate::residency`] can create, and only for a
 //! target that passed the residency check in this process: code that has not
-//! been through the gate cannot name a permit, so it cannot write.
+//! been through the gate cannot name a permit, so it cannot write. The gate
+//! also opens the backend it writes through itself, from the target that
+//! passed ([`Connect`]), so a writer cannot point at another bucket.
 
+#[cfg(test)]
+pub mod memory;
 pub mod s3;
 
 use std::future::Future;
 
 use bytes::Bytes;
+
+use crate::config::Target;
 
 pub use crate::residency::WritePermit;
 
@@ -56,9 +63,8 @@ pub struct PendingUpload {
 /// A streamed object body.
 pub type Body = Box<dyn tokio::io::AsyncBufRead + Send + Unpin>;
 
-/// The operations zonevault needs from a bucket. Keys are full object keys.
-/// Every write takes the [`WritePermit`] that only the residency gate hands out.
-pub trait Store: Send + Sync {
+/// The read operations zonevault needs from a bucket. Keys are full object keys.
+pub trait ReadBackend: Send + Sync {
     /// The region the server itself reports for the bucket (GetBucketLocation),
     /// normalised: AWS's empty constraint is `us-east-1` and `EU` is `eu-west-1`.
     fn bucket_location(&self) -> impl Future<Output = Result<String, StoreError>> + Send;
@@ -83,7 +89,12 @@ pub trait Store: Send + Sync {
         &self,
         prefix: &str,
     ) -> impl Future<Output = Result<Vec<PendingUpload>, StoreError>> + Send;
+}
 
+/// The write operations. Every one takes the [`WritePermit`] that only the
+/// residency gate holds, so only the gate's [`crate::residency::Writable`]
+/// calls them.
+pub trait WriteBackend: ReadBackend {
     /// Writes a whole object.
     fn put(
         &self,
@@ -143,6 +154,14 @@ pub trait Store: Send + Sync {
         permit: &WritePermit,
         key: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// Opens the backend of a target: how the gate gets the client it checks
+/// and then writes through, so the two cannot differ.
+pub trait Connect: Sync {
+    type Backend: WriteBackend;
+
+    fn connect(&self, target: &Target) -> impl Future<Output = Self::Backend> + Send;
 }
 
 /// The region a GetBucketLocation constraint means: AWS answers an empty

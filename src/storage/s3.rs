@@ -1,4 +1,4 @@
-//! [`Store`] on S3 (aws-sdk-s3), with errors sorted into [`StoreError`].
+//! [`ReadBackend`] and [`WriteBackend`] on S3 (aws-sdk-s3), with errors sorted into [`StoreError`].
 //!
 //! Object bodies are sent with `UNSIGNED-PAYLOAD`: hashing every byte with
 //! SHA-256 for the signature costs CPU that the pipeline needs, and adds
@@ -15,13 +15,28 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 
 use bytes::Bytes;
 
-use super::{Body, ObjectInfo, PendingUpload, Store, StoreError, WritePermit, normalize_location};
-use crate::config::{StaticCredentials, Target};
+use super::{
+    Body, Connect, ObjectInfo, PendingUpload, ReadBackend, StoreError, WriteBackend, WritePermit,
+    normalize_location,
+};
+use crate::config::{Config, StaticCredentials, Target};
 
 /// How long to wait for a TCP/TLS connection before calling an endpoint unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one attempt of a request may take: an 8 MiB part at 150 kB/s.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Opens S3 clients for the targets of a config, with their credentials.
+#[derive(Debug, Clone, Copy)]
+pub struct S3Connect<'a>(pub &'a Config);
+
+impl Connect for S3Connect<'_> {
+    type Backend = S3Store;
+
+    async fn connect(&self, target: &Target) -> S3Store {
+        S3Store::connect(target, self.0.credentials(&target.name)).await
+    }
+}
 
 /// One target's bucket on an S3 endpoint.
 #[derive(Debug, Clone)]
@@ -94,7 +109,7 @@ impl S3Store {
     }
 }
 
-impl Store for S3Store {
+impl ReadBackend for S3Store {
     async fn bucket_location(&self) -> Result<String, StoreError> {
         let out = self
             .client
@@ -197,7 +212,9 @@ impl Store for S3Store {
             }
         }
     }
+}
 
+impl WriteBackend for S3Store {
     async fn put(&self, _permit: &WritePermit, key: &str, body: Bytes) -> Result<(), StoreError> {
         self.client
             .put_object()
