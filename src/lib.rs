@@ -27,6 +27,8 @@ pub mod config;
 pub mod daemon;
 pub mod dump;
 pub mod error;
+#[doc(hidden)]
+pub mod failpoint;
 pub mod fswalk;
 pub mod hooks;
 pub mod incremental;

@@ -245,7 +245,7 @@ pub fn audit_where(user: &str, locations: &[crate::audit::query::Location]) -> S
     }
     let mut rows = vec![
         [
-            "ZONE", "TARGET", "ENDPOINT", "BUCKET", "REGION", "KEY", "SNAPSHOT", "TIME",
+            "ZONE", "TARGET", "ENDPOINT", "BUCKET", "REGION", "KEY", "SNAPSHOT", "TIME", "STATUS",
         ]
         .map(String::from)
         .to_vec(),
@@ -260,6 +260,7 @@ pub fn audit_where(user: &str, locations: &[crate::audit::query::Location]) -> S
             l.key.clone(),
             l.snapshot.clone().unwrap_or_else(|| "-".into()),
             l.time.clone(),
+            l.status.as_str().to_string(),
         ]);
     }
     table(&rows)

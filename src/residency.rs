@@ -48,11 +48,14 @@
 //! ```
 //!
 //! The gate is also where the audit log learns of every verdict and of every
-//! object written or deleted: a `Writable` records the start of each write
-//! before it starts (`upload_started`: nothing reaches a target that the log
-//! does not know is coming), and the object after it is written and before
-//! the write returns (`object_put`); a write whose record cannot be written
-//! is deleted again and reported failed.
+//! object written or deleted, ahead of the fact: a `Writable` records the
+//! start of each write before it starts (`upload_started`: nothing reaches a
+//! target that the log does not know is coming) and of each deletion before
+//! it is asked for (`delete_started`); then the outcome (`object_put`,
+//! `object_absent`, `upload_aborted`, `object_deleted`). `audit where` counts
+//! an object from its intent until its deletion or absence is confirmed, so
+//! no crash hides a copy. A write whose record cannot be written is deleted
+//! again and reported failed.
 
 use std::sync::Arc;
 
@@ -164,7 +167,10 @@ impl<S: WriteBackend> Writable<S> {
         digest: &Digest,
     ) -> anyhow::Result<()> {
         self.record_start(rel, contents, false).await?;
-        self.store.put(&self.permit, &self.key(rel), body).await?;
+        if let Err(e) = self.store.put(&self.permit, &self.key(rel), body).await {
+            return Err(self.write_failed(rel, e).await);
+        }
+        crate::failpoint::hit("after-object-write", !contents.users.is_empty());
         self.record_put(rel, contents, digest).await
     }
 
@@ -184,8 +190,35 @@ impl<S: WriteBackend> Writable<S> {
         }
         let digest = Digest::of(&body);
         self.record_start(rel, contents, false).await?;
-        self.store.put_new(&self.permit, &key, body).await?;
+        if let Err(e) = self.store.put_new(&self.permit, &key, body).await {
+            return Err(self.write_failed(rel, e).await);
+        }
         self.record_put(rel, contents, &digest).await
+    }
+
+    /// A write of `rel` failed after its start was recorded. When the
+    /// target shows no object under the key, that is recorded
+    /// (`object_absent`) and ends the intent; otherwise (a write that may
+    /// have landed, or a target that does not answer) the intent stays open
+    /// and the object counts as present until a cleanup deletes it.
+    async fn write_failed(&self, rel: &Key, e: StoreError) -> anyhow::Error {
+        let key = self.key(rel);
+        if matches!(e, StoreError::Exists { .. }) || !matches!(self.store.get(&key).await, Ok(None))
+        {
+            return e.into();
+        }
+        let recorded = self
+            .audit
+            .record(Event::ObjectAbsent {
+                place: self.place(),
+                key: key.clone(),
+                reason: format!("the write failed: {e}"),
+            })
+            .await;
+        if let Err(r) = recorded {
+            tracing::warn!(%key, error = %format!("{r:#}"), "could not record that a failed write left nothing");
+        }
+        e.into()
     }
 
     /// Records that `rel` is about to be written.
@@ -274,10 +307,10 @@ impl<S: WriteBackend> Writable<S> {
         contents: &Contents<'_>,
     ) -> anyhow::Result<String> {
         self.record_start(rel, contents, true).await?;
-        Ok(self
-            .store
-            .create_upload(&self.permit, &self.key(rel))
-            .await?)
+        match self.store.create_upload(&self.permit, &self.key(rel)).await {
+            Ok(id) => Ok(id),
+            Err(e) => Err(self.write_failed(rel, e).await),
+        }
     }
 
     /// Uploads part `number` of `rel`; returns its ETag.
@@ -306,6 +339,7 @@ impl<S: WriteBackend> Writable<S> {
         self.store
             .complete_upload(&self.permit, &self.key(rel), upload_id, parts)
             .await?;
+        crate::failpoint::hit("after-object-write", !contents.users.is_empty());
         self.record_put(rel, contents, digest).await
     }
 
@@ -333,8 +367,21 @@ impl<S: WriteBackend> Writable<S> {
     }
 
     /// Deletes the object under `rel` and records why.
+    /// The intent is recorded first (`delete_started`): until the target
+    /// confirms and `object_deleted` is on record, the object counts as
+    /// present.
     pub async fn delete(&self, rel: &Key, reason: &str) -> anyhow::Result<()> {
         let key = self.key(rel);
+        self.audit
+            .record(Event::DeleteStarted {
+                place: self.place(),
+                key: key.clone(),
+                reason: reason.to_string(),
+            })
+            .await
+            .with_context(|| {
+                format!("recording the start of the deletion of {key} (nothing was deleted)")
+            })?;
         self.store.delete(&self.permit, &key).await?;
         self.audit
             .record(Event::ObjectDeleted {

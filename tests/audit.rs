@@ -789,3 +789,130 @@ fn multipart_uploads_are_on_record_from_before_their_start_to_their_end_or_abort
     );
     run(zv(&core).args(["audit", "verify"]), 0);
 }
+
+/// The outcome events recorded for `key` (after its `upload_started`).
+fn records_after(core: &Path, target: &str, key: &str) -> Vec<&'static str> {
+    show(core, &[])
+        .iter()
+        .filter(|r| r["key"] == key && r["target"] == target)
+        .filter_map(|r| match r["event"].as_str().unwrap() {
+            "object_deleted" => Some("object_deleted"),
+            "object_absent" => Some("object_absent"),
+            "object_put" => Some("object_put"),
+            _ => None,
+        })
+        .collect()
+}
+
+/// SIGKILL between a unit object's write and its `object_put` record: the
+/// object is on the target and the log has only its intent. `audit where`
+/// still lists it (unconfirmed); the next run's cleanup deletes it, on
+/// record, and `audit where` then lists only what is stored.
+#[test]
+fn a_crash_between_a_write_and_its_record_hides_no_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core) = fleet(dir.path());
+    let users = fleet
+        .users_fixture("core-ch-1", &Spec::new(3, 20_000))
+        .unwrap();
+    let out = process(&core)
+        .arg("backup")
+        .env("ZONEVAULT_FAILPOINT", "after-object-write")
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGKILL),
+        "{:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // the intent of the write that landed, with no outcome (other writes
+    // in flight may have intents without objects)
+    let records = show(&core, &[]);
+    let on_target = |target: &str| {
+        let region = if target == "ch-primary" {
+            "ch-gva-2"
+        } else {
+            "ch-dk-2"
+        };
+        fleet.garage(region).keys().unwrap()
+    };
+    let open: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["event"] == "upload_started" && r["kind"] == "unit")
+        .filter(|r| {
+            !records.iter().any(|p| {
+                p["event"] == "object_put" && p["key"] == r["key"] && p["target"] == r["target"]
+            })
+        })
+        .collect();
+    let intent = open
+        .iter()
+        .find(|r| {
+            on_target(r["target"].as_str().unwrap())
+                .iter()
+                .any(|k| *k == r["key"])
+        })
+        .expect("an object on a target with only its intent on record");
+    let (key, target) = (
+        intent["key"].as_str().unwrap(),
+        intent["target"].as_str().unwrap(),
+    );
+    let user = intent["users"][0].as_str().unwrap().to_string();
+    assert!(users.contains(&user));
+    let (stdout, _) = run(
+        zv(&core).args(["audit", "where", "--user", &user, "--json"]),
+        0,
+    );
+    let listed = json(&stdout);
+    let found = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["key"] == key && l["target"] == target)
+        .unwrap_or_else(|| panic!("audit where does not list {key}: {stdout}"));
+    assert_eq!(found["status"], "unconfirmed");
+    let (human, _) = run(zv(&core).args(["audit", "where", "--user", &user]), 0);
+    assert!(
+        human.contains(key) && human.contains("unconfirmed"),
+        "{human}"
+    );
+
+    // the next run removes it, on record
+    run(zv(&core).arg("backup"), 0);
+    assert!(
+        !on_target(target).iter().any(|k| k == key),
+        "{key} was not deleted"
+    );
+    let records = show(&core, &[]);
+    let deleted: Vec<&str> = records
+        .iter()
+        .filter(|r| r["key"] == key && r["target"] == target)
+        .map(|r| r["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        deleted,
+        ["upload_started", "delete_started", "object_deleted"],
+        "{key}"
+    );
+    let (stdout, _) = run(
+        zv(&core).args(["audit", "where", "--user", &user, "--json"]),
+        0,
+    );
+    let listed = json(&stdout);
+    let listed = listed.as_array().unwrap();
+    assert!(!listed.iter().any(|l| l["key"] == key), "{stdout}");
+    assert_eq!(listed.len(), 2, "one stored copy per target: {stdout}");
+    assert!(listed.iter().all(|l| l["status"] == "stored"), "{stdout}");
+    for r in open {
+        let k = r["key"].as_str().unwrap();
+        let outcome = records_after(&core, r["target"].as_str().unwrap(), k);
+        assert!(
+            outcome == ["object_deleted"] || outcome == ["object_absent"],
+            "{k}: {outcome:?}"
+        );
+    }
+    run(zv(&core).args(["audit", "verify"]), 0);
+}

@@ -20,13 +20,37 @@ pub struct Location {
     pub place: Place,
     pub key: String,
     pub snapshot: Option<String>,
-    /// When the object was written.
+    /// When the object was written (or, unconfirmed, when its write started).
     pub time: String,
     pub bytes: u64,
+    pub status: Status,
 }
 
-/// Every unit object that holds `user`'s data and has not been deleted,
-/// in the order they were written.
+/// What the log knows of an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Written and recorded (`object_put`).
+    Stored,
+    /// Its write started and never ended on record (a crash, a write that
+    /// failed and may have landed): it may be on the target until a cleanup
+    /// deletes it or confirms it absent.
+    Unconfirmed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Stored => "stored",
+            Status::Unconfirmed => "unconfirmed",
+        }
+    }
+}
+
+/// Every unit object that holds `user`'s data and whose deletion (or
+/// absence) is not confirmed, in the order their writes started: counted
+/// from the write's intent (`upload_started`), so a crash between a write
+/// and its record hides nothing.
 pub fn locations(path: &Path, user: &str) -> Result<Vec<Location>> {
     // (target, key) → (seq, location): a deletion on one target leaves the
     // copies on the others.
@@ -36,10 +60,33 @@ pub fn locations(path: &Path, user: &str) -> Result<Vec<Location>> {
         let Some(record) = Stored::parse(&line.text) else {
             continue;
         };
-        if !matches!(record.event(), "object_put" | "object_deleted") {
+        if !matches!(
+            record.event(),
+            "upload_started" | "object_put" | "upload_aborted" | "object_absent" | "object_deleted"
+        ) {
             continue;
         }
+        let location = |place: &Place, key: &str, snapshot, bytes, status| Location {
+            zone: record.str("zone").unwrap_or_default().to_string(),
+            place: place.clone(),
+            key: key.to_string(),
+            snapshot,
+            time: record.str("time").unwrap_or_default().to_string(),
+            bytes,
+            status,
+        };
         match record.typed() {
+            Some(Event::UploadStarted {
+                place,
+                key,
+                kind: ObjectKind::Unit,
+                snapshot,
+                users,
+                ..
+            }) if users.iter().any(|u| u == user) => {
+                let l = location(&place, &key, snapshot, 0, Status::Unconfirmed);
+                live.insert((place.target, key), (record.seq().unwrap_or(0), l));
+            }
             Some(Event::ObjectPut {
                 place,
                 key,
@@ -49,17 +96,17 @@ pub fn locations(path: &Path, user: &str) -> Result<Vec<Location>> {
                 users,
                 ..
             }) if users.iter().any(|u| u == user) => {
-                let location = Location {
-                    zone: record.str("zone").unwrap_or_default().to_string(),
-                    place: place.clone(),
-                    key: key.clone(),
-                    snapshot,
-                    time: record.str("time").unwrap_or_default().to_string(),
-                    bytes,
-                };
-                live.insert((place.target, key), (record.seq().unwrap_or(0), location));
+                let l = location(&place, &key, snapshot, bytes, Status::Stored);
+                let id = (place.target, key);
+                // ordered by the start of its write when that is on record
+                let seq = live.get(&id).map_or(record.seq().unwrap_or(0), |(s, _)| *s);
+                live.insert(id, (seq, l));
             }
-            Some(Event::ObjectDeleted { place, key, .. }) => {
+            Some(
+                Event::ObjectDeleted { place, key, .. }
+                | Event::ObjectAbsent { place, key, .. }
+                | Event::UploadAborted { place, key, .. },
+            ) => {
                 live.remove(&(place.target, key));
             }
             _ => {}
@@ -68,6 +115,35 @@ pub fn locations(path: &Path, user: &str) -> Result<Vec<Location>> {
     let mut found: Vec<(u64, Location)> = live.into_values().collect();
     found.sort_by_key(|(seq, _)| *seq);
     Ok(found.into_iter().map(|(_, l)| l).collect())
+}
+
+/// The full keys on `target` whose write started and has no outcome on
+/// record (`object_put`, `object_absent`, `upload_aborted`,
+/// `object_deleted`): what a crash or a failed write may have left.
+pub fn open_intents(path: &Path, target: &str) -> Result<Vec<String>> {
+    let mut open = std::collections::BTreeSet::new();
+    for line in log::lines(path)? {
+        let line = line?;
+        let Some(record) = Stored::parse(&line.text) else {
+            continue;
+        };
+        if record.str("target") != Some(target) {
+            continue;
+        }
+        let Some(key) = record.str("key") else {
+            continue;
+        };
+        match record.event() {
+            "upload_started" => {
+                open.insert(key.to_string());
+            }
+            "object_put" | "object_absent" | "upload_aborted" | "object_deleted" => {
+                open.remove(key);
+            }
+            _ => {}
+        }
+    }
+    Ok(open.into_iter().collect())
 }
 
 /// Which records `audit show` prints.

@@ -161,6 +161,23 @@ pub enum Event {
         os_user: String,
         host: String,
     },
+    /// An object is about to be deleted: recorded before the deletion is
+    /// asked for; `object_deleted` follows once the target confirmed it.
+    /// Until then the object counts as present.
+    DeleteStarted {
+        #[serde(flatten)]
+        place: Place,
+        key: String,
+        reason: String,
+    },
+    /// A write whose `upload_started` is on record failed, and the target
+    /// confirmed that no object is under its key: it ends that intent.
+    ObjectAbsent {
+        #[serde(flatten)]
+        place: Place,
+        key: String,
+        reason: String,
+    },
     /// An object was deleted.
     ObjectDeleted {
         #[serde(flatten)]
@@ -215,6 +232,8 @@ impl Event {
         "snapshot_committed",
         "object_read",
         "restore_done",
+        "delete_started",
+        "object_absent",
         "object_deleted",
         "snapshot_forgotten",
         "run_failed",
@@ -435,6 +454,16 @@ mod tests {
                 place: place(),
                 key: "k".into(),
                 upload_id: "u".into(),
+                reason: "r".into(),
+            },
+            Event::DeleteStarted {
+                place: place(),
+                key: "k".into(),
+                reason: "r".into(),
+            },
+            Event::ObjectAbsent {
+                place: place(),
+                key: "k".into(),
                 reason: "r".into(),
             },
         ];
