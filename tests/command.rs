@@ -513,6 +513,10 @@ fn sigterm_stops_a_running_dump_and_the_after_hook_still_runs() {
             .any(|e| e["event"] == "hook_finished"
                 && e["phase"] == "command"
                 && e["status"] == "stopped"),
-        "no hook_finished record with status stopped"
+        "no hook_finished record with status stopped: {:?}",
+        audit_events(&core)
+            .iter()
+            .filter(|e| e["event"] == "hook_finished")
+            .collect::<Vec<_>>()
     );
 }

@@ -515,9 +515,15 @@ async fn read_volumes(run: &UnitRun<'_>, volumes: &[Volume]) -> Result<Read> {
         .map(|(unit, exclude, dump)| {
             let progress = &progress;
             async move {
-                let r = tokio::select! {
-                    r = store_unit(run, unit, exclude, dump) => r,
-                    () = options.cancel.cancelled() => Err(stopped()),
+                let r = if dump.is_some() {
+                    // a dump command watches the stop token itself (and
+                    // its end is on record); its upload is stopped below
+                    store_unit(run, unit, exclude, dump).await
+                } else {
+                    tokio::select! {
+                        r = store_unit(run, unit, exclude, dump) => r,
+                        () = options.cancel.cancelled() => Err(stopped()),
+                    }
                 };
                 if let Ok(stored) = &r {
                     progress.unit_done(stored.record.plain_size);
@@ -817,7 +823,10 @@ async fn store_dump(
         return Err(Error::failed(outcome.describe(&what)));
     };
     tracing::info!(volume = %unit.volume, bytes = spool.size, seconds = outcome.elapsed.as_secs_f64(), "dump spooled");
-    backup_unit(run, unit, Source::Dump(spool, dump.file.clone())).await
+    tokio::select! {
+        r = backup_unit(run, unit, Source::Dump(spool, dump.file.clone())) => r,
+        () = run.options.cancel.cancelled() => Err(stopped()),
+    }
 }
 
 /// What a unit's tar is made of.
