@@ -146,6 +146,7 @@ mod tests {
             argv: &argv,
             env: vec![],
             timeout: std::time::Duration::from_secs(20),
+            stop: None,
         };
         let (spool, outcome) = spool(dir.path(), &spec).unwrap();
         assert!(outcome.status.success());
