@@ -508,9 +508,11 @@ fn sigterm_stops_a_running_dump_and_the_after_hook_still_runs() {
     assert_eq!(phases, ["db before", "db dumping", "db after"]);
     assert_eq!(snapshots(&core), before, "nothing committed");
     assert!(
-        audit_events(&core).iter().any(|e| e["event"] == "hook_finished"
-            && e["phase"] == "command"
-            && e["status"] == "stopped"),
+        audit_events(&core)
+            .iter()
+            .any(|e| e["event"] == "hook_finished"
+                && e["phase"] == "command"
+                && e["status"] == "stopped"),
         "no hook_finished record with status stopped"
     );
 }

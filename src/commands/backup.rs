@@ -276,7 +276,8 @@ async fn snapshot(
     for v in volumes {
         entered.push(v);
         if let Some(argv) = &v.hooks.before
-            && let Err(e) = run_hook(audit, v, "before", argv, &id, Some(options.cancel.clone())).await
+            && let Err(e) =
+                run_hook(audit, v, "before", argv, &id, Some(options.cancel.clone())).await
         {
             before_failed = Some(e);
             break;
