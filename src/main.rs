@@ -297,19 +297,6 @@ fn run(cli: Cli) -> Result<Exit, Error> {
                 ),
                 _ => {}
             }
-            if exit != Exit::Ok {
-                let reasons: Vec<String> = report
-                    .targets
-                    .iter()
-                    .filter(|t| t.exit() != Exit::Ok)
-                    .map(|t| format!("target {}: {}", t.target, t.reason))
-                    .collect();
-                let failure = match exit {
-                    Exit::Refused => Error::Residency(reasons.join("; ")),
-                    _ => Error::failed(reasons.join("; ")),
-                };
-                audit.run_failed("check", &failure);
-            }
             Ok(exit)
         }
         Command::Backup {
@@ -369,8 +356,8 @@ fn run(cli: Cli) -> Result<Exit, Error> {
             };
             let report = runtime()?.block_on(commands::restore::run(&config, &audit, &options))?;
             print(json, &report, output::restore)?;
-            match report.incomplete() {
-                Some(incomplete) => Err(Error::failed(incomplete)),
+            match report.failure() {
+                Some(failure) => Err(failure),
                 None => Ok(Exit::Ok),
             }
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::audit::AuditLog;
 use crate::config::{Config, Target};
-use crate::error::Error;
+use crate::error::{Error, Reason, Refused, TargetRefusal};
 use crate::residency::{self, Verdict, Writable};
 use crate::storage::s3::{S3Connect, S3Store};
 
@@ -21,8 +21,10 @@ pub async fn open(config: &Config) -> Vec<(Target, S3Store)> {
 }
 
 /// Every target of the zone, checked. Any refusal is an [`Error::Residency`]
-/// (exit 3) and any unreachable target an [`Error::Failed`]: a run writes to
-/// all of the zone's targets or to none. Every verdict is in `audit`.
+/// (exit 3) and any target that cannot be used a failure of reason
+/// `unavailable` (`credentials` when every such target refused the
+/// credentials; exit 1): a run writes to all of the zone's targets or to
+/// none. Every verdict is in `audit`.
 pub async fn writable(
     config: &Config,
     audit: &Arc<AuditLog>,
@@ -39,22 +41,30 @@ pub async fn writable(
     for (verdict, target) in verdicts {
         match verdict {
             Verdict::Passed(w) => writable.push(w),
-            Verdict::Refused(r) => refused.push(format!("target {}: {}", target.name, r.reason)),
-            Verdict::Unavailable(e) => failed.push(format!("target {}: {e}", target.name)),
+            Verdict::Refused(refusal) => refused.push(TargetRefusal {
+                target: target.name.clone(),
+                refusal,
+            }),
+            Verdict::Unavailable(e) => failed.push((format!("target {}: {e}", target.name), e)),
         }
     }
     if !refused.is_empty() {
-        return Err(Error::Residency(format!(
-            "residency check refused, nothing written: {}",
-            refused.join("; ")
-        )));
+        return Err(Error::Residency(Refused {
+            summary: Some("residency check refused, nothing written".into()),
+            targets: refused,
+        }));
     }
     if !failed.is_empty() {
-        return Err(Error::failed(format!(
-            "cannot use every target of zone {}: {}",
-            config.zone().id,
-            failed.join("; ")
-        )));
+        let reason = Reason::of_unusable_targets(failed.iter().map(|(_, e)| e.reason()));
+        let failed: Vec<String> = failed.into_iter().map(|(line, _)| line).collect();
+        return Err(Error::because(
+            reason,
+            format!(
+                "cannot use every target of zone {}: {}",
+                config.zone().id,
+                failed.join("; ")
+            ),
+        ));
     }
     Ok(writable)
 }

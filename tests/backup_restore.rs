@@ -284,6 +284,17 @@ fn a_corrupted_object_is_read_from_the_other_target_or_fails_naming_the_unit() {
     assert!(stderr.contains("1 of 6 units failed"), "{stderr}");
     assert!(!to.join("users").join(&user_dir).exists());
     assert!(to.join("users").join(fixture::user_dir(&ids[0])).is_dir());
+    // --json says why: no target holds an intact copy
+    let to = dir.path().join("r2-json");
+    let (stdout, _) = restore(
+        &core,
+        &fleet.identity("ch"),
+        &to,
+        &["--user", &ids[3], "--json"],
+        1,
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["failed"][0]["reason"], "integrity", "{report}");
 }
 
 #[test]

@@ -133,12 +133,14 @@ fn unreachable_endpoint_is_a_failure_naming_the_cause() {
     assert_eq!(code, 1, "{report}\n{stderr}");
     let t = target(&report, "ch-primary");
     assert_eq!(t["verdict"], "error");
+    assert_eq!(t["failure"], "unavailable");
     let reason = t["reason"].as_str().unwrap();
     assert!(
         reason.contains("cannot reach") && reason.contains("onnection refused"),
         "{reason}"
     );
     assert_eq!(target(&report, "ch-secondary")["verdict"], "pass");
+    assert!(target(&report, "ch-secondary")["failure"].is_null());
     assert!(stderr.contains("could not be checked"), "{stderr}");
 }
 
@@ -150,6 +152,7 @@ fn wrong_secret_is_a_failure_naming_the_credentials() {
     let core = fleet.write_configs().unwrap();
     let (code, report, _) = check_json(&core);
     assert_eq!(code, 1, "{report}");
+    assert_eq!(target(&report, "ch-primary")["failure"], "credentials");
     let reason = target(&report, "ch-primary")["reason"]
         .as_str()
         .unwrap()
@@ -190,6 +193,7 @@ fn marker_of_another_zone_is_refused() {
     assert_eq!(code, 3, "{report}\n{stderr}");
     let t = target(&report, "ch-primary");
     assert_eq!(t["verdict"], "refused");
+    assert_eq!(t["failure"], "residency");
     assert!(
         t["reason"].as_str().unwrap().contains("names zone \"de\""),
         "{t}"

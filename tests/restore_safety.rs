@@ -195,6 +195,17 @@ fn a_swapped_object_never_lands_with_or_without_a_good_copy() {
     assert!(!to.join("users").join(&victim_dir).exists(), "{stdout}");
     assert!(to.join("users").join(fixture::user_dir(&ids[0])).is_dir());
     assert!(!to.join(zonevault::unpack::STAGING).exists());
+    // --json says why: no target holds an intact copy
+    let to = dir.path().join("r2-json");
+    let (stdout, _) = restore(
+        &core,
+        &fleet.identity("ch"),
+        &to,
+        &["--user", victim, "--json"],
+        1,
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["failed"][0]["reason"], "integrity", "{report}");
 
     // another user's (authentic) object under the victim's key: it holds
     // entries outside the victim's directory, so the unit is refused whole

@@ -13,7 +13,7 @@ use tokio_util::io::SyncIoBridge;
 
 use crate::audit::{AuditLog, Event, Place};
 use crate::config::{Config, Target};
-use crate::error::{Error, Result};
+use crate::error::{Error, Failure, Reason, Result, reason_of};
 use crate::keys;
 use crate::layout;
 use crate::pipeline::{self, HashingReader, OpenError};
@@ -70,6 +70,9 @@ pub struct Report {
 pub struct FailedUnit {
     pub unit: String,
     pub error: String,
+    /// Why it failed (`integrity`: a copy failed its check, and no other
+    /// target had an intact one).
+    pub reason: Reason,
 }
 
 impl Report {
@@ -86,6 +89,16 @@ impl Report {
             self.refused.len(),
             self.to.display()
         ))
+    }
+
+    /// [`Report::incomplete`] as the error the restore ends with: its reason
+    /// is `integrity` when a failed unit's reason is, else the failed
+    /// units' common reason, else `other`.
+    pub fn failure(&self) -> Option<Error> {
+        let incomplete = self.incomplete()?;
+        let refused = (!self.refused.is_empty()).then_some(Reason::Other);
+        let reason = Reason::of_all(self.failed.iter().map(|f| f.reason).chain(refused));
+        Some(Error::because(reason, incomplete))
     }
 }
 
@@ -109,8 +122,8 @@ pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
             host,
         })
         .await?;
-    if let Some(incomplete) = report.incomplete() {
-        audit.run_failed("restore", &Error::failed(&incomplete));
+    if let Some(failure) = report.failure() {
+        audit.run_failed("restore", &failure);
     }
     Ok(report)
 }
@@ -149,7 +162,7 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
         })?
         };
     if index.zone != zone.id || index.core != core {
-        return Err(Error::Residency(format!(
+        return Err(Error::refused(format!(
             "snapshot {} says it belongs to core {} of zone {}, not core {core} of zone {}: refused",
             index.id, index.core, index.zone, zone.id
         )));
@@ -206,16 +219,22 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
         .await?
         != is_signed
     {
-        return Err(Error::failed(format!(
-            "snapshot {}: its index and its manifest are not both signed: refused",
-            index.id
-        )));
+        return Err(Error::because(
+            Reason::Integrity,
+            format!(
+                "snapshot {}: its index and its manifest are not both signed: refused",
+                index.id
+            ),
+        ));
     }
     let manifest: Manifest = match pipeline::decrypt_small(&sealed, &identities) {
         Ok(plain) => serde_json::from_slice(&plain).with_context(|| {
-            format!(
-                "the manifest of snapshot {} ({manifest_key} on target {}) is damaged",
-                index.id, target.name
+            Failure::new(
+                Reason::Integrity,
+                format!(
+                    "the manifest of snapshot {} ({manifest_key} on target {}) is damaged",
+                    index.id, target.name
+                ),
             )
         })?,
         Err(OpenError::NoMatchingKeys) => {
@@ -225,18 +244,24 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
             )));
         }
         Err(e) => {
-            return Err(Error::failed(format!(
-                "the manifest of snapshot {} ({manifest_key} on target {}) cannot be decrypted: {e}",
-                index.id, target.name
-            )));
+            return Err(Error::because(
+                Reason::Integrity,
+                format!(
+                    "the manifest of snapshot {} ({manifest_key} on target {}) cannot be decrypted: {e}",
+                    index.id, target.name
+                ),
+            ));
         }
     };
 
     if manifest.snapshot != index.id || manifest.core != index.core || manifest.zone != index.zone {
-        return Err(Error::failed(format!(
-            "the manifest of snapshot {} does not match its index (it names snapshot {} of core {} in zone {})",
-            index.id, manifest.snapshot, manifest.core, manifest.zone
-        )));
+        return Err(Error::because(
+            Reason::Integrity,
+            format!(
+                "the manifest of snapshot {} does not match its index (it names snapshot {} of core {} in zone {})",
+                index.id, manifest.snapshot, manifest.core, manifest.zone
+            ),
+        ));
     }
     let selected = select(&manifest, &options.volumes, &options.users)?;
     let progress = Progress::new(options.progress, selected.len() as u64, "restore");
@@ -256,7 +281,7 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
                 (&sources, &identities, &progress, &reads, &dest);
             async move {
                 let label = units::label(&rec.volume, &rec.kind);
-                let mut errors = Vec::new();
+                let (mut errors, mut reasons) = (Vec::new(), Vec::new());
                 for (target, store) in sources {
                     let read = reads.record(target, target.key(&rec.object), rec.kind.users());
                     let restored = match read.await {
@@ -271,10 +296,12 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
                         Err(e) => {
                             tracing::warn!(unit = %label, target = %target.name, error = %format!("{e:#}"), "cannot restore from this target; trying the next");
                             errors.push(format!("{e:#}"));
+                            reasons.push(reason_of(&e));
                         }
                     }
                 }
-                (rec, Err(anyhow::anyhow!("{}", errors.join("; "))))
+                let failure = Failure::new(Reason::of_all(reasons), errors.join("; "));
+                (rec, Err(failure.into()))
             }
         })
         .buffer_unordered(options.jobs.max(1))
@@ -294,6 +321,7 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
             Err(e) => failed.push(FailedUnit {
                 unit: units::label(&rec.volume, &rec.kind),
                 error: format!("{e:#}"),
+                reason: reason_of(&e),
             }),
         }
     }
@@ -398,14 +426,20 @@ impl Signatures<'_> {
         let file = signing::file_name(rel);
         let Some(signature) = signature else {
             if must {
-                return Err(Error::failed(format!(
-                    "snapshot {id}: its index is signed but {file} is not: refused (someone who can write to the bucket may have replaced it)"
-                )));
+                return Err(Error::because(
+                    Reason::Integrity,
+                    format!(
+                        "snapshot {id}: its index is signed but {file} is not: refused (someone who can write to the bucket may have replaced it)"
+                    ),
+                ));
             }
             if self.require {
-                return Err(Error::failed(format!(
-                    "snapshot {id}: {file} is not signed, and --require-signed was given: refused"
-                )));
+                return Err(Error::because(
+                    Reason::Integrity,
+                    format!(
+                        "snapshot {id}: {file} is not signed, and --require-signed was given: refused"
+                    ),
+                ));
             }
             tracing::warn!(
                 "snapshot {id}: {file} is not signed (made before signing, or its signature was removed); restoring it unverified (--require-signed refuses it)"
@@ -413,10 +447,13 @@ impl Signatures<'_> {
             return Ok(false);
         };
         if self.keys.is_empty() {
-            return Err(Error::failed(format!(
-                "snapshot {id}: {file} is signed, but the zone map lists no signing key for core {} (zones.{}.signing_keys): refused",
-                self.index.core, self.index.zone
-            )));
+            return Err(Error::because(
+                Reason::Integrity,
+                format!(
+                    "snapshot {id}: {file} is signed, but the zone map lists no signing key for core {} (zones.{}.signing_keys): refused",
+                    self.index.core, self.index.zone
+                ),
+            ));
         }
         let statement = Statement {
             core: &self.index.core,
@@ -425,7 +462,7 @@ impl Signatures<'_> {
             file,
         };
         signing::verify(body, &signature, self.keys, &statement).map_err(|e| {
-            Error::failed(format!(
+            Error::because(Reason::Integrity, format!(
                 "snapshot {id}: {file} on target {} fails its signature check: {e}; refused (someone who can write to the bucket may have replaced it)",
                 self.target.name
             ))
@@ -492,29 +529,85 @@ async fn restore_from(
     .await?
 }
 
+/// A reader that notes whether a read of the reader it wraps failed.
+struct Noted<R> {
+    inner: R,
+    failed: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+impl<R: std::io::Read> Noted<R> {
+    fn new(inner: R) -> (Noted<R>, std::rc::Rc<std::cell::Cell<bool>>) {
+        let failed = std::rc::Rc::new(std::cell::Cell::new(false));
+        let noted = Noted {
+            inner,
+            failed: std::rc::Rc::clone(&failed),
+        };
+        (noted, failed)
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for Noted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let read = self.inner.read(buf);
+        if read
+            .as_ref()
+            .is_err_and(|e| e.kind() != std::io::ErrorKind::Interrupted)
+        {
+            self.failed.set(true);
+        }
+        read
+    }
+}
+
 /// Unpacks one unit into staging, checks its BLAKE3, and only then moves it
 /// into place. A unit that fails leaves nothing in the restore directory.
+/// An object that does not decrypt or decompress while the object itself
+/// was read without error fails with reason `integrity`.
 fn restore_unit(
     reader: impl std::io::Read,
     identities: &[Box<dyn age::Identity + Send + Sync>],
     dest: &Destination,
     rec: &UnitRecord,
 ) -> anyhow::Result<Placed> {
-    let plain =
-        pipeline::open(reader, identities).map_err(|e| anyhow::anyhow!("cannot be opened: {e}"))?;
+    let (reader, fetch_failed) = Noted::new(reader);
+    let plain = pipeline::open(reader, identities).map_err(|e| {
+        let reason = match e {
+            OpenError::NoMatchingKeys => Reason::Other,
+            _ if fetch_failed.get() => Reason::Other,
+            _ => Reason::Integrity,
+        };
+        Failure::new(reason, format!("cannot be opened: {e}"))
+    })?;
+    let (plain, open_failed) = Noted::new(plain);
+    // a failed read of the plain stream that is not a failed fetch: damaged
+    let damaged = |e: anyhow::Error| {
+        if open_failed.get() && !fetch_failed.get() {
+            Failure::new(Reason::Integrity, format!("{e:#}")).into()
+        } else {
+            e
+        }
+    };
     // never more than the manifest says: a swapped object must not fill the disk
     let mut hashing = HashingReader::new(std::io::Read::take(plain, rec.plain_size + 1));
     let label = units::label(&rec.volume, &rec.kind);
     let mut staged = dest.stage(&rec.volume, &label, Scope::of(&rec.kind, &rec.dirs))?;
-    staged.unpack(std::io::BufReader::with_capacity(256 << 10, &mut hashing))?;
-    let (blake3, size) = hashing.finish().context("reading the end of the object")?;
+    staged
+        .unpack(std::io::BufReader::with_capacity(256 << 10, &mut hashing))
+        .map_err(damaged)?;
+    let (blake3, size) = hashing
+        .finish()
+        .context("reading the end of the object")
+        .map_err(damaged)?;
     if blake3 != rec.blake3 || size != rec.plain_size {
         staged.discard();
-        anyhow::bail!(
-            "integrity check failed: BLAKE3 {blake3} ({size} bytes) differs from the manifest's {} ({} bytes); nothing of it was restored",
-            rec.blake3,
-            rec.plain_size
-        );
+        return Err(Failure::new(
+            Reason::Integrity,
+            format!(
+                "integrity check failed: BLAKE3 {blake3} ({size} bytes) differs from the manifest's {} ({} bytes); nothing of it was restored",
+                rec.blake3, rec.plain_size
+            ),
+        )
+        .into());
     }
     staged.commit()
 }

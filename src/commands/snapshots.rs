@@ -2,7 +2,7 @@
 //! cleartext indexes (no identity needed).
 
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result, reason_of};
 use crate::layout;
 use crate::snapshot::Index;
 use crate::storage::{ReadBackend, s3::S3Store};
@@ -19,7 +19,7 @@ pub fn resolve_core(config: &Config, core: Option<&str>) -> Result<String> {
         return Ok(core.to_string());
     }
     match config.map.zone_of_core(core) {
-        Some(other) => Err(Error::Residency(format!(
+        Some(other) => Err(Error::refused(format!(
             "core {core} belongs to zone {} ({}), not to this core's zone {} ({}): refused",
             other.id, other.name, zone.id, zone.name
         ))),
@@ -36,18 +36,24 @@ pub async fn list(
     config: &Config,
     core: &str,
 ) -> Result<(Vec<Index>, S3Store, crate::config::Target)> {
-    let mut errors = Vec::new();
+    let (mut errors, mut reasons) = (Vec::new(), Vec::new());
     for (target, store) in targets::open(config).await {
         match indexes(&store, &target, core).await {
             Ok(indexes) => return Ok((indexes, store, target)),
-            Err(e) => errors.push(format!("target {}: {e:#}", target.name)),
+            Err(e) => {
+                reasons.push(reason_of(&e));
+                errors.push(format!("target {}: {e:#}", target.name));
+            }
         }
     }
-    Err(Error::failed(format!(
-        "no target of zone {} could be read: {}",
-        config.zone().id,
-        errors.join("; ")
-    )))
+    Err(Error::because(
+        Reason::of_unusable_targets(reasons),
+        format!(
+            "no target of zone {} could be read: {}",
+            config.zone().id,
+            errors.join("; ")
+        ),
+    ))
 }
 
 /// Every committed snapshot index of `core` on one target, oldest first

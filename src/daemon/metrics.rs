@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::commands::{backup, forget};
 use crate::config::Schedule;
-use crate::error::Error;
+use crate::error::{Error, Reason};
 
 /// Counters and gauges of a daemon's life. Totals only grow.
 #[derive(Debug, Clone, Default)]
@@ -27,8 +27,8 @@ pub struct Metrics {
     pub stored_bytes_total: u64,
     pub units_uploaded_total: u64,
     pub units_reused_total: u64,
-    /// Failed runs by reason (`residency`, `unavailable`, `config`, `other`).
-    pub failures_total: BTreeMap<&'static str, u64>,
+    /// Failed runs by reason.
+    pub failures_total: BTreeMap<Reason, u64>,
     pub residency_refusals_total: u64,
     pub snapshots_kept: Option<usize>,
     pub next_run: Option<DateTime<Utc>>,
@@ -45,16 +45,6 @@ pub struct Health {
     pub reason: String,
     pub last_success: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
-}
-
-/// The label under which a failed run is counted.
-pub fn reason(e: &Error) -> &'static str {
-    match e {
-        Error::Residency(_) => "residency",
-        Error::Config(_) | Error::Usage(_) => "config",
-        Error::Failed(_) if e.to_string().contains("cannot use every target") => "unavailable",
-        Error::Failed(_) => "other",
-    }
 }
 
 impl Metrics {
@@ -78,7 +68,7 @@ impl Metrics {
     /// `config` failure; the daemon goes on with the old one).
     pub fn reload_failed(&mut self) {
         self.reload_failures_total += 1;
-        *self.failures_total.entry("config").or_insert(0) += 1;
+        *self.failures_total.entry(Reason::Config).or_insert(0) += 1;
     }
 
     /// Records the end of a run.
@@ -94,9 +84,9 @@ impl Metrics {
             Err(e) => {
                 self.last_run_ok = Some(false);
                 self.last_error = Some(e.to_string());
-                let reason = reason(e);
+                let reason = e.reason();
                 *self.failures_total.entry(reason).or_insert(0) += 1;
-                if reason == "residency" {
+                if reason == Reason::Residency {
                     self.residency_refusals_total += 1;
                 }
             }
@@ -198,7 +188,7 @@ impl Metrics {
                 ("{result=\"reused\"}".into(), self.units_reused_total as f64),
             ],
         );
-        let failures: Vec<(String, f64)> = ["config", "other", "residency", "unavailable"]
+        let failures: Vec<(String, f64)> = Reason::ALL
             .iter()
             .map(|r| {
                 (
@@ -291,13 +281,13 @@ mod tests {
             !m.health(at("2026-11-26T12:01:01Z")).healthy,
             "two slots passed"
         );
-        let e = Error::Residency("refused".into());
+        let e = Error::refused("refused");
         m.run_done(Err(&e), 1.0, now);
         let h = m.health(now);
         assert!(!h.healthy);
         assert_eq!(h.last_error.as_deref(), Some("refused"));
         assert_eq!(m.residency_refusals_total, 1);
-        assert_eq!(m.failures_total["residency"], 1);
+        assert_eq!(m.failures_total[&Reason::Residency], 1);
         m.run_done(Ok(()), 1.0, now);
         assert!(m.health(now).healthy);
     }
@@ -340,5 +330,44 @@ mod tests {
             assert!(name.starts_with("zonevault_"), "{line}");
             value.parse::<f64>().unwrap();
         }
+    }
+
+    #[test]
+    fn failures_are_counted_under_the_reason_of_the_error() {
+        use crate::storage::StoreError;
+        let mut m = Metrics::default();
+        let now = at("2026-11-26T12:00:00Z");
+        let runs = [
+            // the reason set where the failure arose, whatever the message
+            Error::because(Reason::Unavailable, "target ch-secondary: cannot reach it"),
+            Error::Failed(
+                anyhow::Error::from(StoreError::Credentials {
+                    cause: "AccessDenied (HTTP 403)".into(),
+                })
+                .context("listing p/ on target ch-primary"),
+            ),
+            Error::because(Reason::Integrity, "BLAKE3 differs"),
+            Error::Usage("no volume named x".into()),
+            Error::refused("core x is in zone de"),
+            // a message that reads like an outage is not one
+            Error::failed("cannot use every target of zone ch"),
+        ];
+        for e in &runs {
+            m.run_done(Err(e), 1.0, now);
+        }
+        let text = m.render(now);
+        for (label, n) in [
+            ("unavailable", 1),
+            ("credentials", 1),
+            ("integrity", 1),
+            ("config", 1),
+            ("residency", 1),
+            ("other", 1),
+        ] {
+            let line = format!("zonevault_failures_total{{reason=\"{label}\"}} {n}\n");
+            assert!(text.contains(&line), "no {line:?} in\n{text}");
+        }
+        assert_eq!(m.residency_refusals_total, 1);
+        assert_eq!(m.failures_total.values().sum::<u64>(), 6);
     }
 }

@@ -409,13 +409,13 @@ where
     let code = err.code().unwrap_or("");
     let message = err.message().unwrap_or("").to_string();
 
+    // The region comes from the structured parts of the answer only: the
+    // `x-amz-bucket-region` header or the `<Region>` element of the XML error
+    // body (AWS sends it with AuthorizationHeaderMalformed, Garage with every
+    // error). The human `Message` is never parsed.
     let wrong_region =
         code == "AuthorizationHeaderMalformed" || code == "PermanentRedirect" || status == 301;
-    if wrong_region
-        && let Some(reported) = header_region
-            .or_else(|| xml_element(&body, "Region"))
-            .or_else(|| region_in_message(&message))
-    {
+    if wrong_region && let Some(reported) = header_region.or_else(|| xml_element(&body, "Region")) {
         return StoreError::WrongRegion { reported };
     }
     match code {
@@ -470,58 +470,9 @@ fn xml_element(body: &str, name: &str) -> Option<String> {
     (!value.is_empty()).then(|| value.to_string())
 }
 
-/// The region a wrong-region error message says the server expects, e.g.
-/// Garage's "... expected region X ..." or AWS's "... expecting 'X'".
-fn region_in_message(message: &str) -> Option<String> {
-    let lower = message.to_ascii_lowercase();
-    for marker in ["expecting", "expected"] {
-        if let Some(i) = lower.rfind(marker) {
-            let rest = &message[i + marker.len()..];
-            let token = rest
-                .trim_start_matches(|c: char| c.is_whitespace() || c == ':')
-                .trim_start_matches("region")
-                .trim_start_matches(|c: char| c.is_whitespace() || c == ':')
-                .split(|c: char| c.is_whitespace() || c == ',' || c == ')')
-                .next()?
-                .trim_matches(|c: char| matches!(c, '\'' | '"' | '`' | '.'));
-            // Garage names the whole credential scope: DATE/REGION/s3/aws4_request.
-            let region = match token.split('/').collect::<Vec<_>>().as_slice() {
-                [_date, region, _service, "aws4_request"] => *region,
-                _ => token,
-            };
-            if !region.is_empty() {
-                return Some(region.to_string());
-            }
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn region_from_aws_message() {
-        assert_eq!(
-            region_in_message(
-                "The authorization header is malformed; the region 'us-east-1' is wrong; expecting 'eu-west-1'"
-            )
-            .as_deref(),
-            Some("eu-west-1")
-        );
-    }
-
-    #[test]
-    fn region_from_garage_message() {
-        assert_eq!(
-            region_in_message(
-                "Authorization header malformed, unexpected scope: '20261126/ch-dk-2/s3/aws4_request', expected: '20261126/de-fra-1/s3/aws4_request'"
-            )
-            .as_deref(),
-            Some("de-fra-1")
-        );
-    }
 
     #[test]
     fn secrets_are_redacted() {
@@ -540,5 +491,9 @@ mod tests {
             "<Error><Code>AuthorizationHeaderMalformed</Code><Region>eu-central-1</Region></Error>";
         assert_eq!(xml_element(body, "Region").as_deref(), Some("eu-central-1"));
         assert_eq!(xml_element(body, "Missing"), None);
+        // Garage's answer to a request signed for another region: the region
+        // is in <Region>, the message is for humans
+        let garage = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AuthorizationHeaderMalformed</Code><Message>Authorization header malformed, unexpected scope: '20261126/ch-dk-2/s3/aws4_request', expected: '20261126/de-fra-1/s3/aws4_request'</Message><Resource>/b</Resource><Region>de-fra-1</Region></Error>";
+        assert_eq!(xml_element(garage, "Region").as_deref(), Some("de-fra-1"));
     }
 }
