@@ -235,7 +235,7 @@ impl<W: Write> UnitWriter<'_, W> {
             sqlite::Capture::Copied(copy) => {
                 let mut header = header_of(meta);
                 header.set_size(copy.size);
-                let mut reader = ExactSize::new(&copy.file, copy.size);
+                let mut reader = ExactSize::new(copy.reader(), copy.size);
                 self.builder
                     .append_data(&mut header, rel, &mut reader)
                     .with_context(|| format!("storing {}", path.display()))?;

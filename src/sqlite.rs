@@ -27,7 +27,7 @@
 
 use std::ffi::c_void;
 use std::fs::File;
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::BorrowedFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -41,6 +41,12 @@ pub const HEADER: &[u8; 16] = b"SQLite format 3\0";
 
 /// Pages copied per backup step (4 MiB at 4 KiB pages).
 const PAGES_PER_STEP: i32 = 1024;
+
+/// A database up to this size (pages × page size, read in its transaction)
+/// is copied into memory rather than into `<state_dir>/tmp`: no file to
+/// create, write and remove. Memory stays bounded: a unit in flight holds
+/// one copy at a time, so at most `--jobs` × this.
+pub const IN_MEMORY_MAX: u64 = 4 << 20;
 
 /// A rollback-journal database that keeps changing is restarted this many
 /// times in steps, then copied in one step (one shared lock).
@@ -110,22 +116,57 @@ pub fn prepare_tmp(state_dir: &Path) -> Result<(PathBuf, usize)> {
     Ok((dir, removed))
 }
 
-/// A consistent copy of a database in the temp dir; deleted when dropped.
+/// A consistent copy of a database: in memory (small ones) or a file in the
+/// temp dir, deleted when dropped.
 #[derive(Debug)]
 pub struct TempCopy {
-    path: PathBuf,
-    /// The copy, open for reading at offset 0.
-    pub file: File,
+    /// The file copy (none for one in memory).
+    path: Option<PathBuf>,
+    file: Option<File>,
+    image: Vec<u8>,
     pub size: u64,
+}
+
+impl TempCopy {
+    /// The copy's bytes, from the start.
+    pub fn reader(&self) -> CopyReader<'_> {
+        match &self.file {
+            Some(f) => CopyReader::File(f),
+            None => CopyReader::Memory(&self.image),
+        }
+    }
+
+    /// Whether the copy is a file in the temp dir.
+    pub fn on_disk(&self) -> bool {
+        self.file.is_some()
+    }
+}
+
+/// Reads a [`TempCopy`].
+pub enum CopyReader<'a> {
+    File(&'a File),
+    Memory(&'a [u8]),
+}
+
+impl Read for CopyReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            CopyReader::File(f) => f.read(buf),
+            CopyReader::Memory(m) => m.read(buf),
+        }
+    }
 }
 
 impl Drop for TempCopy {
     fn drop(&mut self) {
+        let Some(path) = &self.path else {
+            return;
+        };
         for p in [
-            self.path.clone(),
-            with_suffix(&self.path, "-journal"),
-            with_suffix(&self.path, "-wal"),
-            with_suffix(&self.path, "-shm"),
+            path.clone(),
+            with_suffix(path, "-journal"),
+            with_suffix(path, "-wal"),
+            with_suffix(path, "-shm"),
         ] {
             let _ = std::fs::remove_file(p);
         }
@@ -220,26 +261,39 @@ fn copy(source: &Source<'_>, tmp: &Path, busy_timeout: Duration) -> Result<Captu
         }
     }
 
-    let name = format!("{}.db", random_name());
-    let dest_path = tmp.join(name);
-    let copy_file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&dest_path)
-        .with_context(|| format!("creating {}", dest_path.display()))?;
+    let size: i64 = retry(deadline, || {
+        src.query_row(
+            "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+            [],
+            |r| r.get(0),
+        )
+    })?;
     let mut copy = TempCopy {
-        path: dest_path.clone(),
-        file: copy_file,
+        path: None,
+        file: None,
+        image: Vec::new(),
         size: 0,
     };
-    let mut dest = Connection::open_with_flags(
-        &dest_path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_NOFOLLOW
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
+    let mut dest = if u64::try_from(size).is_ok_and(|s| s <= IN_MEMORY_MAX) {
+        Connection::open_in_memory()?
+    } else {
+        let dest_path = tmp.join(format!("{}.db", random_name()));
+        let copy_file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&dest_path)
+            .with_context(|| format!("creating {}", dest_path.display()))?;
+        copy.path = Some(dest_path.clone());
+        copy.file = Some(copy_file);
+        Connection::open_with_flags(
+            &dest_path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_NOFOLLOW
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?
+    };
     dest.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")?;
     {
         let backup = rusqlite::backup::Backup::new(&src, &mut dest)?;
@@ -281,6 +335,26 @@ fn copy(source: &Source<'_>, tmp: &Path, busy_timeout: Duration) -> Result<Captu
         src.execute_batch("COMMIT")?;
     }
     drop(src);
+    if copy.file.is_none() {
+        let mut image = dest.serialize(rusqlite::MAIN_DB)?.to_vec();
+        // The copy carries the source's header. Bytes 18 and 19 are the
+        // file format's write and read versions: 2 is WAL, 1 a rollback
+        // journal. The copy is whole (no -wal), so it says 1 — what
+        // `PRAGMA journal_mode = DELETE` writes for a copy on disk.
+        if image.len() < 100 || &image[..16] != HEADER {
+            bail!(
+                "the in-memory copy of {} is not a database image",
+                source.path.display()
+            );
+        }
+        if image[18] == 2 && image[19] == 2 {
+            image[18] = 1;
+            image[19] = 1;
+        }
+        copy.size = image.len() as u64;
+        copy.image = image;
+        return Ok(Capture::Copied(copy));
+    }
     // the copy carries the source's header: make it a rollback-journal
     // database that needs no -wal, and check it reads back so
     let mode: String = dest.query_row("PRAGMA journal_mode = DELETE", [], |r| r.get(0))?;
@@ -291,7 +365,8 @@ fn copy(source: &Source<'_>, tmp: &Path, busy_timeout: Duration) -> Result<Captu
         );
     }
     dest.close().map_err(|(_, e)| e)?;
-    copy.size = copy.file.metadata()?.len();
+    let file = copy.file.as_ref().expect("a copy on disk");
+    copy.size = file.metadata()?.len();
     Ok(Capture::Copied(copy))
 }
 
@@ -366,4 +441,80 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(suffix);
     PathBuf::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// A WAL database of `rows` rows of 1 kB, its last rows only in the
+    /// `-wal` (kept open by the returned writer).
+    fn wal_db(path: &Path, rows: i64) -> Connection {
+        let c = Connection::open(path).unwrap();
+        c.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0;
+             CREATE TABLE t (id INTEGER PRIMARY KEY, pad BLOB);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {rows})
+             INSERT INTO t SELECT i, randomblob(1000) FROM n;"
+        ))
+        .unwrap();
+        c
+    }
+
+    fn id(path: &Path) -> Option<(u64, u64)> {
+        std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    }
+
+    #[test]
+    fn small_databases_are_copied_in_memory_large_ones_to_the_temp_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tmp, _) = prepare_tmp(dir.path()).unwrap();
+        for (rows, in_memory) in [(200, true), (6_000, false)] {
+            let path = dir.path().join(format!("db-{rows}.sqlite"));
+            let _writer = wal_db(&path, rows);
+            let wal_path = with_suffix(&path, "-wal");
+            assert!(
+                std::fs::metadata(&wal_path).unwrap().len() > 0,
+                "data in the -wal"
+            );
+            let wal = || id(&wal_path);
+            let source = Source {
+                path: &path,
+                id: id(&path).unwrap(),
+                wal: &wal,
+            };
+            let Capture::Copied(copy) = capture(&source, &tmp, Duration::from_secs(5)).unwrap()
+            else {
+                panic!("not copied");
+            };
+            assert_eq!(copy.on_disk(), !in_memory, "{rows} rows");
+            let mut image = Vec::new();
+            copy.reader().read_to_end(&mut image).unwrap();
+            assert_eq!(image.len() as u64, copy.size);
+            // the copy alone, with no -wal beside it, is the whole database
+            let restored = dir.path().join(format!("restored-{rows}.sqlite"));
+            std::fs::write(&restored, &image).unwrap();
+            let c =
+                Connection::open_with_flags(&restored, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+            let (check, count, mode): (String, i64, String) = c
+                .query_row(
+                    "SELECT (SELECT integrity_check FROM pragma_integrity_check()), (SELECT count(*) FROM t), (SELECT journal_mode FROM pragma_journal_mode())",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .unwrap();
+            assert_eq!(
+                (check.as_str(), count, mode.as_str()),
+                ("ok", rows, "delete")
+            );
+            assert!(!with_suffix(&restored, "-wal").exists());
+            drop(copy);
+            assert_eq!(
+                std::fs::read_dir(&tmp).unwrap().count(),
+                0,
+                "the copy is gone"
+            );
+        }
+    }
 }
