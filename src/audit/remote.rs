@@ -357,7 +357,17 @@ pub async fn verify<S: ReadBackend>(
     for line in log::lines(path)? {
         let Line { number, text, .. } = line?;
         count = number;
-        let local = Stored::parse(&text).expect("the chain holds, so every line parses");
+        // The chain held when it was verified above, but the file may have
+        // changed since (another process, an editor): a line that does not
+        // parse now is a break, not a panic.
+        let Some(local) = Stored::parse(&text) else {
+            return Ok(Err(chain::Break {
+                line: number,
+                what:
+                    "is not a record (the log changed while it was being compared with the copies)"
+                        .into(),
+            }));
+        };
         if let Some(copy) = local.seq().and_then(|s| remote.get(&s))
             && copy.fields != local.fields
         {
