@@ -395,7 +395,10 @@ fn run(cli: Cli) -> Result<Exit, Error> {
                 jitter,
             };
             let rt = runtime()?;
-            let result = rt.block_on(zonevault::daemon::run(options));
+            let result = rt.block_on(async {
+                let signals = zonevault::daemon::os_signals()?;
+                zonevault::daemon::run(options, signals).await
+            });
             // Blocking work of an abandoned run (a lock wait, a file walk)
             // must not hold the exit beyond the stop bound.
             rt.shutdown_timeout(std::time::Duration::from_secs(2));

@@ -50,7 +50,7 @@ impl Connections {
     /// the cap: of the peer with the most connections, the one least
     /// recently active. A scrape (a request as soon as it connects) is then
     /// the last connection to go.
-    fn admit(&mut self, peer: IpAddr) -> (u64, CancellationToken) {
+    fn admit(&mut self, peer: IpAddr, parent: &CancellationToken) -> (u64, CancellationToken) {
         if self.open.len() >= MAX_CONNECTIONS {
             let mut per_peer: HashMap<IpAddr, usize> = HashMap::new();
             for c in self.open.values() {
@@ -68,7 +68,7 @@ impl Connections {
         }
         let id = self.next;
         self.next += 1;
-        let close = CancellationToken::new();
+        let close = parent.child_token();
         self.open.insert(
             id,
             Connection {
@@ -91,54 +91,82 @@ impl Connections {
     }
 }
 
+/// The endpoint, serving in the background.
+#[derive(Debug)]
+pub struct Endpoint {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Endpoint {
+    /// Stops accepting, closes every open connection, and returns once
+    /// every connection's task has ended.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
 /// Binds `addr` now (so a port in use is a startup error), then serves in
-/// the background until the returned task is aborted.
-pub async fn serve(
-    addr: SocketAddr,
-    metrics: Arc<Mutex<Metrics>>,
-) -> Result<tokio::task::JoinHandle<()>> {
+/// the background until [`Endpoint::shutdown`].
+pub async fn serve(addr: SocketAddr, metrics: Arc<Mutex<Metrics>>) -> Result<Endpoint> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on metrics_listen = {addr}"))?;
     tracing::info!(%addr, "serving /metrics and /healthz");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(accept(listener, metrics, stop.clone()));
+    Ok(Endpoint { stop, task })
+}
+
+/// Accepts connections until `stop`, each served by a task of its own;
+/// then waits for those tasks (each connection's token is a child of
+/// `stop`, so all of them are closing).
+async fn accept(listener: TcpListener, metrics: Arc<Mutex<Metrics>>, stop: CancellationToken) {
     let connections = Arc::new(Mutex::new(Connections::default()));
-    Ok(tokio::spawn(async move {
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // e.g. out of file descriptors: do not spin
-                    tracing::warn!(error = %e, "cannot accept a metrics connection");
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                    continue;
-                }
-            };
-            let (id, close) = table(&connections).admit(peer.ip());
-            let metrics = Arc::clone(&metrics);
-            let connections = Arc::clone(&connections);
-            tokio::spawn(async move {
-                let seen = Arc::clone(&connections);
-                let service = hyper::service::service_fn(move |req| {
-                    table(&seen).touch(id);
-                    let metrics = Arc::clone(&metrics);
-                    async move { Ok::<_, Infallible>(answer(&req, &metrics)) }
-                });
-                let serving = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service);
-                tokio::select! {
-                    served = serving => {
-                        if let Err(e) = served {
-                            tracing::debug!(error = %e, "metrics connection ended");
-                        }
-                    }
-                    () = close.cancelled() => {}
-                }
-                table(&connections).remove(id);
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // e.g. out of file descriptors: do not spin
+                tracing::warn!(error = %e, "cannot accept a metrics connection");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let (id, close) = table(&connections).admit(peer.ip(), &stop);
+        let metrics = Arc::clone(&metrics);
+        let connections = Arc::clone(&connections);
+        tasks.spawn(async move {
+            let seen = Arc::clone(&connections);
+            let service = hyper::service::service_fn(move |req| {
+                table(&seen).touch(id);
+                let metrics = Arc::clone(&metrics);
+                async move { Ok::<_, Infallible>(answer(&req, &metrics)) }
             });
-        }
-    }))
+            let serving = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                served = serving => {
+                    if let Err(e) = served {
+                        tracing::debug!(error = %e, "metrics connection ended");
+                    }
+                }
+                () = close.cancelled() => {}
+            }
+            table(&connections).remove(id);
+        });
+    }
+    drop(listener);
+    while tasks.join_next().await.is_some() {}
 }
 
 /// The connection table; a panic while holding it leaves it consistent.
@@ -201,12 +229,13 @@ mod tests {
     #[test]
     fn at_the_cap_the_busiest_peer_gives_way_least_recently_active_first() {
         let mut c = Connections::default();
+        let root = CancellationToken::new();
         let (b, c_b) = ("10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap());
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         // the scraper's connection is the oldest of all
-        let (_, scraper) = c.admit(b);
+        let (_, scraper) = c.admit(b, &root);
         let flood: Vec<(u64, CancellationToken)> =
-            (1..MAX_CONNECTIONS).map(|_| c.admit(a)).collect();
+            (1..MAX_CONNECTIONS).map(|_| c.admit(a, &root)).collect();
         // in the order admitted, one millisecond apart
         let base = Instant::now() - std::time::Duration::from_secs(1);
         for (id, conn) in c.open.iter_mut() {
@@ -215,7 +244,7 @@ mod tests {
         // a's first connection answered a request since: its second is the
         // least recently active
         c.touch(flood[0].0);
-        let (_, newcomer) = c.admit(c_b);
+        let (_, newcomer) = c.admit(c_b, &root);
         assert_eq!(c.open.len(), MAX_CONNECTIONS);
         assert!(
             !scraper.is_cancelled(),
@@ -228,5 +257,41 @@ mod tests {
         // a closed connection leaves the table
         c.remove(flood[2].0);
         assert_eq!(c.open.len(), MAX_CONNECTIONS - 1);
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_open_connections_and_waits_for_them() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let endpoint = serve(addr, Arc::new(Mutex::new(Metrics::default())))
+            .await
+            .unwrap();
+        // an idle connection (no request yet) and one that was answered
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut kept = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        kept.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 503");
+        tokio::time::timeout(std::time::Duration::from_secs(5), endpoint.shutdown())
+            .await
+            .expect("shutdown waits only for the connections it closed");
+        // both connections were closed by the server, and nothing listens
+        let mut rest = Vec::new();
+        for s in [&mut idle, &mut kept] {
+            // an end of file or a reset: either way the server let go
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut rest))
+                    .await
+                    .expect("the server closed the connection");
+        }
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
     }
 }

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditLog, Event};
@@ -49,8 +50,46 @@ pub struct Options {
     pub jitter: Duration,
 }
 
-/// Runs until SIGTERM or SIGINT.
-pub async fn run(options: Options) -> Result<()> {
+/// What the daemon is told from outside: in `main`, SIGTERM and SIGINT are
+/// [`Signal::Stop`] and SIGHUP is [`Signal::Reload`] ([`os_signals`]); a
+/// test sends them itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Stop: no new run; the run in progress stops at its next safe point.
+    /// A second one while stopping abandons the run at once.
+    Stop,
+    /// Read the config again.
+    Reload,
+}
+
+/// The process's SIGTERM, SIGINT and SIGHUP as [`Signal`]s. Call inside the
+/// runtime.
+pub fn os_signals() -> Result<mpsc::Receiver<Signal>> {
+    let handler =
+        |kind| signal(kind).map_err(|e| Error::failed(format!("cannot handle signals: {e}")));
+    let (mut term, mut int, mut hup) = (
+        handler(SignalKind::terminate())?,
+        handler(SignalKind::interrupt())?,
+        handler(SignalKind::hangup())?,
+    );
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let signal = tokio::select! {
+                _ = term.recv() => Signal::Stop,
+                _ = int.recv() => Signal::Stop,
+                _ = hup.recv() => Signal::Reload,
+            };
+            if tx.send(signal).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Runs until told to stop ([`Signal::Stop`], or `signals` closing).
+pub async fn run(options: Options, mut signals: mpsc::Receiver<Signal>) -> Result<()> {
     let mut config = Arc::new(Config::load_live(&options.config_path)?);
     // One daemon per core: a second one would double every run.
     let _daemon_lock = daemon_lock(&config.core.state_dir)?;
@@ -63,13 +102,6 @@ pub async fn run(options: Options) -> Result<()> {
         Some(addr) => Some(http::serve(addr, Arc::clone(&metrics)).await?),
         None => None,
     };
-    let signals =
-        |kind| signal(kind).map_err(|e| Error::failed(format!("cannot handle signals: {e}")));
-    let (mut term, mut int, mut hup) = (
-        signals(SignalKind::terminate())?,
-        signals(SignalKind::interrupt())?,
-        signals(SignalKind::hangup())?,
-    );
     // Ready: the config is valid and the endpoint listens. What follows may
     // wait on the network, which systemd's start timeout must not cover.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -117,9 +149,10 @@ pub async fn run(options: Options) -> Result<()> {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
                 continue;
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => {
+            signal = signals.recv() => {
+                if signal != Some(Signal::Reload) {
+                    break;
+                }
                 let old = Arc::clone(&config);
                 config = reload(&options, config, &audit, &metrics);
                 if !same_schedule(&old, &config) {
@@ -140,9 +173,10 @@ pub async fn run(options: Options) -> Result<()> {
                 _ = watchdog.tick() => {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
                 }
-                _ = term.recv() => break true,
-                _ = int.recv() => break true,
-                _ = hup.recv() => config = reload(&options, config, &audit, &metrics),
+                signal = signals.recv() => match signal {
+                    Some(Signal::Reload) => config = reload(&options, config, &audit, &metrics),
+                    _ => break true,
+                },
             }
         };
         if stopping {
@@ -153,8 +187,8 @@ pub async fn run(options: Options) -> Result<()> {
             let finished = tokio::select! {
                 r = tokio::time::timeout(options.stop_timeout, &mut run) => r.is_ok(),
                 // a second signal: stop now
-                _ = term.recv() => false,
-                _ = int.recv() => false,
+                // a second stop: abandon the run now (a reload waits)
+                () = wait_for_stop(&mut signals) => false,
             };
             if !finished {
                 let e = Error::failed(format!(
@@ -169,11 +203,17 @@ pub async fn run(options: Options) -> Result<()> {
         planned = plan(&config, false, options.jitter);
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    if let Some(task) = server {
-        task.abort();
+    if let Some(endpoint) = server {
+        endpoint.shutdown().await;
     }
     tracing::info!("daemon stopped");
     Ok(())
+}
+
+/// Waits for the next [`Signal::Stop`] (or the end of `signals`), passing
+/// over reloads.
+async fn wait_for_stop(signals: &mut mpsc::Receiver<Signal>) {
+    while let Some(Signal::Reload) = signals.recv().await {}
 }
 
 /// When the next run starts: now (catching up) or at the next scheduled
@@ -383,5 +423,35 @@ mod tests {
         assert!(needs_catch_up(Some(&nightly), None, now));
         assert!(!needs_catch_up(None, None, now));
         assert_eq!(next_after(&nightly, now), Some(at("2026-11-27T01:30:00Z")));
+    }
+
+    #[tokio::test]
+    async fn a_stop_ends_the_daemon_and_a_closed_channel_too() {
+        for close_instead in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let config = crate::testing::config(dir.path());
+            std::fs::create_dir_all(dir.path().join("vol")).unwrap();
+            let options = Options {
+                config_path: config.path.clone(),
+                stop_timeout: Duration::from_secs(1),
+                jitter: Duration::ZERO,
+            };
+            let (tx, rx) = mpsc::channel(4);
+            let daemon = tokio::spawn(run(options, rx));
+            // a reload is not a stop
+            tx.send(Signal::Reload).await.unwrap();
+            if close_instead {
+                drop(tx);
+            } else {
+                tx.send(Signal::Stop).await.unwrap();
+            }
+            tokio::time::timeout(Duration::from_secs(60), daemon)
+                .await
+                .expect("the daemon stopped")
+                .unwrap()
+                .unwrap();
+            // it let go of its lock: another daemon may start
+            drop(daemon_lock(&config.core.state_dir).unwrap());
+        }
     }
 }
