@@ -372,6 +372,7 @@ fn run(cli: Cli) -> Result<Exit, Error> {
                 dry_run,
                 core,
                 wait: !no_wait,
+                ..Default::default()
             };
             let report = if dry_run {
                 runtime()?.block_on(commands::forget::plan(&config, &options))?

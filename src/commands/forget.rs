@@ -20,15 +20,16 @@ use std::sync::Arc;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditLog, Event};
 use crate::config::{Config, Target};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::layout;
 use crate::residency::Writable;
 use crate::retention::{self, Decision};
 use crate::snapshot::{self, Index};
-use crate::storage::{ReadBackend, s3::S3Store};
+use crate::storage::{ReadBackend, WriteBackend, s3::S3Store};
 
 use super::backup::sweep;
 use super::session::Session;
@@ -43,6 +44,10 @@ pub struct Options {
     pub core: Option<String>,
     /// Wait for another run of this core to end (else fail as busy).
     pub wait: bool,
+    /// Cancelled: stop before the next snapshot's deletion (the daemon's
+    /// SIGTERM). What is left is consistent: every snapshot is whole or
+    /// gone, and the next run deletes what is then unreferenced.
+    pub cancel: CancellationToken,
 }
 
 impl Default for Options {
@@ -51,6 +56,7 @@ impl Default for Options {
             dry_run: false,
             core: None,
             wait: true,
+            cancel: CancellationToken::new(),
         }
     }
 }
@@ -131,13 +137,22 @@ pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
     let core = snapshots::resolve_core(config, options.core.as_deref())
         .inspect_err(|e| audit.run_failed("forget", e))?;
     let session = Session::begin(config, audit, "forget", options.wait).await?;
-    let result = forget(config, session.targets(), &core).await;
+    let result = forget(config, session.targets(), &core, &options.cancel).await;
     session.finish(result).await
 }
 
-async fn forget(config: &Config, targets: &[Writable<S3Store>], core: &str) -> Result<Report> {
-    let sources: Vec<(&Target, &S3Store)> =
-        targets.iter().map(|t| (t.target(), t.store())).collect();
+async fn forget<S: WriteBackend>(
+    config: &Config,
+    targets: &[Writable<S>],
+    core: &str,
+    cancel: &CancellationToken,
+) -> Result<Report> {
+    let stopped = || {
+        Error::failed(
+            "forget stopped (the daemon is shutting down): the snapshots already forgotten are gone, the others whole; the next run goes on",
+        )
+    };
+    let sources: Vec<(&Target, &S)> = targets.iter().map(|t| (t.target(), t.store())).collect();
     let on_target = gather(&sources, core).await?;
     let zone = config.zone();
     let tz = retention::timezone(zone);
@@ -162,6 +177,9 @@ async fn forget(config: &Config, targets: &[Writable<S3Store>], core: &str) -> R
             let Some(reason) = removed.get(&index.id) else {
                 continue;
             };
+            if cancel.is_cancelled() {
+                return Err(stopped());
+            }
             let why = format!("snapshot {} forgotten: {reason}", index.id);
             t.delete(&layout::index_key(core, &index.id), &why).await?;
             t.audit()
@@ -187,6 +205,9 @@ async fn forget(config: &Config, targets: &[Writable<S3Store>], core: &str) -> R
         // incremental snapshots, which share objects), with what crashed
         // runs left. The indexes read above are all there are: this core's
         // run lock keeps any other writer away.
+        if cancel.is_cancelled() {
+            return Err(stopped());
+        }
         let kept = snapshot::references(indexes.iter().filter(|i| !removed.contains_key(&i.id)));
         deleted += sweep(t, core, &kept, "no kept snapshot references it")
             .await
@@ -198,4 +219,83 @@ async fn forget(config: &Config, targets: &[Writable<S3Store>], core: &str) -> R
             })?;
     }
     Ok(report(config, core, &on_target, false, deleted))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::memory::Buckets;
+    use crate::testing;
+
+    const CORE: &str = "core-ch-1";
+
+    /// Three snapshots on every target, each with its manifest and object.
+    async fn three_snapshots(targets: &[Writable<crate::storage::memory::Memory>]) -> Vec<String> {
+        let mut ids = Vec::new();
+        for i in 1..=3 {
+            let id = format!("20261201T00000{i}Z-00a{i}");
+            let object = format!("{CORE}/objects/{i}.tar.zst.age");
+            let index = Index {
+                format: layout::FORMAT,
+                id: id.clone(),
+                time: format!("2026-12-01T00:00:0{i}Z").parse().unwrap(),
+                core: CORE.into(),
+                zone: "ch".into(),
+                tool_version: "test".into(),
+                manifest: snapshot::IndexObject {
+                    key: layout::manifest_key(CORE, &id).to_string(),
+                    size: 1,
+                },
+                objects: vec![snapshot::IndexObject {
+                    key: object.clone(),
+                    size: 1,
+                }],
+                units: 1,
+                plain_bytes: 1,
+                stored_bytes: 1,
+            };
+            for t in targets {
+                let s = t.store();
+                s.insert(
+                    &t.key(&layout::index_key(CORE, &id)),
+                    &serde_json::to_vec(&index).unwrap(),
+                );
+                s.insert(&t.key(&layout::manifest_key(CORE, &id)), b"m");
+                s.insert(&t.key(&object), b"o");
+            }
+            ids.push(id);
+        }
+        ids
+    }
+
+    #[tokio::test]
+    async fn forget_keeps_the_policy_and_a_stop_deletes_nothing_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = testing::config(dir.path());
+        let zone = config.zone().id.clone();
+        config.map.zones.get_mut(&zone).unwrap().retention.keep_last = Some(1);
+        let audit = testing::audit(&config);
+        let targets = testing::writers(&config, &audit, &Buckets::default()).await;
+        three_snapshots(&targets).await;
+        let before: Vec<usize> = targets.iter().map(|t| t.store().keys().len()).collect();
+
+        // stopped before it starts deleting: nothing goes
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let e = forget(&config, &targets, CORE, &cancel).await.unwrap_err();
+        assert!(e.to_string().contains("forget stopped"), "{e}");
+        let after: Vec<usize> = targets.iter().map(|t| t.store().keys().len()).collect();
+        assert_eq!(before, after);
+
+        // not stopped: the two older snapshots and their objects go
+        let report = forget(&config, &targets, CORE, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!((report.kept, report.forgotten), (1, 2));
+        for t in &targets {
+            let keys = t.store().keys();
+            assert_eq!(keys.len(), 3, "{}: {keys:?}", t.target().name);
+            assert!(keys.iter().any(|k| k.ends_with("/objects/3.tar.zst.age")));
+        }
+    }
 }

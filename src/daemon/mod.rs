@@ -11,9 +11,9 @@
 //!   scheduled time (the machine was off), a run starts at once.
 //! - SIGTERM/SIGINT: no new run; a run in progress stops at its next safe
 //!   point: uploads in flight are aborted and the backup fails before its
-//!   commit (no partial snapshot; the next run cleans up), while a commit or
-//!   a `forget` under way runs to its end. `stop_timeout` bounds the wait;
-//!   exit 0.
+//!   commit (no partial snapshot; the next run cleans up), while a commit
+//!   under way runs to its end; a `forget` stops before its next snapshot's
+//!   deletion (or does not start). `stop_timeout` bounds the wait; exit 0.
 //! - SIGHUP: the config is read again; a config that does not load is
 //!   refused, logged and recorded, and the daemon goes on with the old one.
 //! - systemd: `READY=1` once the config is valid and the HTTP endpoint is
@@ -181,7 +181,7 @@ pub async fn run(options: Options, mut signals: mpsc::Receiver<Signal>) -> Resul
         };
         if stopping {
             // Uploads in flight are aborted and no unit starts; a commit or a
-            // forget already under way runs to its end, within the bound.
+            // forget stops before its next deletion, within the bound.
             tracing::info!(timeout = ?options.stop_timeout, "stopping: the run in progress stops at its next safe point");
             cancel.cancel();
             let finished = tokio::select! {
@@ -257,7 +257,15 @@ async fn run_once(
         let report = backup::run(config, audit, &options).await?;
         tracing::info!(snapshot = %report.snapshot, uploaded = report.uploaded, reused = report.reused, "backup committed");
         lock(metrics).backup_done(&report, Utc::now());
-        let forgot = forget::run(config, audit, &forget::Options::default()).await?;
+        if cancel.is_cancelled() {
+            // stopping: the retention waits for the next run
+            return Ok(());
+        }
+        let forget_options = forget::Options {
+            cancel: cancel.clone(),
+            ..Default::default()
+        };
+        let forgot = forget::run(config, audit, &forget_options).await?;
         tracing::info!(kept = forgot.kept, forgotten = forgot.forgotten, "retention applied");
         lock(metrics).forget_done(&forgot);
         Ok::<(), Error>(())
