@@ -22,6 +22,7 @@
 
 pub mod archive;
 pub mod audit;
+pub mod blocking;
 pub mod commands;
 pub mod config;
 pub mod daemon;

@@ -157,9 +157,20 @@ impl AuditLog {
     /// never stalls the runtime.
     pub async fn record(self: &Arc<Self>, event: Event) -> Result<u64> {
         let log = Arc::clone(self);
-        tokio::task::spawn_blocking(move || log.append(&event))
-            .await
-            .context("the audit writer stopped")?
+        crate::blocking::run("the audit writer", move || log.append(&event)).await?
+    }
+
+    /// [`AuditLog::run_failed`] for async code: the record's fsync (and a
+    /// wait for another writer's batch) run on the blocking pool.
+    pub async fn record_failure(self: &Arc<Self>, command: &str, error: &crate::Error) {
+        let event = Event::RunFailed {
+            command: command.to_string(),
+            exit: error.exit().code(),
+            reason: error.to_string(),
+        };
+        if let Err(e) = self.record(event).await {
+            tracing::error!(error = %format!("{e:#}"), "cannot record the failure in the audit log");
+        }
     }
 
     /// Writes `batch` under the file lock; returns the seq of its first record.

@@ -118,8 +118,15 @@ pub async fn check_continuity<S: WriteBackend>(
     targets: &[Writable<S>],
 ) -> Result<()> {
     let repair = "Move it and audit.copied.json aside and rebuild it from the zone's copies with `zonevault audit pull --identity FILE` (an operator's identity), then run again";
-    let copied = load_copied(state_dir)?;
-    if let Some(b) = marks_break(audit.path(), &copied)? {
+    // Reading the log (it can be long) is blocking work.
+    let (path, dir) = (audit.path().to_path_buf(), state_dir.to_path_buf());
+    let (copied, broken) = crate::blocking::run("checking the audit log's continuity", move || {
+        let copied = load_copied(&dir)?;
+        let broken = marks_break(&path, &copied)?;
+        anyhow::Ok((copied, broken))
+    })
+    .await??;
+    if let Some(b) = broken {
         bail!(
             "the audit log {} is not the log whose records were copied to the zone: line {}: {}. {repair}",
             audit.path().display(),

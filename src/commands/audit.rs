@@ -145,9 +145,7 @@ pub async fn pull(config: &Config, identity: &Path) -> Result<PullReport> {
     let identities = keys::load_identities(identity).map_err(|e| Error::Usage(format!("{e:#}")))?;
     let state_dir = config.core.state_dir.clone();
     let lock_dir = state_dir.clone();
-    let _lock = tokio::task::spawn_blocking(move || RunLock::acquire(&lock_dir))
-        .await
-        .map_err(Error::failed)??;
+    let _lock = crate::blocking::run("the run lock", move || RunLock::acquire(&lock_dir)).await??;
     let stores = targets::open(config).await;
     let records = remote::pull(
         &state_dir,

@@ -230,17 +230,25 @@ async fn snapshot(
     let previous = if options.full {
         None
     } else {
-        incremental::load(
-            &config.core.state_dir,
-            core,
-            &incremental::recipients_digest(&config.zone().recipients),
-        )
+        let (dir, core, digest) = (
+            config.core.state_dir.clone(),
+            core.clone(),
+            incremental::recipients_digest(&config.zone().recipients),
+        );
+        crate::blocking::run("reading the units of the last snapshot", move || {
+            incremental::load(&dir, &core, &digest)
+        })
+        .await?
     };
     let previous: HashMap<(&str, &units::UnitKind), &UnitRecord> =
         previous.as_ref().map(|p| p.lookup()).unwrap_or_default();
 
     // temp copies of databases: a crashed run's leftovers go first
-    let (tmp, _) = crate::sqlite::prepare_tmp(&config.core.state_dir)?;
+    let dir = config.core.state_dir.clone();
+    let (tmp, _) = crate::blocking::run("preparing the temp dir", move || {
+        crate::sqlite::prepare_tmp(&dir)
+    })
+    .await??;
     let databases: HashMap<String, Option<archive::Databases>> = volumes
         .iter()
         .map(|v| {
@@ -452,7 +460,13 @@ async fn snapshot(
         recipients: incremental::recipients_digest(&zone.recipients),
         units: records.clone(),
     };
-    if let Err(e) = incremental::save(&config.core.state_dir, &state) {
+    let dir = config.core.state_dir.clone();
+    let saved = crate::blocking::run("recording the units of this snapshot", move || {
+        incremental::save(&dir, &state)
+    })
+    .await
+    .and_then(|r| r);
+    if let Err(e) = saved {
         tracing::warn!(error = %format!("{e:#}"), "cannot record the units of this snapshot; the next run uploads every unit");
     }
 
@@ -585,7 +599,7 @@ async fn run_hook(
         hook_env(volume, phase, snapshot),
         volume.hooks.timeout,
     );
-    let ran = tokio::task::spawn_blocking(move || {
+    let ran = crate::blocking::run("a hook", move || {
         hooks::run(
             &hooks::Spec {
                 argv: &owned,
@@ -596,8 +610,7 @@ async fn run_hook(
             None,
         )
     })
-    .await
-    .map_err(Error::failed)?;
+    .await?;
     let what = format!("the {phase} hook of volume {} ({argv:?})", volume.name);
     finished(audit, volume, phase, argv, snapshot, ran.as_ref().ok()).await?;
     let outcome = ran.map_err(|e| Error::failed(format!("{what}: {e}")))?;
@@ -738,11 +751,11 @@ async fn store_unit(
         });
     }
     let (walked, walk_exclude) = (unit.clone(), exclude.clone());
-    let fingerprint =
-        tokio::task::spawn_blocking(move || units::fingerprint(&walked, &walk_exclude))
-            .await
-            .map_err(Error::failed)?
-            .with_context(|| format!("reading {}", unit.label()))?;
+    let fingerprint = crate::blocking::run("the change fingerprint", move || {
+        units::fingerprint(&walked, &walk_exclude)
+    })
+    .await?
+    .with_context(|| format!("reading {}", unit.label()))?;
     if let Some(previous) = run.previous.get(&(unit.volume.as_str(), &unit.kind))
         && previous.fingerprint == fingerprint
         && run.reusable.contains(&previous.object)
@@ -802,7 +815,7 @@ async fn store_dump(
         run.state_dir.to_path_buf(),
         run.options.cancel.clone(),
     );
-    let ran = tokio::task::spawn_blocking(move || {
+    let ran = crate::blocking::run("a dump command", move || {
         crate::dump::spool(
             &state_dir,
             &hooks::Spec {
@@ -813,8 +826,7 @@ async fn store_dump(
             },
         )
     })
-    .await
-    .map_err(Error::failed)?;
+    .await?;
     let what = format!("the command of volume {} ({argv:?})", unit.volume);
     let outcome = ran.as_ref().ok().map(|(_, o)| o);
     finished(run.audit, &volume, "command", argv, run.snapshot, outcome).await?;
@@ -851,7 +863,7 @@ async fn backup_unit(
     let label = unit.label();
     let producer_unit = unit.clone();
     let databases = run.databases.get(&unit.volume).cloned().flatten();
-    let producer = tokio::task::spawn_blocking(move || {
+    let producer = crate::blocking::spawn(move || {
         pipeline::seal(&recipients, level, sink, |w| {
             let (_, stats) = match source {
                 Source::Walk(exclude) => {
@@ -1025,9 +1037,10 @@ pub async fn sweep<S: WriteBackend>(
     let audit = target.audit();
     let path = audit.path().to_path_buf();
     let name = target.target().name.clone();
-    let open = tokio::task::spawn_blocking(move || crate::audit::query::open_intents(&path, &name))
-        .await
-        .map_err(anyhow::Error::from)??;
+    let open = crate::blocking::run("reading the audit log", move || {
+        crate::audit::query::open_intents(&path, &name)
+    })
+    .await??;
     let ours = [
         target.key(&layout::objects_dir(core)),
         target.key(&layout::snapshots_dir(core)),

@@ -105,9 +105,13 @@ impl Report {
 /// Runs a restore. Every object read, the restore done or its failure, is
 /// recorded in `audit` (each read before it starts).
 pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> Result<Report> {
-    let report = restore(config, audit, options)
-        .await
-        .inspect_err(|e| audit.run_failed("restore", e))?;
+    let report = match restore(config, audit, options).await {
+        Ok(report) => report,
+        Err(e) => {
+            audit.record_failure("restore", &e).await;
+            return Err(e);
+        }
+    };
     let (os_user, host) = crate::audit::who();
     audit
         .record(Event::RestoreDone {
@@ -123,7 +127,7 @@ pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
         })
         .await?;
     if let Some(failure) = report.failure() {
-        audit.run_failed("restore", &failure);
+        audit.record_failure("restore", &failure).await;
     }
     Ok(report)
 }
@@ -327,7 +331,7 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
     }
     let finish = Arc::clone(&dest);
     refused.extend(
-        tokio::task::spawn_blocking(move || {
+        crate::blocking::spawn(move || {
             let refused = finish.finish_dirs(dirs);
             finish.finish();
             refused
@@ -522,7 +526,7 @@ async fn restore_from(
     let reader = SyncIoBridge::new(body);
     let (rec, identities, dest) = (rec.clone(), Arc::clone(identities), Arc::clone(dest));
     let name = target.name.clone();
-    tokio::task::spawn_blocking(move || {
+    crate::blocking::spawn(move || {
         restore_unit(reader, &identities, &dest, &rec)
             .with_context(|| format!("object {key} on target {name}"))
     })

@@ -39,9 +39,9 @@ impl<'a> Session<'a> {
             e
         };
         let lock_dir = config.core.state_dir.clone();
-        let lock = tokio::task::spawn_blocking(move || RunLock::take(&lock_dir, wait))
+        let lock = crate::blocking::run("the run lock", move || RunLock::take(&lock_dir, wait))
             .await
-            .map_err(Error::failed)
+            .map_err(Error::from)
             .and_then(|r| r.map_err(Error::from))
             .map_err(failed)?;
         let targets = targets::writable(config, audit).await.map_err(failed)?;
@@ -66,7 +66,9 @@ impl<'a> Session<'a> {
     /// targets. A run that succeeded but whose records could not be copied
     /// fails (exit 1), saying that its work is done.
     pub async fn finish<T>(self, result: Result<T>) -> Result<T> {
-        let result = result.inspect_err(|e| self.audit.run_failed(self.command, e));
+        if let Err(e) = &result {
+            self.audit.record_failure(self.command, e).await;
+        }
         let copied = remote::copy(
             self.audit,
             &self.config.core.state_dir,
@@ -81,7 +83,7 @@ impl<'a> Session<'a> {
                     "the {} is done, but its audit records could not be copied to the zone (the next run copies them)",
                     self.command
                 )));
-                self.audit.run_failed(self.command, &e);
+                self.audit.record_failure(self.command, &e).await;
                 Err(e)
             }
             (Err(e), Ok(())) => Err(e),

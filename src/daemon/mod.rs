@@ -154,7 +154,7 @@ pub async fn run(options: Options, mut signals: mpsc::Receiver<Signal>) -> Resul
                     break;
                 }
                 let old = Arc::clone(&config);
-                config = reload(&options, config, &audit, &metrics);
+                config = reload(&options, config, &audit, &metrics).await;
                 if !same_schedule(&old, &config) {
                     planned = plan(&config, false, options.jitter);
                 }
@@ -174,7 +174,7 @@ pub async fn run(options: Options, mut signals: mpsc::Receiver<Signal>) -> Resul
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
                 }
                 signal = signals.recv() => match signal {
-                    Some(Signal::Reload) => config = reload(&options, config, &audit, &metrics),
+                    Some(Signal::Reload) => config = reload(&options, config, &audit, &metrics).await,
                     _ => break true,
                 },
             }
@@ -196,7 +196,7 @@ pub async fn run(options: Options, mut signals: mpsc::Receiver<Signal>) -> Resul
                     options.stop_timeout
                 ));
                 tracing::warn!("{e}");
-                audit.run_failed("daemon", &e);
+                audit.record_failure("daemon", &e).await;
             }
             break;
         }
@@ -284,13 +284,33 @@ async fn run_once(
 /// Reads the config again. A config that does not load, or that moves the
 /// core or its state dir (which only a restart may do), is refused: the
 /// daemon keeps `old`, and says why in the log and the audit log.
-fn reload(
+async fn reload(
     options: &Options,
+    old: Arc<Config>,
+    audit: &Arc<AuditLog>,
+    metrics: &Arc<Mutex<Metrics>>,
+) -> Arc<Config> {
+    // reading files and fsyncing the record: off the loop's thread
+    let (path, audit, metrics, fallback) = (
+        options.config_path.clone(),
+        Arc::clone(audit),
+        Arc::clone(metrics),
+        Arc::clone(&old),
+    );
+    crate::blocking::run("reloading the config", move || {
+        reload_now(&path, old, &audit, &metrics)
+    })
+    .await
+    .unwrap_or(fallback)
+}
+
+fn reload_now(
+    path: &std::path::Path,
     old: Arc<Config>,
     audit: &AuditLog,
     metrics: &Mutex<Metrics>,
 ) -> Arc<Config> {
-    let loaded = Config::load_live(&options.config_path)
+    let loaded = Config::load_live(path)
         .map_err(Error::from)
         .and_then(|new| {
             if new.core.core_id != old.core.core_id || new.core.state_dir != old.core.state_dir {
