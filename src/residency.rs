@@ -203,7 +203,12 @@ impl<S: WriteBackend> Writable<S> {
     /// and the object counts as present until a cleanup deletes it.
     async fn write_failed(&self, rel: &Key, e: StoreError) -> anyhow::Error {
         let key = self.key(rel);
-        if matches!(e, StoreError::Exists { .. }) || !matches!(self.store.get(&key).await, Ok(None))
+        // Exists: another object is there. Unreachable (a timeout): the
+        // write may still land after the check. Both leave the intent open.
+        if matches!(
+            e,
+            StoreError::Exists { .. } | StoreError::Unreachable { .. }
+        ) || !matches!(self.store.get(&key).await, Ok(None))
         {
             return e.into();
         }

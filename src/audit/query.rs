@@ -103,11 +103,19 @@ pub fn locations(path: &Path, user: &str) -> Result<Vec<Location>> {
                 live.insert(id, (seq, l));
             }
             Some(
-                Event::ObjectDeleted { place, key, .. }
-                | Event::ObjectAbsent { place, key, .. }
-                | Event::UploadAborted { place, key, .. },
+                Event::ObjectDeleted { place, key, .. } | Event::ObjectAbsent { place, key, .. },
             ) => {
                 live.remove(&(place.target, key));
+            }
+            // an abort ends a write that never completed, never a stored object
+            Some(Event::UploadAborted { place, key, .. }) => {
+                let id = (place.target, key);
+                if live
+                    .get(&id)
+                    .is_some_and(|(_, l)| l.status == Status::Unconfirmed)
+                {
+                    live.remove(&id);
+                }
             }
             _ => {}
         }
@@ -117,9 +125,10 @@ pub fn locations(path: &Path, user: &str) -> Result<Vec<Location>> {
     Ok(found.into_iter().map(|(_, l)| l).collect())
 }
 
-/// The full keys on `target` whose write started and has no outcome on
-/// record (`object_put`, `object_absent`, `upload_aborted`,
-/// `object_deleted`): what a crash or a failed write may have left.
+/// The full keys on `target` whose write or deletion started and has no
+/// outcome on record (`object_put`, `object_absent`, `upload_aborted`,
+/// `object_deleted`): what a crash, a failed write or a deletion whose
+/// record could not be written may have left.
 pub fn open_intents(path: &Path, target: &str) -> Result<Vec<String>> {
     let mut open = std::collections::BTreeSet::new();
     for line in log::lines(path)? {
@@ -134,7 +143,7 @@ pub fn open_intents(path: &Path, target: &str) -> Result<Vec<String>> {
             continue;
         };
         match record.event() {
-            "upload_started" => {
+            "upload_started" | "delete_started" => {
                 open.insert(key.to_string());
             }
             "object_put" | "object_absent" | "upload_aborted" | "object_deleted" => {
@@ -212,5 +221,86 @@ mod tests {
         for bad in ["yesterday", "2026-13-01", "", "5 parsecs"] {
             assert_eq!(at(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn where_counts_from_the_intent_until_deletion_or_absence_is_confirmed() {
+        use crate::audit::log::AuditLog;
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), "c", "z").unwrap();
+        let place = Place {
+            target: "t".into(),
+            endpoint: "e".into(),
+            bucket: "b".into(),
+            region: "r".into(),
+        };
+        let user = || vec!["u1".to_string()];
+        let started = Event::UploadStarted {
+            place: place.clone(),
+            key: "k".into(),
+            kind: ObjectKind::Unit,
+            multipart: true,
+            snapshot: None,
+            users: user(),
+        };
+        let statuses = |log: &AuditLog| -> Vec<Status> {
+            locations(log.path(), "u1")
+                .unwrap()
+                .iter()
+                .map(|l| l.status)
+                .collect()
+        };
+        let open = |log: &AuditLog| open_intents(log.path(), "t").unwrap();
+        log.append(&started).unwrap();
+        assert_eq!(statuses(&log), [Status::Unconfirmed]);
+        assert_eq!(open(&log), ["k"]);
+        log.append(&Event::ObjectPut {
+            place: place.clone(),
+            key: "k".into(),
+            kind: ObjectKind::Unit,
+            bytes: 3,
+            blake3: "h".into(),
+            snapshot: None,
+            users: user(),
+        })
+        .unwrap();
+        assert_eq!(statuses(&log), [Status::Stored]);
+        assert!(open(&log).is_empty());
+        // an abort (of another target's copy, or too late) never hides a stored object
+        log.append(&Event::UploadAborted {
+            place: place.clone(),
+            key: "k".into(),
+            upload_id: "x".into(),
+            reason: "r".into(),
+        })
+        .unwrap();
+        assert_eq!(statuses(&log), [Status::Stored]);
+        // a deletion counts once confirmed; until then it is an open intent
+        log.append(&Event::DeleteStarted {
+            place: place.clone(),
+            key: "k".into(),
+            reason: "r".into(),
+        })
+        .unwrap();
+        assert_eq!(statuses(&log), [Status::Stored]);
+        assert_eq!(open(&log), ["k"]);
+        log.append(&Event::ObjectAbsent {
+            place: place.clone(),
+            key: "k".into(),
+            reason: "r".into(),
+        })
+        .unwrap();
+        assert!(statuses(&log).is_empty());
+        assert!(open(&log).is_empty());
+        // an aborted write that never completed is gone
+        log.append(&started).unwrap();
+        log.append(&Event::UploadAborted {
+            place,
+            key: "k".into(),
+            upload_id: "y".into(),
+            reason: "r".into(),
+        })
+        .unwrap();
+        assert!(statuses(&log).is_empty());
     }
 }

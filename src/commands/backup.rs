@@ -1005,11 +1005,17 @@ pub async fn sweep<S: WriteBackend>(
         tracing::warn!(target = %target.target().name, "not deleting unreferenced objects: {} cannot be read as snapshot indexes, and the objects they reference are unknown; repair or remove them (see `zonevault snapshots`)", unreadable.join(", "));
         return Ok(removed);
     }
+    let objects = store.list(&target.key(&layout::objects_dir(core))).await?;
+    // every key on the target under this core's dirs, before any deletion
+    let present: HashSet<String> = listed
+        .iter()
+        .chain(&objects)
+        .map(|f| f.key.clone())
+        .collect();
     let manifests: Vec<_> = listed
         .into_iter()
         .filter(|f| f.key.ends_with(".manifest.age") || f.key.ends_with(crate::signing::SUFFIX))
         .collect();
-    let objects = store.list(&target.key(&layout::objects_dir(core))).await?;
     for f in objects.iter().chain(&manifests) {
         let Some(rel) = target.relative(&f.key) else {
             continue;
@@ -1023,14 +1029,10 @@ pub async fn sweep<S: WriteBackend>(
     if removed > 0 {
         tracing::info!(target = %target.target().name, removed, reason, "deleted unreferenced objects");
     }
-    // Writes of earlier runs that have no outcome on record and left
-    // nothing (a crash before the object landed): end their intents, so
-    // `audit where` stops counting them.
-    let present: HashSet<&str> = objects
-        .iter()
-        .chain(&manifests)
-        .map(|f| f.key.as_str())
-        .collect();
+    // Writes and deletions of earlier runs that have no outcome on record
+    // and left nothing (a crash before the object landed, a deletion whose
+    // record failed): end their intents, so `audit where` stops counting
+    // them. Present ones were deleted above when unreferenced.
     let pending = store
         .list_uploads(&target.key(&layout::objects_dir(core)))
         .await?;
@@ -1047,14 +1049,14 @@ pub async fn sweep<S: WriteBackend>(
     ];
     for key in open {
         if ours.iter().any(|dir| key.starts_with(dir.as_str()))
-            && !present.contains(key.as_str())
+            && !present.contains(&key)
             && !pending.iter().any(|u| u.key == key)
         {
             audit
                 .record(Event::ObjectAbsent {
                     place: target.place(),
                     key,
-                    reason: "its write has no outcome on record, and the target holds no object under its key".into(),
+                    reason: "its write or deletion has no outcome on record, and the target holds no object under its key".into(),
                 })
                 .await?;
         }
@@ -1124,6 +1126,31 @@ mod tests {
             .unwrap();
         assert!(!id.is_empty());
         let referenced: HashSet<String> = keep.iter().cloned().collect();
+        // open intents of an earlier run: a deletion whose outcome was not
+        // recorded (the object is gone), and the write of an index that is
+        // there (a crash before its object_put)
+        let gone = t.key(&rel("objects/gone.tar.zst.age"));
+        let index = t.key(&layout::index_key(CORE, ID));
+        store.insert(&index, b"{}");
+        w.audit
+            .record(Event::DeleteStarted {
+                place: t.place(),
+                key: gone.clone(),
+                reason: "earlier".into(),
+            })
+            .await
+            .unwrap();
+        w.audit
+            .record(Event::UploadStarted {
+                place: t.place(),
+                key: index.clone(),
+                kind: ObjectKind::Index,
+                multipart: false,
+                snapshot: None,
+                users: vec![],
+            })
+            .await
+            .unwrap();
         let removed = sweep(t, CORE, &referenced, "test sweep").await.unwrap();
         assert_eq!(removed, orphans.len() + 1, "three objects and one upload");
         let left = store.keys();
@@ -1139,6 +1166,12 @@ mod tests {
         let events = testing::events(&w.audit);
         assert_eq!(events.iter().filter(|e| *e == "object_deleted").count(), 3);
         assert_eq!(events.iter().filter(|e| *e == "upload_aborted").count(), 1);
+        let open = crate::audit::query::open_intents(w.audit.path(), &t.target().name).unwrap();
+        assert!(!open.contains(&gone), "the unconfirmed deletion is settled");
+        assert!(
+            open.contains(&index),
+            "an index that is there is not called absent"
+        );
     }
 
     #[tokio::test]

@@ -189,13 +189,13 @@ async fn forget<S: WriteBackend>(
                     reason: reason.clone(),
                 })
                 .await?;
-            match layout::Key::parse(&index.manifest.key) {
-                Some(manifest) => t.delete(&manifest, &why).await?,
-                // not a key under the prefix: the sweep finds the manifest
-                None => {
-                    tracing::warn!(target = %t.target().name, snapshot = %index.id, "the index names no valid manifest key ({:?})", index.manifest.key)
-                }
+            // the manifest of this id, whatever the (cleartext) index says:
+            // a damaged index must not make forget delete another object
+            let manifest = layout::manifest_key(core, &index.id);
+            if index.manifest.key != manifest.as_str() {
+                tracing::warn!(target = %t.target().name, snapshot = %index.id, named = %index.manifest.key, "the index names another manifest key; deleting {manifest} only (the sweep takes what no snapshot references)");
             }
+            t.delete(&manifest, &why).await?;
             deleted += 2;
         }
         if !own {

@@ -13,7 +13,8 @@
 //!   point: uploads in flight are aborted and the backup fails before its
 //!   commit (no partial snapshot; the next run cleans up), while a commit
 //!   under way runs to its end; a `forget` stops before its next snapshot's
-//!   deletion (or does not start). `stop_timeout` bounds the wait; exit 0.
+//!   deletion (or does not start), while its sweep of unreferenced objects
+//!   runs on. `stop_timeout` bounds the wait; exit 0.
 //! - SIGHUP: the config is read again; a config that does not load is
 //!   refused, logged and recorded, and the daemon goes on with the old one.
 //! - systemd: `READY=1` once the config is valid and the HTTP endpoint is
