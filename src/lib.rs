@@ -41,6 +41,7 @@ pub mod output;
 pub mod pipeline;
 pub mod progress;
 pub mod pryv;
+pub mod repository;
 pub mod residency;
 pub mod retention;
 pub mod signing;

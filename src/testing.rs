@@ -109,3 +109,25 @@ pub fn events(audit: &AuditLog) -> Vec<String> {
         .map(|r| r.event().to_string())
         .collect()
 }
+
+/// A config, its audit log and the zone's targets through the gate, on
+/// in-memory buckets.
+pub struct World {
+    _dir: tempfile::TempDir,
+    pub audit: Arc<AuditLog>,
+    pub targets: Vec<Writable<Memory>>,
+}
+
+impl World {
+    pub async fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let audit = audit(&config);
+        let targets = writers(&config, &audit, &Buckets::default()).await;
+        World {
+            _dir: dir,
+            audit,
+            targets,
+        }
+    }
+}

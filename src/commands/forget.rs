@@ -31,9 +31,9 @@ use crate::retention::{self, Decision};
 use crate::snapshot::{self, Index};
 use crate::storage::{ReadBackend, WriteBackend, s3::S3Store};
 
-use super::backup::sweep;
 use super::session::Session;
 use super::snapshots;
+use crate::repository::sweep;
 
 /// What to forget.
 #[derive(Debug, Clone)]
@@ -93,7 +93,7 @@ pub async fn plan(config: &Config, options: &Options) -> Result<Report> {
 async fn gather<S: ReadBackend>(sources: &[(&Target, &S)], core: &str) -> Result<Vec<Vec<Index>>> {
     let mut on_target = Vec::new();
     for (target, store) in sources {
-        let indexes = snapshots::indexes(*store, target, core)
+        let indexes = crate::repository::indexes(*store, target, core)
             .await
             .with_context(|| format!("listing the snapshots on target {}", target.name))?;
         on_target.push(indexes);

@@ -3,9 +3,8 @@
 
 use crate::config::Config;
 use crate::error::{Error, Reason, Result, reason_of};
-use crate::layout;
 use crate::snapshot::Index;
-use crate::storage::{ReadBackend, s3::S3Store};
+use crate::storage::s3::S3Store;
 use crate::targets;
 
 /// Which core's snapshots: this one, or another core of the same zone. A core
@@ -38,7 +37,7 @@ pub async fn list(
 ) -> Result<(Vec<Index>, S3Store, crate::config::Target)> {
     let (mut errors, mut reasons) = (Vec::new(), Vec::new());
     for (target, store) in targets::open(config).await {
-        match indexes(&store, &target, core).await {
+        match crate::repository::indexes(&store, &target, core).await {
             Ok(indexes) => return Ok((indexes, store, target)),
             Err(e) => {
                 reasons.push(reason_of(&e));
@@ -54,43 +53,4 @@ pub async fn list(
             errors.join("; ")
         ),
     ))
-}
-
-/// Every committed snapshot index of `core` on one target, oldest first
-/// (so `latest` is the last). An object under `snapshots/` that is not an
-/// index of this core (empty, foreign, named for another id) is skipped
-/// with a warning: it must not stop the restore of an intact snapshot, nor
-/// the next backup.
-pub async fn indexes<S: ReadBackend>(
-    store: &S,
-    target: &crate::config::Target,
-    core: &str,
-) -> anyhow::Result<Vec<Index>> {
-    let mut indexes = Vec::new();
-    for f in store
-        .list(&target.key(&layout::snapshots_dir(core)))
-        .await?
-    {
-        let Some(id) = layout::snapshot_of_index(&f.key) else {
-            continue;
-        };
-        let Some(bytes) = store.get(&f.key).await? else {
-            continue;
-        };
-        let index = match serde_json::from_slice::<Index>(&bytes) {
-            Ok(index) if index.id == id && index.core == core => index,
-            Ok(index) => {
-                tracing::warn!(target = %target.name, key = %f.key, "skipping {}: it names snapshot {} of core {}, not the snapshot its name says", f.key, index.id, index.core);
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(target = %target.name, key = %f.key, "skipping {}: not a snapshot index ({e})", f.key);
-                continue;
-            }
-        };
-        indexes.push(index);
-    }
-    // By time (ids of the same second differ only in their random part).
-    indexes.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
-    Ok(indexes)
 }
