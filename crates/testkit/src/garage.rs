@@ -56,9 +56,18 @@ pub fn garage_binary() -> Result<PathBuf> {
     )
 }
 
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
-    Ok(listener.local_addr()?.port())
+/// `N` distinct free ports: all are held until all are chosen, so two of
+/// them can never be the same port (the kernel may hand out a port again
+/// as soon as it is released).
+fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let mut held = Vec::with_capacity(N);
+    let mut ports = [0u16; N];
+    for port in &mut ports {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
+        *port = listener.local_addr()?.port();
+        held.push(listener);
+    }
+    Ok(ports)
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -95,7 +104,7 @@ impl Garage {
         loop {
             attempt += 1;
             match Self::spawn_once(dir, region, bucket, detached) {
-                Err(e) if attempt < 5 && format!("{e:#}").contains(PORT_TAKEN) => continue,
+                Err(e) if attempt < 10 && format!("{e:#}").contains(PORT_TAKEN) => continue,
                 other => return other,
             }
         }
@@ -108,7 +117,9 @@ impl Garage {
         for sub in ["meta", "data"] {
             let _ = std::fs::remove_dir_all(dir.join(sub)); // a failed earlier attempt
         }
-        let (rpc, s3, admin) = (free_port()?, free_port()?, free_port()?);
+        // and its log: the readiness check looks for a taken port in it
+        let _ = std::fs::remove_file(dir.join("garage.log"));
+        let [rpc, s3, admin] = free_ports::<3>()?;
         let config = format!(
             r#"metadata_dir = "{dir}/meta"
 data_dir = "{dir}/data"
