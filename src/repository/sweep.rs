@@ -126,9 +126,8 @@ pub async fn sweep<S: WriteBackend>(
     // and left nothing (a crash before the object landed, a deletion whose
     // record failed): end their intents, so `audit where` stops counting
     // them. Present ones were deleted above when unreferenced.
-    let pending = store
-        .list_uploads(&target.key(&layout::objects_dir(core)))
-        .await?;
+    // (every unfinished upload was aborted above, on record, and none can
+    // start meanwhile under the run lock: no need to list them again)
     let audit = target.audit();
     let path = audit.path().to_path_buf();
     let name = target.target().name.clone();
@@ -141,10 +140,7 @@ pub async fn sweep<S: WriteBackend>(
         target.key(&layout::snapshots_dir(core)),
     ];
     for key in open {
-        if ours.iter().any(|dir| key.starts_with(dir.as_str()))
-            && !present.contains(&key)
-            && !pending.iter().any(|u| u.key == key)
-        {
+        if ours.iter().any(|dir| key.starts_with(dir.as_str())) && !present.contains(&key) {
             audit
                 .record(Event::ObjectAbsent {
                     place: target.place(),
