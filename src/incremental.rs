@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::snapshot::UnitRecord;
+use crate::repository::snapshot::UnitRecord;
 use crate::units::UnitKind;
 
 const FILE_NAME: &str = "units.json";

@@ -265,39 +265,12 @@ fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Check { json } => {
             let config = Config::load_live(&cli.config)?;
             let audit = open_audit(&config, "check")?;
-            // a signing key that restore would not accept is a config error
-            let signer = zonevault::signing::core_signer(&config)
-                .inspect_err(|e| audit.run_failed("check", e))?;
-            let mut report = runtime()?.block_on(commands::check::run(&config, &audit));
-            match signer {
-                Some(s) => report.signing = Some(s.public_key()),
-                None => report.warnings.push(format!(
-                    "core {} signs no snapshot (no signing key); see docs/operations.md, \"Signing keys\"",
-                    config.core.core_id
-                )),
-            }
+            let report = runtime()?.block_on(commands::check::run(&config, &audit))?;
             print(json, &report, output::check)?;
-            let exit = report.exit();
-            match exit {
-                Exit::Refused => eprintln!(
-                    "error: residency refused for {} target(s); nothing will be written there",
-                    report
-                        .targets
-                        .iter()
-                        .filter(|t| t.exit() == Exit::Refused)
-                        .count()
-                ),
-                Exit::Failure => eprintln!(
-                    "error: {} target(s) could not be checked",
-                    report
-                        .targets
-                        .iter()
-                        .filter(|t| t.exit() == Exit::Failure)
-                        .count()
-                ),
-                _ => {}
+            if let Some(line) = output::check_verdict(&report) {
+                eprintln!("error: {line}");
             }
-            Ok(exit)
+            Ok(report.exit())
         }
         Command::Backup {
             volumes,

@@ -43,6 +43,22 @@ pub fn table(rows: &[Vec<String>]) -> String {
 }
 
 /// The human form of `check`.
+/// The one line on stderr that says why `check` did not pass.
+pub fn check_verdict(report: &CheckReport) -> Option<String> {
+    let count = |exit| report.targets.iter().filter(|t| t.exit() == exit).count();
+    match report.exit() {
+        crate::Exit::Refused => Some(format!(
+            "residency refused for {} target(s); nothing will be written there",
+            count(crate::Exit::Refused)
+        )),
+        crate::Exit::Failure => Some(format!(
+            "{} target(s) could not be checked",
+            count(crate::Exit::Failure)
+        )),
+        _ => None,
+    }
+}
+
 pub fn check(report: &CheckReport) -> String {
     let mut rows = vec![
         [
@@ -165,7 +181,7 @@ fn list_some(s: &mut String, what: &str, paths: &[String]) {
 }
 
 /// The human form of `snapshots`.
-pub fn snapshots(indexes: &[crate::snapshot::Index]) -> String {
+pub fn snapshots(indexes: &[crate::repository::snapshot::Index]) -> String {
     let mut rows = vec![
         ["ID", "TIME", "CORE", "UNITS", "PLAIN", "STORED"]
             .map(String::from)

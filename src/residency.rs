@@ -64,8 +64,9 @@ use bytes::Bytes;
 
 use crate::audit::{AuditLog, Event, ObjectKind, Place};
 use crate::config::{Config, Target};
-use crate::layout::{self, Key, Marker};
 use crate::pipeline::Digest;
+use crate::repository::layout::Key;
+use crate::repository::marker::{self, Found, Marker};
 use crate::storage::{Connect, StoreError, WriteBackend};
 
 /// What an object holds, for its audit record.
@@ -208,7 +209,7 @@ impl<S: WriteBackend> Writable<S> {
         if matches!(
             e,
             StoreError::Exists { .. } | StoreError::Unreachable { .. }
-        ) || !matches!(self.store.get(&key).await, Ok(None))
+        ) || !matches!(self.store.exists(&key).await, Ok(false))
         {
             return e.into();
         }
@@ -404,10 +405,9 @@ impl<S: WriteBackend> Writable<S> {
         if self.marker_present {
             return Ok(());
         }
-        let marker = serde_json::to_vec(&Marker::new(&self.target.zone))?;
         self.put(
             &Key::marker(),
-            Bytes::from(marker),
+            Bytes::from(Marker::new(&self.target.zone).to_bytes()),
             &Contents::of(ObjectKind::Marker),
         )
         .await
@@ -536,40 +536,10 @@ async fn judge<S: WriteBackend>(
         );
     }
 
-    let marker_present = match store.get(&target.key(layout::MARKER)).await {
-        Ok(None) => false,
-        Ok(Some(bytes)) => match serde_json::from_slice::<Marker>(&bytes) {
-            Ok(marker) if marker.format != layout::FORMAT => {
-                return refuse(
-                    Some(reported),
-                    format!(
-                        "the marker {} has format {}; this zonevault knows format {}: refusing to write next to data it does not understand",
-                        target.key(layout::MARKER),
-                        marker.format,
-                        layout::FORMAT
-                    ),
-                );
-            }
-            Ok(marker) if marker.zone == zone.id => true,
-            Ok(marker) => {
-                return refuse(
-                    Some(reported),
-                    format!(
-                        "the marker {} names zone {:?}: this bucket holds another zone's backups",
-                        target.key(layout::MARKER),
-                        marker.zone.chars().take(64).collect::<String>()
-                    ),
-                );
-            }
-            Err(e) => {
-                return refuse(
-                    Some(reported),
-                    format!(
-                        "{} is not a zonevault marker ({e}); refusing to write next to unknown data",
-                        target.key(layout::MARKER)
-                    ),
-                );
-            }
+    let marker_present = match marker::read(&store, target, &zone.id).await {
+        Ok(found) => match found.refusal(target) {
+            Some(reason) => return refuse(Some(reported), reason),
+            None => found == Found::Ours,
         },
         Err(StoreError::WrongRegion { reported }) => {
             return refuse(

@@ -194,10 +194,21 @@ pub struct Source<'a> {
     pub wal: &'a dyn Fn() -> Option<(u64, u64)>,
 }
 
-/// Copies the database at `source` into a new file of `tmp`.
+/// A database copied into memory grew past twice [`IN_MEMORY_MAX`] while
+/// copied (a rollback-journal database written to between steps): the copy
+/// starts again, into the temp dir.
+#[derive(Debug, thiserror::Error)]
+#[error("the database grew past the in-memory bound while copied")]
+struct GrewPastMemory;
+
+/// Copies the database at `source` into memory or a new file of `tmp`.
 pub fn capture(source: &Source<'_>, tmp: &Path, busy_timeout: Duration) -> Result<Capture> {
     let path = source.path;
-    match copy(source, tmp, busy_timeout) {
+    let copied = match copy(source, tmp, busy_timeout, IN_MEMORY_MAX) {
+        Err(e) if e.is::<GrewPastMemory>() => copy(source, tmp, busy_timeout, 0),
+        other => other,
+    };
+    match copied {
         Ok(c) => Ok(c),
         Err(e) => {
             let code = e.chain().find_map(|c| {
@@ -224,7 +235,14 @@ pub fn capture(source: &Source<'_>, tmp: &Path, busy_timeout: Duration) -> Resul
     }
 }
 
-fn copy(source: &Source<'_>, tmp: &Path, busy_timeout: Duration) -> Result<Capture> {
+/// Copies the database: into memory when it is at most `memory_max` bytes
+/// when the copy starts (and stays within twice that), else into `tmp`.
+fn copy(
+    source: &Source<'_>,
+    tmp: &Path,
+    busy_timeout: Duration,
+    memory_max: u64,
+) -> Result<Capture> {
     let deadline = Instant::now() + busy_timeout;
     let src = Connection::open_with_flags(
         source.path,
@@ -261,11 +279,11 @@ fn copy(source: &Source<'_>, tmp: &Path, busy_timeout: Duration) -> Result<Captu
         }
     }
 
-    let size: i64 = retry(deadline, || {
+    let (size, page_size): (i64, i64) = retry(deadline, || {
         src.query_row(
-            "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+            "SELECT page_count * page_size, page_size FROM pragma_page_count(), pragma_page_size()",
             [],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )
     })?;
     let mut copy = TempCopy {
@@ -274,7 +292,8 @@ fn copy(source: &Source<'_>, tmp: &Path, busy_timeout: Duration) -> Result<Captu
         image: Vec::new(),
         size: 0,
     };
-    let mut dest = if u64::try_from(size).is_ok_and(|s| s <= IN_MEMORY_MAX) {
+    let in_memory = u64::try_from(size).is_ok_and(|s| s <= memory_max);
+    let mut dest = if in_memory {
         Connection::open_in_memory()?
     } else {
         let dest_path = tmp.join(format!("{}.db", random_name()));
@@ -300,6 +319,15 @@ fn copy(source: &Source<'_>, tmp: &Path, busy_timeout: Duration) -> Result<Captu
         let (mut restarts, mut last_remaining) = (0u32, i32::MAX);
         let mut busy_since: Option<Instant> = None;
         loop {
+            // In memory, the copy holds every page: a database that grew
+            // meanwhile goes to disk instead (the pages to copy are the
+            // source's page count, known after the first step).
+            let pages_now = u64::try_from(backup.progress().pagecount).unwrap_or(0);
+            if in_memory
+                && pages_now * u64::try_from(page_size).unwrap_or(0) > memory_max.saturating_mul(2)
+            {
+                return Err(GrewPastMemory.into());
+            }
             let pages = if restarts >= MAX_RESTARTS {
                 -1
             } else {

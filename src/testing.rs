@@ -114,6 +114,7 @@ pub fn events(audit: &AuditLog) -> Vec<String> {
 /// in-memory buckets.
 pub struct World {
     _dir: tempfile::TempDir,
+    pub config: Config,
     pub audit: Arc<AuditLog>,
     pub targets: Vec<Writable<Memory>>,
 }
@@ -126,6 +127,7 @@ impl World {
         let targets = writers(&config, &audit, &Buckets::default()).await;
         World {
             _dir: dir,
+            config,
             audit,
             targets,
         }

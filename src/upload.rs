@@ -12,8 +12,8 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::sync::mpsc;
 
-use crate::layout::Key;
 use crate::pipeline::{Digest, Part};
+use crate::repository::layout::Key;
 use crate::residency::{Contents, Writable};
 use crate::storage::WriteBackend;
 
@@ -60,15 +60,30 @@ pub async fn upload<S: WriteBackend>(
             }
         }
     }
+    // Uploads completed before a failure are objects now: not aborted (the
+    // next run's sweep removes them, unreferenced), only the others.
+    let mut completed = 0;
     if failure.is_none() {
-        match send_parts(&uploads, key, [first, second], parts, concurrency, contents).await {
-            Ok(digest) => return Ok(digest),
+        match send_parts(&uploads, key, [first, second], parts, concurrency).await {
+            Ok((digest, done)) => {
+                for ((t, id), mut parts) in uploads.iter().zip(done) {
+                    parts.sort_by_key(|(n, _)| *n);
+                    if let Err(e) = t.complete_upload(key, id, parts, contents, &digest).await {
+                        failure = Some(e.context(describe("completing the upload of", t, key)));
+                        break;
+                    }
+                    completed += 1;
+                }
+                if failure.is_none() {
+                    return Ok(digest);
+                }
+            }
             Err(e) => failure = Some(e),
         }
     }
     let failure = failure.expect("a failure was recorded");
     let reason = format!("the upload failed: {failure}");
-    for (t, id) in &uploads {
+    for (t, id) in &uploads[completed..] {
         if let Err(e) = t.abort_upload(key, id, &reason).await {
             tracing::warn!(target = %t.target().name, error = %format!("{e:#}"), "could not abort an upload; the next run removes it");
         }
@@ -76,17 +91,19 @@ pub async fn upload<S: WriteBackend>(
     Err(failure)
 }
 
-/// Sends every part to every upload, at most `concurrency` parts at a time,
-/// then completes the uploads.
+/// The parts sent to each upload: (number, etag).
+type Sent = Vec<Vec<(i32, String)>>;
+
+/// Sends every part to every upload, at most `concurrency` parts at a time;
+/// returns the object's digest and, per upload, the parts it holds.
 async fn send_parts<S: WriteBackend>(
     uploads: &[(&Writable<S>, String)],
     key: &Key,
     first: [Bytes; 2],
     mut parts: mpsc::Receiver<Part>,
     concurrency: usize,
-    contents: &Contents<'_>,
-) -> Result<Digest> {
-    let mut done: Vec<Vec<(i32, String)>> = vec![Vec::new(); uploads.len()];
+) -> Result<(Digest, Sent)> {
+    let mut done: Sent = vec![Vec::new(); uploads.len()];
     let mut inflight = FuturesUnordered::new();
     let mut number = 0;
     let mut end: Option<Digest> = None;
@@ -128,13 +145,7 @@ async fn send_parts<S: WriteBackend>(
         }
     }
     let digest = end.expect("the loop ends after the end marker");
-    for ((t, id), mut parts) in uploads.iter().zip(done) {
-        parts.sort_by_key(|(n, _)| *n);
-        t.complete_upload(key, id, parts, contents, &digest)
-            .await
-            .with_context(|| describe("completing the upload of", t, key))?;
-    }
-    Ok(digest)
+    Ok((digest, done))
 }
 
 /// The next part. A channel closed before [`Part::End`] means the producer
@@ -213,7 +224,7 @@ mod tests {
                 let _ = tx.send(Part::End(Digest::of(&whole))).await;
             }
         });
-        let key = crate::layout::new_object_key("core-ch-1");
+        let key = crate::repository::layout::new_object_key("core-ch-1");
         let contents = Contents::of(ObjectKind::Unit);
         let e = upload(&targets, &key, rx, 2, &contents).await.unwrap_err();
         producer.await.unwrap();
@@ -247,6 +258,8 @@ mod tests {
                 Break::Complete | Break::LostPart => {
                     assert_eq!((started, aborted, put), (2, 1, 1), "{brk:?}: {events:?}");
                     assert_eq!(stores[0].keys().len(), 1);
+                    // a completed upload is an object: it is not aborted
+                    assert_eq!(stores[0].calls(Op::AbortUpload), 0, "{brk:?}");
                 }
                 Break::Create => {
                     assert_eq!((started, aborted, put), (2, 1, 0), "{brk:?}: {events:?}");
@@ -281,7 +294,7 @@ mod tests {
             .await
             .unwrap();
         tx.send(Part::End(Digest::of(b"small"))).await.unwrap();
-        let key = crate::layout::new_object_key("core-ch-1");
+        let key = crate::repository::layout::new_object_key("core-ch-1");
         let digest = upload(&targets, &key, rx, 2, &Contents::of(ObjectKind::Unit))
             .await
             .unwrap();

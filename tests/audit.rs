@@ -147,6 +147,7 @@ fn refusals_and_failed_runs_are_records() {
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0]["command"], "backup");
     assert_eq!(failed[0]["exit"], 3);
+    assert_eq!(failed[0]["failure"], "residency");
     assert!(
         show(&core, &["--event", "object_put"]).is_empty(),
         "nothing written"
@@ -165,6 +166,7 @@ fn refusals_and_failed_runs_are_records() {
     assert_eq!(unavailable[0]["target"], "ch-secondary");
     let failed = show(&core, &["--event", "run_failed"]);
     assert_eq!(failed[0]["exit"], 1);
+    assert_eq!(failed[0]["failure"], "unavailable");
     assert!(
         failed[0]["reason"]
             .as_str()

@@ -480,7 +480,8 @@ fn a_commit_never_replaces_an_existing_index() {
         let targets = zonevault::targets::writable(&config, &audit).await.unwrap();
         let t = &targets[0];
         let contents = Contents::of(ObjectKind::Index);
-        let rel = zonevault::layout::index_key("core-ch-1", "20261201T000000Z-000000000000");
+        let rel =
+            zonevault::repository::layout::index_key("core-ch-1", "20261201T000000Z-000000000000");
         t.put_new(&rel, bytes::Bytes::from_static(b"first"), &contents)
             .await
             .unwrap();

@@ -8,8 +8,8 @@ use std::collections::HashSet;
 use chrono::{DateTime, Duration, Utc};
 use proptest::prelude::*;
 use zonevault::config::Retention;
+use zonevault::repository::snapshot::{self, Index, IndexObject};
 use zonevault::retention;
-use zonevault::snapshot::{self, Index, IndexObject};
 
 fn index(n: usize, time: DateTime<Utc>, objects: &[u8]) -> Index {
     let id = format!("{}-{n:04x}", time.format("%Y%m%dT%H%M%SZ"));

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Seek, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -100,19 +100,6 @@ impl AuditLog {
         &self.core
     }
 
-    /// Records that `command` failed with `error`. A failure to record is
-    /// logged: the command's own error is what the operator must see.
-    pub fn run_failed(&self, command: &str, error: &crate::Error) {
-        let event = Event::RunFailed {
-            command: command.to_string(),
-            exit: error.exit().code(),
-            reason: error.to_string(),
-        };
-        if let Err(e) = self.append(&event) {
-            tracing::error!(error = %format!("{e:#}"), "cannot record the failure in the audit log");
-        }
-    }
-
     /// Appends one record and returns its `seq` once it is on disk (fsync).
     /// Callers report an action done only after its record is appended.
     /// Blocks: from async code, use [`AuditLog::record`].
@@ -160,17 +147,31 @@ impl AuditLog {
         crate::blocking::run("the audit writer", move || log.append(&event)).await?
     }
 
-    /// [`AuditLog::run_failed`] for async code: the record's fsync (and a
-    /// wait for another writer's batch) run on the blocking pool.
+    /// Records that `command` failed with `error` (its kind, exit code and
+    /// message). A failure to record is logged: the command's own error is
+    /// what the operator must see.
     pub async fn record_failure(self: &Arc<Self>, command: &str, error: &crate::Error) {
         let event = Event::RunFailed {
             command: command.to_string(),
             exit: error.exit().code(),
+            failure: error.reason().as_str().to_string(),
             reason: error.to_string(),
         };
         if let Err(e) = self.record(event).await {
             tracing::error!(error = %format!("{e:#}"), "cannot record the failure in the audit log");
         }
+    }
+
+    /// `result`, with its failure on record (see [`AuditLog::record_failure`]).
+    pub async fn failing<T>(
+        self: &Arc<Self>,
+        command: &str,
+        result: crate::Result<T>,
+    ) -> crate::Result<T> {
+        if let Err(e) = &result {
+            self.record_failure(command, e).await;
+        }
+        result
     }
 
     /// Writes `batch` under the file lock; returns the seq of its first record.
@@ -289,19 +290,41 @@ pub struct Line {
     pub text: String,
     /// Whether the line ended with a newline (the last one may not).
     pub complete: bool,
+    /// Where the line starts.
+    pub at: Position,
+}
+
+/// Where a line of the log starts: its byte offset and line number. The
+/// log only grows (a torn tail is cut back to the last whole record), so a
+/// position once read stays the position of that line; a reader checks
+/// that the line there is the record it expects before it trusts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    pub offset: u64,
+    /// The number of the line (1-based).
+    pub line: u64,
 }
 
 /// The lines of the log at `path`, in order, streamed. A missing log has none.
 /// Holds a shared lock on the log until the iterator is dropped: do not
 /// append from the same thread meanwhile.
 pub fn lines(path: &Path) -> Result<Lines> {
+    lines_at(path, Position { offset: 0, line: 1 })
+}
+
+/// The lines of the log at `path` from `at` on (see [`lines`]).
+pub fn lines_at(path: &Path, at: Position) -> Result<Lines> {
     let reader = match File::open(path) {
         Ok(f) => {
             // A shared lock: appends (exclusive) wait until the reading is
             // done, so a half-written batch is never read as a torn line.
             flock(&f, libc::LOCK_SH)
                 .with_context(|| format!("cannot lock the audit log {}", path.display()))?;
-            Some(BufReader::with_capacity(256 << 10, f))
+            let mut reader = BufReader::with_capacity(256 << 10, f);
+            reader
+                .seek(std::io::SeekFrom::Start(at.offset))
+                .with_context(|| format!("cannot read the audit log {}", path.display()))?;
+            Some(reader)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => {
@@ -311,7 +334,7 @@ pub fn lines(path: &Path) -> Result<Lines> {
     Ok(Lines {
         reader,
         path: path.to_path_buf(),
-        number: 0,
+        next: at,
     })
 }
 
@@ -319,7 +342,8 @@ pub fn lines(path: &Path) -> Result<Lines> {
 pub struct Lines {
     reader: Option<BufReader<File>>,
     path: PathBuf,
-    number: u64,
+    /// Where the next line starts.
+    next: Position,
 }
 
 impl Iterator for Lines {
@@ -330,16 +354,21 @@ impl Iterator for Lines {
         let mut buf = Vec::new();
         match reader.read_until(b'\n', &mut buf) {
             Ok(0) => None,
-            Ok(_) => {
-                self.number += 1;
+            Ok(n) => {
+                let at = self.next;
+                self.next = Position {
+                    offset: at.offset + n as u64,
+                    line: at.line + 1,
+                };
                 let complete = buf.last() == Some(&b'\n');
                 if complete {
                     buf.pop();
                 }
                 Some(Ok(Line {
-                    number: self.number,
+                    number: at.line,
                     text: String::from_utf8_lossy(&buf).into_owned(),
                     complete,
+                    at,
                 }))
             }
             Err(e) => {
@@ -394,6 +423,7 @@ mod tests {
         Event::RunFailed {
             command: "test".into(),
             exit: n,
+            failure: "other".into(),
             reason: format!("reason {n}"),
         }
     }

@@ -214,6 +214,9 @@ pub enum Event {
     RunFailed {
         command: String,
         exit: u8,
+        /// The failure's kind ([`crate::error::Reason`]): `residency`,
+        /// `unavailable`, `credentials`, `config`, `integrity`, `other`.
+        failure: String,
         reason: String,
     },
 }
@@ -436,6 +439,7 @@ mod tests {
             Event::RunFailed {
                 command: "backup".into(),
                 exit: 1,
+                failure: "unavailable".into(),
                 reason: "r".into(),
             },
             Event::TargetUnavailable {

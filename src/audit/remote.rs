@@ -16,16 +16,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use bytes::Bytes;
 use serde_json::{Map, Value};
 
 use super::chain;
-use super::log::{self, AuditLog, Line};
-use super::record::{ObjectKind, Stored, canonical};
+use super::log::{self, AuditLog, Line, Position};
+use super::record::{Stored, canonical};
 use crate::config::Target;
-use crate::layout;
-use crate::pipeline;
-use crate::residency::{Contents, Writable};
+use crate::repository::audit_copies;
+use crate::residency::Writable;
 use crate::storage::{ReadBackend, WriteBackend};
 
 const COPIED_FILE: &str = "audit.copied.json";
@@ -37,6 +35,32 @@ const COPIED_FILE: &str = "audit.copied.json";
 pub struct Mark {
     pub seq: u64,
     pub hash: String,
+    /// Where that record's line starts in the local log, so that a run reads
+    /// the log from there and not from its start (absent in marks that
+    /// `audit pull` made, or that an older zonevault wrote).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<Position>,
+}
+
+impl Mark {
+    /// Whether the log at `path` holds this mark's record where the mark
+    /// says; `false` when the mark has no position or the line there is
+    /// not that record.
+    fn holds_at(&self, path: &Path) -> Result<bool> {
+        let Some(at) = self.at else {
+            return Ok(false);
+        };
+        Ok(record_at(path, at)?
+            .is_some_and(|r| r.seq() == Some(self.seq) && r.hash() == Some(self.hash.as_str())))
+    }
+}
+
+/// The whole record on the line at `at`, if that line is one.
+fn record_at(path: &Path, at: Position) -> Result<Option<Stored>> {
+    let Some(line) = log::lines_at(path, at)?.next().transpose()? else {
+        return Ok(None);
+    };
+    Ok(Stored::parse(&line.text).filter(|_| line.complete))
 }
 
 /// Per target, the last record copied to it.
@@ -62,23 +86,22 @@ fn save_copied(state_dir: &Path, copied: &Copied) -> Result<()> {
     crate::state::write_atomic(&copied_path(state_dir), &serde_json::to_vec_pretty(copied)?)
 }
 
-/// The highest record that `store` holds a copy of for `core` (0 for none).
-async fn highest_copied<S: ReadBackend>(store: &S, target: &Target, core: &str) -> Result<u64> {
-    let listed = store
-        .list(&target.key(&layout::audit_dir(core)))
-        .await
-        .with_context(|| format!("listing the audit copies on target {}", target.name))?;
-    Ok(listed
-        .iter()
-        .filter_map(|o| layout::audit_copy_range(&o.key))
-        .map(|(_, last)| last)
-        .max()
-        .unwrap_or(0))
-}
-
 /// Whether the log at `path` still holds every record that was copied, as
 /// copied: `Some` names the first line where it does not.
 pub fn marks_break(path: &Path, copied: &Copied) -> Result<Option<chain::Break>> {
+    // Each mark read where it says it is: one line per target, not the
+    // whole log. Only when one is not there is the log read whole, to name
+    // the first line that breaks.
+    let mut all_held = true;
+    for mark in copied.values() {
+        if !mark.holds_at(path)? {
+            all_held = false;
+            break;
+        }
+    }
+    if all_held {
+        return Ok(None);
+    }
     let mut wanted: BTreeMap<u64, (&String, &Mark)> = BTreeMap::new();
     for (target, mark) in copied {
         wanted.entry(mark.seq).or_insert((target, mark));
@@ -135,7 +158,7 @@ pub async fn check_continuity<S: WriteBackend>(
         );
     }
     for t in targets {
-        let remote = highest_copied(t.store(), t.target(), audit.core()).await?;
+        let remote = audit_copies::highest(t.store(), t.target(), audit.core()).await?;
         let local = copied.get(&t.target().name).map_or(0, |m| m.seq);
         if remote > local {
             bail!(
@@ -157,39 +180,36 @@ pub async fn copy<S: WriteBackend>(
     targets: &[Writable<S>],
     recipients: &[age::x25519::Recipient],
 ) -> Result<()> {
-    let mut copied = load_copied(state_dir)?;
+    let dir = state_dir.to_path_buf();
+    let mut copied =
+        crate::blocking::run("reading the audit copy marks", move || load_copied(&dir)).await??;
     // Per target, the last record it holds: the mark, or less when a run
     // stopped between saving the mark and writing the copy (copied again now).
     let mut done = Vec::new();
     for t in targets {
         let mark = copied.get(&t.target().name).map_or(0, |m| m.seq);
-        let held = highest_copied(t.store(), t.target(), audit.core()).await?;
+        let held = audit_copies::highest(t.store(), t.target(), audit.core()).await?;
         done.push(mark.min(held));
     }
     let from = done.iter().copied().min().unwrap_or(0);
-    let mut lines: Vec<(u64, String)> = Vec::new();
-    let mut last_hash = String::new();
-    for line in log::lines(audit.path())? {
-        let line = line?;
-        let record = Stored::parse(&line.text);
-        match record.as_ref().and_then(|r| r.seq().zip(r.hash())) {
-            Some((seq, hash)) if seq > from && line.complete => {
-                last_hash = hash.to_string();
-                lines.push((seq, line.text));
-            }
-            Some(_) => {}
-            None => bail!(
-                "line {} of the audit log {} is not a record; `zonevault audit verify` tells more",
-                line.number,
-                audit.path().display()
-            ),
-        }
-    }
-    let Some(&(last, _)) = lines.last() else {
+    // Read from the mark of record `from` when one knows where it is: the
+    // log grows with every run, and a run copies only its own records.
+    let start = copied
+        .values()
+        .find(|m| m.seq == from)
+        .and_then(|m| m.at)
+        .filter(|_| from > 0);
+    let path = audit.path().to_path_buf();
+    let Some(news) = crate::blocking::run("reading the audit log", move || {
+        records_after(&path, from, start)
+    })
+    .await??
+    else {
         return Ok(());
     };
     for (t, done) in targets.iter().zip(done) {
-        let records: Vec<&str> = lines
+        let records: Vec<&str> = news
+            .lines
             .iter()
             .filter(|(seq, _)| *seq > done)
             .map(|(_, text)| text.as_str())
@@ -199,38 +219,25 @@ pub async fn copy<S: WriteBackend>(
         }
         let mut plain = records.join("\n");
         plain.push('\n');
-        let key = layout::audit_copy_key(audit.core(), done + 1, last);
-        let sealed = pipeline::encrypt_small(recipients, plain.as_bytes())?;
         // The mark goes first: a mark ahead of the zone is healed by the next
         // copy, a zone ahead of the mark would look like another machine's log.
         let name = t.target().name.clone();
-        let before = copied.insert(
-            name.clone(),
-            Mark {
-                seq: last,
-                hash: last_hash.clone(),
-            },
-        );
-        save_copied(state_dir, &copied)?;
-        let put = t
-            .put(
-                &key,
-                Bytes::from(sealed),
-                &Contents::of(ObjectKind::AuditCopy),
-            )
-            .await;
+        let before = copied.insert(name.clone(), news.last.clone());
+        save_marks(state_dir, &copied).await?;
+        let last = news.last.seq;
+        let put = audit_copies::write(t, audit.core(), (done + 1, last), &plain, recipients).await;
         if let Err(e) = put {
             // Take the mark back only when the target surely lacks the copy:
             // a write can land and still fail (its record could not be
             // written, the answer was lost), and a zone ahead of the mark
             // would block every later run. A mark left ahead heals.
-            let landed = highest_copied(t.store(), t.target(), audit.core()).await;
+            let landed = audit_copies::highest(t.store(), t.target(), audit.core()).await;
             if matches!(landed, Ok(held) if held < last) {
                 match before {
                     Some(mark) => copied.insert(name.clone(), mark),
                     None => copied.remove(&name),
                 };
-                if let Err(undo) = save_copied(state_dir, &copied) {
+                if let Err(undo) = save_marks(state_dir, &copied).await {
                     tracing::warn!(error = %format!("{undo:#}"), "cannot take back the audit copy mark; the next run copies the records again");
                 }
             }
@@ -240,9 +247,59 @@ pub async fn copy<S: WriteBackend>(
     Ok(())
 }
 
+/// [`save_copied`] on the blocking pool (it fsyncs).
+async fn save_marks(state_dir: &Path, copied: &Copied) -> Result<()> {
+    let (dir, copied) = (state_dir.to_path_buf(), copied.clone());
+    crate::blocking::run("saving the audit copy marks", move || {
+        save_copied(&dir, &copied)
+    })
+    .await?
+}
+
+/// The whole records of the log after record `from`, and the mark of the
+/// last one; `None` when there are none.
+struct News {
+    lines: Vec<(u64, String)>,
+    last: Mark,
+}
+
+/// Reads the records after `from`, starting at `start` (the line of record
+/// `from`) when it is known and still holds that record, else at the top.
+fn records_after(path: &Path, from: u64, start: Option<Position>) -> Result<Option<News>> {
+    let lines = match start {
+        Some(at) if record_at(path, at)?.is_some_and(|r| r.seq() == Some(from)) => {
+            log::lines_at(path, at)?
+        }
+        _ => log::lines(path)?,
+    };
+    let mut news: Vec<(u64, String)> = Vec::new();
+    let mut last: Option<Mark> = None;
+    for line in lines {
+        let line = line?;
+        let record = Stored::parse(&line.text);
+        match record.as_ref().and_then(|r| r.seq().zip(r.hash())) {
+            Some((seq, hash)) if seq > from && line.complete => {
+                last = Some(Mark {
+                    seq,
+                    hash: hash.to_string(),
+                    at: Some(line.at),
+                });
+                news.push((seq, line.text));
+            }
+            Some(_) => {}
+            None => bail!(
+                "line {} of the audit log {} is not a record; `zonevault audit verify` tells more",
+                line.number,
+                path.display()
+            ),
+        }
+    }
+    Ok(last.map(|last| News { lines: news, last }))
+}
+
 /// One record as a copy holds it.
 #[derive(Debug, Clone)]
-struct Copy {
+struct CopiedRecord {
     target: String,
     key: String,
     fields: Map<String, Value>,
@@ -255,32 +312,22 @@ async fn fetch<S: ReadBackend>(
     core: &str,
     identities: &[Box<dyn age::Identity + Send + Sync>],
     identity_file: &Path,
-) -> Result<(BTreeMap<u64, Copy>, BTreeMap<String, u64>)> {
-    let mut merged: BTreeMap<u64, Copy> = BTreeMap::new();
+) -> Result<(BTreeMap<u64, CopiedRecord>, BTreeMap<String, u64>)> {
+    let mut merged: BTreeMap<u64, CopiedRecord> = BTreeMap::new();
     let mut highest: BTreeMap<String, u64> = BTreeMap::new();
     for (target, store) in stores {
-        let listed = store
-            .list(&target.key(&layout::audit_dir(core)))
-            .await
-            .with_context(|| format!("listing the audit copies on target {}", target.name))?;
-        for object in listed {
-            let Some((first, last)) = layout::audit_copy_range(&object.key) else {
-                continue;
-            };
+        for object in audit_copies::list(store, target, core).await? {
+            let (first, last) = (object.first, object.last);
             let where_ = format!("copy {} on target {}", object.key, target.name);
-            let sealed = store
-                .get(&object.key)
+            let text = audit_copies::read(store, target, &object, identities)
                 .await
-                .with_context(|| format!("reading {where_}"))?
-                .with_context(|| format!("{where_} vanished while read"))?;
-            let plain = pipeline::decrypt_small(&sealed, identities).map_err(|e| match e {
-                pipeline::OpenError::NoMatchingKeys => anyhow::anyhow!(
-                    "{} cannot decrypt {where_}: give an identity of this core's zone",
-                    identity_file.display()
-                ),
-                other => anyhow::anyhow!("{where_} cannot be decrypted: {other}"),
-            })?;
-            let text = String::from_utf8(plain).with_context(|| format!("{where_} is not text"))?;
+                .map_err(|e| match e {
+                    audit_copies::ReadError::NoMatchingKeys => anyhow::anyhow!(
+                        "{} cannot decrypt {where_}: give an identity of this core's zone",
+                        identity_file.display()
+                    ),
+                    audit_copies::ReadError::Other(e) => e,
+                })?;
             let mut prev_hash: Option<String> = None;
             let mut expected = first;
             for line in text.lines() {
@@ -295,7 +342,7 @@ async fn fetch<S: ReadBackend>(
                     bail!("{where_} is not a chain of records {first} to {last}");
                 }
                 prev_hash = record.hash().map(str::to_string);
-                let copy = Copy {
+                let copy = CopiedRecord {
                     target: target.name.clone(),
                     key: object.key.clone(),
                     fields: record.fields,
@@ -460,6 +507,7 @@ pub async fn pull<S: ReadBackend>(
             number: i as u64 + 1,
             text: text.clone(),
             complete: true,
+            at: Position::default(),
         })
     });
     if let Err(b) = chain::verify(check)? {
@@ -476,7 +524,14 @@ pub async fn pull<S: ReadBackend>(
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
-            (target, Mark { seq, hash })
+            (
+                target,
+                Mark {
+                    seq,
+                    hash,
+                    at: None,
+                },
+            )
         })
         .collect();
     let mut prev = remote
@@ -493,4 +548,96 @@ pub async fn pull<S: ReadBackend>(
     log::replace(&path, local_len, &lines)?;
     save_copied(state_dir, &copied)?;
     Ok(lines.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::Event;
+    use crate::testing::World;
+
+    async fn records(w: &World, n: usize) {
+        for i in 0..n {
+            w.audit
+                .record(Event::RunFailed {
+                    command: "test".into(),
+                    exit: 1,
+                    failure: "other".into(),
+                    reason: format!("record {i}"),
+                })
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn copy_all(w: &World) {
+        copy(
+            &w.audit,
+            &w.config.core.state_dir,
+            &w.targets,
+            &w.config.zone().recipients,
+        )
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_run_copies_only_its_own_records_read_from_the_last_mark() {
+        let w = World::new().await;
+        records(&w, 3).await;
+        copy_all(&w).await;
+        let state = &w.config.core.state_dir;
+        let first = load_copied(state).unwrap();
+        let mark = first["ch-primary"].clone();
+        assert!(mark.at.is_some(), "{mark:?}");
+        assert!(mark.holds_at(w.audit.path()).unwrap());
+        records(&w, 2).await;
+        copy_all(&w).await;
+        let second = load_copied(state).unwrap();
+        for t in &w.targets {
+            let copies = audit_copies::list(t.store(), t.target(), "core-ch-1")
+                .await
+                .unwrap();
+            let ranges: Vec<(u64, u64)> = copies.iter().map(|c| (c.first, c.last)).collect();
+            // the second copy starts after the first one's last record
+            assert_eq!(ranges.len(), 2, "{ranges:?}");
+            assert_eq!(ranges[1].0, ranges[0].1 + 1, "{ranges:?}");
+            assert_eq!(ranges[1].1, second[&t.target().name].seq);
+        }
+        // the records after the first mark, read from its line, are the
+        // ones read from the top
+        let path = w.audit.path();
+        let from_mark = records_after(path, mark.seq, mark.at).unwrap().unwrap();
+        let from_top = records_after(path, mark.seq, None).unwrap().unwrap();
+        assert_eq!(from_mark.lines, from_top.lines);
+        assert_eq!(from_mark.last, from_top.last);
+        assert!(marks_break(path, &second).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_mark_whose_line_moved_is_looked_for_in_the_whole_log() {
+        let w = World::new().await;
+        records(&w, 4).await;
+        copy_all(&w).await;
+        let path = w.audit.path();
+        let mut copied = load_copied(&w.config.core.state_dir).unwrap();
+        let mark = copied.get_mut("ch-primary").unwrap();
+        let right = mark.clone();
+        // a position that holds another record (the first line)
+        mark.at = Some(Position { offset: 0, line: 1 });
+        assert!(!mark.holds_at(path).unwrap());
+        let wrong = mark.clone();
+        // still no break: the record is in the log, found by the full read
+        assert!(marks_break(path, &copied).unwrap().is_none());
+        // and the records after it are the same as from the right position
+        let lines = |m: &Mark| records_after(path, m.seq, m.at).unwrap().map(|n| n.lines);
+        let after = lines(&right);
+        assert!(after.is_some(), "the copy's own records come after it");
+        assert_eq!(lines(&wrong), after);
+        // a mark of a record the log does not hold is a break either way
+        let gone = copied.get_mut("ch-primary").unwrap();
+        gone.seq += 100;
+        let broken = marks_break(path, &copied).unwrap().unwrap();
+        assert!(broken.what.contains("missing"), "{}", broken.what);
+    }
 }

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -23,13 +22,14 @@ use crate::config::{Config, Dump, Volume};
 use crate::error::{Error, Result};
 use crate::hooks;
 use crate::incremental;
-use crate::layout;
 use crate::pipeline::{self, Part, PartSink};
 use crate::progress::Progress;
+use crate::repository::commit;
+use crate::repository::layout;
+use crate::repository::snapshot::{self, Index, UnitRecord};
 use crate::residency::{Contents, Writable};
-use crate::signing::{self, Signer, Statement};
-use crate::snapshot::{self, Index, IndexObject, Manifest, UnitRecord};
-use crate::storage::{WriteBackend, s3::S3Store};
+use crate::signing::{self, Signer};
+use crate::storage::s3::S3Store;
 use crate::units::{self, Unit};
 
 use super::session::Session;
@@ -145,9 +145,12 @@ pub struct Report {
 /// end, success or failure, the run's records are copied to the targets.
 pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> Result<Report> {
     let started = Instant::now();
-    let volumes =
-        select_volumes(config, &options.volumes).inspect_err(|e| audit.run_failed("backup", e))?;
-    let signer = signing::core_signer(config).inspect_err(|e| audit.run_failed("backup", e))?;
+    let volumes = audit
+        .failing("backup", select_volumes(config, &options.volumes))
+        .await?;
+    let signer = audit
+        .failing("backup", signing::core_signer(config))
+        .await?;
     let session = Session::begin(config, audit, "backup", options.wait).await?;
     let result = snapshot(
         config,
@@ -196,7 +199,8 @@ fn select_volumes(config: &Config, names: &[String]) -> Result<Vec<Volume>> {
     })
 }
 
-/// Takes the snapshot into `targets`, which passed the gate.
+/// Takes the snapshot into `targets`, which passed the gate: the stages of a
+/// run, in order.
 async fn snapshot(
     config: &Config,
     audit: &Arc<AuditLog>,
@@ -206,63 +210,14 @@ async fn snapshot(
     signer: Option<&Signer>,
     started: Instant,
 ) -> Result<Report> {
-    for t in targets {
-        t.ensure_marker()
-            .await
-            .with_context(|| format!("writing the marker of target {}", t.target().name))?;
-    }
     let core = &config.core.core_id;
-    let mut cleaned = 0;
-    // Objects that a committed snapshot references on every target: the
-    // only ones an unchanged unit may point to again.
-    let mut reusable: Option<HashSet<String>> = None;
-    for t in targets {
-        let (removed, referenced) = crate::repository::clean_uncommitted(t, core)
-            .await
-            .with_context(|| format!("cleaning up target {}", t.target().name))?;
-        cleaned += removed;
-        reusable = Some(match reusable {
-            None => referenced,
-            Some(r) => r.intersection(&referenced).cloned().collect(),
-        });
-    }
-    let reusable = reusable.unwrap_or_default();
-    let previous = if options.full {
-        None
-    } else {
-        let (dir, core, digest) = (
-            config.core.state_dir.clone(),
-            core.clone(),
-            incremental::recipients_digest(&config.zone().recipients),
-        );
-        crate::blocking::run("reading the units of the last snapshot", move || {
-            incremental::load(&dir, &core, &digest)
-        })
-        .await?
-    };
-    let previous: HashMap<(&str, &units::UnitKind), &UnitRecord> =
-        previous.as_ref().map(|p| p.lookup()).unwrap_or_default();
-
-    // temp copies of databases: a crashed run's leftovers go first
-    let dir = config.core.state_dir.clone();
-    let (tmp, _) = crate::blocking::run("preparing the temp dir", move || {
-        crate::sqlite::prepare_tmp(&dir)
-    })
-    .await??;
-    let databases: HashMap<String, Option<archive::Databases>> = volumes
-        .iter()
-        .map(|v| {
-            let dbs =
-                (v.sqlite == crate::config::SqliteMode::Consistent).then(|| archive::Databases {
-                    tmp: tmp.clone(),
-                    busy_timeout: v.sqlite_busy_timeout,
-                });
-            (v.name.clone(), dbs)
-        })
-        .collect();
+    let zone = config.zone();
+    let Prepared { cleaned, reusable } = prepare_targets(targets, core).await?;
+    let previous = previous_units(config, options.full).await?;
+    let previous = previous.as_ref().map(|p| p.lookup()).unwrap_or_default();
+    let databases = database_capture(config, volumes).await?;
     let now = chrono::Utc::now();
     let id = snapshot::new_id(now);
-    let zone = config.zone();
     let run = UnitRun {
         targets,
         core,
@@ -276,16 +231,113 @@ async fn snapshot(
         audit,
         state_dir: &config.core.state_dir,
     };
-    // Hooks: every `before` (volumes in order) before any volume is read;
-    // every `after` of a volume whose `before` was started (or that has
-    // none), in reverse order, once all units are done, failed or not.
+    let tally = Tally::of(read_with_hooks(&run, volumes).await?);
+    // The last point where a stop leaves nothing: from here the commit runs
+    // to its end.
+    if options.cancel.is_cancelled() {
+        return Err(stopped());
+    }
+    let draft = commit::Draft {
+        id: &id,
+        time: now,
+        core,
+        zone: &zone.id,
+        units: &tally.records,
+    };
+    let index = commit::commit(targets, &draft, &zone.recipients, signer).await?;
+    remember_units(config, &id, &tally.records).await;
+    Ok(tally.report(config, targets, &index, cleaned, started))
+}
+
+/// What the targets hold before the run writes its first unit.
+struct Prepared {
+    /// Leftovers of uncommitted runs removed.
+    cleaned: usize,
+    /// Objects that a committed snapshot references on every target: the
+    /// only ones an unchanged unit may point to again.
+    reusable: HashSet<String>,
+}
+
+/// Writes the marker where it is missing and removes what uncommitted runs
+/// left on every target.
+async fn prepare_targets(targets: &[Writable<S3Store>], core: &str) -> Result<Prepared> {
+    for t in targets {
+        t.ensure_marker()
+            .await
+            .with_context(|| format!("writing the marker of target {}", t.target().name))?;
+    }
+    let mut cleaned = 0;
+    let mut reusable: Option<HashSet<String>> = None;
+    for t in targets {
+        let (removed, referenced) = crate::repository::clean_uncommitted(t, core)
+            .await
+            .with_context(|| format!("cleaning up target {}", t.target().name))?;
+        cleaned += removed;
+        reusable = Some(match reusable {
+            None => referenced,
+            Some(r) => r.intersection(&referenced).cloned().collect(),
+        });
+    }
+    Ok(Prepared {
+        cleaned,
+        reusable: reusable.unwrap_or_default(),
+    })
+}
+
+/// The units of the last committed snapshot (none for a full run, or when
+/// the zone's recipients changed since).
+async fn previous_units(config: &Config, full: bool) -> Result<Option<incremental::Previous>> {
+    if full {
+        return Ok(None);
+    }
+    let (dir, core, digest) = (
+        config.core.state_dir.clone(),
+        config.core.core_id.clone(),
+        incremental::recipients_digest(&config.zone().recipients),
+    );
+    crate::blocking::run("reading the units of the last snapshot", move || {
+        incremental::load(&dir, &core, &digest)
+    })
+    .await
+    .map_err(Error::from)
+}
+
+/// How each volume's SQLite databases are captured (`None`: as files), with
+/// the temp dir for large copies emptied of a crashed run's leftovers.
+async fn database_capture(
+    config: &Config,
+    volumes: &[Volume],
+) -> Result<HashMap<String, Option<archive::Databases>>> {
+    let dir = config.core.state_dir.clone();
+    let (tmp, _) = crate::blocking::run("preparing the temp dir", move || {
+        crate::sqlite::prepare_tmp(&dir)
+    })
+    .await??;
+    Ok(volumes
+        .iter()
+        .map(|v| {
+            let dbs =
+                (v.sqlite == crate::config::SqliteMode::Consistent).then(|| archive::Databases {
+                    tmp: tmp.clone(),
+                    busy_timeout: v.sqlite_busy_timeout,
+                });
+            (v.name.clone(), dbs)
+        })
+        .collect())
+}
+
+/// Reads the volumes between their hooks: every `before` (volumes in order)
+/// before any volume is read; every `after` of a volume whose `before` was
+/// started (or that has none), in reverse order, once all units are done,
+/// failed or not.
+async fn read_with_hooks(run: &UnitRun<'_>, volumes: &[Volume]) -> Result<Read> {
+    let (audit, id, cancel) = (run.audit, run.snapshot, &run.options.cancel);
     let mut entered: Vec<&Volume> = Vec::new();
     let mut before_failed = None;
     for v in volumes {
         entered.push(v);
         if let Some(argv) = &v.hooks.before
-            && let Err(e) =
-                run_hook(audit, v, "before", argv, &id, Some(options.cancel.clone())).await
+            && let Err(e) = run_hook(audit, v, "before", argv, id, Some(cancel.clone())).await
         {
             before_failed = Some(e);
             break;
@@ -293,172 +345,137 @@ async fn snapshot(
     }
     let read = match before_failed {
         Some(e) => Err(e),
-        None => read_volumes(&run, volumes).await,
+        None => read_volumes(run, volumes).await,
     };
     let mut after_failed = None;
     for v in entered.iter().rev() {
         if let Some(argv) = &v.hooks.after
-            && let Err(e) = run_hook(audit, v, "after", argv, &id, None).await
+            && let Err(e) = run_hook(audit, v, "after", argv, id, None).await
         {
             after_failed.get_or_insert(e);
         }
     }
-    let (results, misplaced, mut changed_during_walk) = match (read, after_failed) {
+    match (read, after_failed) {
         (Err(e), Some(after)) => {
             tracing::error!(error = %after, "an after hook failed too");
-            return Err(e);
+            Err(e)
         }
-        (Err(e), None) | (Ok(_), Some(e)) => return Err(e),
-        (Ok(r), None) => r,
-    };
+        (Err(e), None) | (Ok(_), Some(e)) => Err(e),
+        (Ok(r), None) => Ok(r),
+    }
+}
 
-    let mut records: Vec<UnitRecord> = Vec::new();
-    let (mut databases, mut not_databases) = (0, Vec::new());
-    let (mut changed, mut vanished, mut escaping_links, mut hard_links, mut files) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0);
-    let (mut uploaded, mut uploaded_bytes, mut uploaded_plain_bytes) = (0, 0, 0);
-    for Stored {
-        record: rec,
-        stats,
-        reused,
-    } in results
-    {
-        if !reused {
-            uploaded += 1;
-            uploaded_bytes += rec.stored_size;
-            uploaded_plain_bytes += rec.plain_size;
+/// The units of a run and what the walks noticed, summed for the report.
+#[derive(Default)]
+struct Tally {
+    /// By volume, then kind.
+    records: Vec<UnitRecord>,
+    uploaded: usize,
+    uploaded_bytes: u64,
+    uploaded_plain_bytes: u64,
+    files: u64,
+    databases: u64,
+    changed: Vec<String>,
+    vanished: Vec<String>,
+    changed_during_walk: Vec<String>,
+    hard_links: Vec<String>,
+    escaping_links: Vec<String>,
+    not_databases: Vec<String>,
+    misplaced: Vec<String>,
+}
+
+impl Tally {
+    fn of((stored, misplaced, changed_during_walk): Read) -> Tally {
+        let shown = |paths: &[std::path::PathBuf]| -> Vec<String> {
+            paths.iter().map(|p| p.display().to_string()).collect()
+        };
+        let mut t = Tally {
+            misplaced,
+            changed_during_walk,
+            ..Tally::default()
+        };
+        for Stored {
+            record,
+            stats,
+            reused,
+        } in stored
+        {
+            if !reused {
+                t.uploaded += 1;
+                t.uploaded_bytes += record.stored_size;
+                t.uploaded_plain_bytes += record.plain_size;
+            }
+            t.files += record.files;
+            t.databases += stats.databases;
+            t.changed.extend(shown(&stats.changed));
+            t.vanished.extend(shown(&stats.vanished));
+            t.changed_during_walk
+                .extend(shown(&stats.changed_during_walk));
+            t.hard_links.extend(shown(&stats.hard_links));
+            t.escaping_links.extend(shown(&stats.escaping_links));
+            t.not_databases.extend(shown(&stats.not_databases));
+            t.records.push(record);
         }
-        files += rec.files;
-        changed.extend(stats.changed.iter().map(|p| p.display().to_string()));
-        vanished.extend(stats.vanished.iter().map(|p| p.display().to_string()));
-        changed_during_walk.extend(
-            stats
-                .changed_during_walk
-                .iter()
-                .map(|p| p.display().to_string()),
-        );
-        hard_links.extend(stats.hard_links.iter().map(|p| p.display().to_string()));
-        escaping_links.extend(stats.escaping_links.iter().map(|p| p.display().to_string()));
-        databases += stats.databases;
-        not_databases.extend(stats.not_databases.iter().map(|p| p.display().to_string()));
-        records.push(rec);
-    }
-    records.sort_by(|a, b| (&a.volume, &a.kind).cmp(&(&b.volume, &b.kind)));
-    if !vanished.is_empty() {
-        tracing::warn!(
-            "{} entries vanished during the backup and were skipped",
-            vanished.len()
-        );
-    }
-    if !changed_during_walk.is_empty() {
-        tracing::warn!(
-            "{} entries changed during the walk (swapped or replaced) and were skipped, never followed",
-            changed_during_walk.len()
-        );
+        t.records
+            .sort_by(|a, b| (&a.volume, &a.kind).cmp(&(&b.volume, &b.kind)));
+        if !t.vanished.is_empty() {
+            tracing::warn!(
+                "{} entries vanished during the backup and were skipped",
+                t.vanished.len()
+            );
+        }
+        if !t.changed_during_walk.is_empty() {
+            tracing::warn!(
+                "{} entries changed during the walk (swapped or replaced) and were skipped, never followed",
+                t.changed_during_walk.len()
+            );
+        }
+        t
     }
 
-    let manifest = Manifest {
-        format: layout::FORMAT,
-        snapshot: id.clone(),
-        time: now,
-        core: core.clone(),
-        zone: zone.id.clone(),
-        units: records.clone(),
-    };
-    let sealed = pipeline::encrypt_small(
-        &zone.recipients,
-        &serde_json::to_vec_pretty(&manifest).map_err(anyhow::Error::from)?,
-    )?;
-    let manifest_key = layout::manifest_key(core, &id);
-    let index = Index {
-        format: layout::FORMAT,
-        id: id.clone(),
-        time: now,
-        core: core.clone(),
-        zone: zone.id.clone(),
-        tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        manifest: IndexObject {
-            key: manifest_key.to_string(),
-            size: sealed.len() as u64,
-        },
-        objects: records
-            .iter()
-            .map(|r| IndexObject {
-                key: r.object.clone(),
-                size: r.stored_size,
-            })
-            .collect(),
-        units: records.len(),
-        plain_bytes: records.iter().map(|r| r.plain_size).sum(),
-        stored_bytes: records.iter().map(|r| r.stored_size).sum(),
-    };
-    let index_json = Bytes::from(serde_json::to_vec_pretty(&index).map_err(anyhow::Error::from)?);
-    let sealed = Bytes::from(sealed);
-    // The last point where a stop leaves nothing: from here the commit runs
-    // to its end.
-    if options.cancel.is_cancelled() {
-        return Err(stopped());
-    }
-    let of_snapshot = |kind| Contents {
-        kind,
-        snapshot: Some(&id),
-        users: &[],
-    };
-    // Every object of the commit is new: a run never replaces what another
-    // committed (ids do not collide, and this checks it).
-    put_new_everywhere(
-        targets,
-        &manifest_key,
-        &sealed,
-        &of_snapshot(ObjectKind::Manifest),
-    )
-    .await?;
-    let index_key = layout::index_key(core, &id);
-    if let Some(signer) = signer {
-        // Signatures before the index: a committed snapshot is signed whole.
-        for (key, body) in [(&manifest_key, &sealed), (&index_key, &index_json)] {
-            let statement = Statement {
-                core,
-                zone: &zone.id,
-                snapshot: &id,
-                file: signing::file_name(key),
-            };
-            let signature = Bytes::from(signer.sign(body, &statement)?);
-            put_new_everywhere(
-                targets,
-                &layout::signature_key(key),
-                &signature,
-                &of_snapshot(ObjectKind::Signature),
-            )
-            .await?;
+    fn report(
+        self,
+        config: &Config,
+        targets: &[Writable<S3Store>],
+        index: &Index,
+        cleaned: usize,
+        started: Instant,
+    ) -> Report {
+        Report {
+            snapshot: index.id.clone(),
+            core: config.core.core_id.clone(),
+            zone: config.zone().id.clone(),
+            targets: targets.iter().map(|t| t.target().name.clone()).collect(),
+            units: self.records.len(),
+            uploaded: self.uploaded,
+            reused: self.records.len() - self.uploaded,
+            files: self.files,
+            plain_bytes: index.plain_bytes,
+            stored_bytes: index.stored_bytes,
+            uploaded_bytes: self.uploaded_bytes,
+            uploaded_plain_bytes: self.uploaded_plain_bytes,
+            seconds: started.elapsed().as_secs_f64(),
+            changed: self.changed,
+            vanished: self.vanished,
+            changed_during_walk: self.changed_during_walk,
+            hard_links: self.hard_links,
+            misplaced: self.misplaced,
+            escaping_links: self.escaping_links,
+            databases: self.databases,
+            not_databases: self.not_databases,
+            cleaned,
         }
     }
-    // The commit: the index is the last write of the run. It must land on
-    // every target or on none, and never replace an index already there.
-    commit(
-        targets,
-        &index_key,
-        &index_json,
-        &of_snapshot(ObjectKind::Index),
-    )
-    .await?;
-    for t in targets {
-        t.audit()
-            .record(Event::SnapshotCommitted {
-                place: t.place(),
-                snapshot: id.clone(),
-                key: t.key(&index_key),
-                units: index.units,
-                plain_bytes: index.plain_bytes,
-                stored_bytes: index.stored_bytes,
-            })
-            .await?;
-    }
+}
+
+/// Records the units of the committed snapshot for the next run. A failure
+/// costs only time: the next run uploads every unit.
+async fn remember_units(config: &Config, id: &str, records: &[UnitRecord]) {
     let state = incremental::Previous {
-        core: core.clone(),
-        snapshot: id.clone(),
-        recipients: incremental::recipients_digest(&zone.recipients),
-        units: records.clone(),
+        core: config.core.core_id.clone(),
+        snapshot: id.to_string(),
+        recipients: incremental::recipients_digest(&config.zone().recipients),
+        units: records.to_vec(),
     };
     let dir = config.core.state_dir.clone();
     let saved = crate::blocking::run("recording the units of this snapshot", move || {
@@ -469,31 +486,6 @@ async fn snapshot(
     if let Err(e) = saved {
         tracing::warn!(error = %format!("{e:#}"), "cannot record the units of this snapshot; the next run uploads every unit");
     }
-
-    Ok(Report {
-        snapshot: id,
-        core: core.clone(),
-        zone: zone.id.clone(),
-        targets: targets.iter().map(|t| t.target().name.clone()).collect(),
-        units: records.len(),
-        uploaded,
-        reused: records.len() - uploaded,
-        files,
-        plain_bytes: index.plain_bytes,
-        stored_bytes: index.stored_bytes,
-        uploaded_bytes,
-        uploaded_plain_bytes,
-        seconds: started.elapsed().as_secs_f64(),
-        changed,
-        vanished,
-        changed_during_walk,
-        hard_links,
-        misplaced,
-        escaping_links,
-        databases,
-        not_databases,
-        cleaned,
-    })
 }
 
 /// What reading the volumes gave: the stored units, misplaced user
@@ -517,7 +509,9 @@ async fn read_volumes(run: &UnitRun<'_>, volumes: &[Volume]) -> Result<Read> {
             units.push((unit, v.exclude.clone(), Some(dump.clone())));
             continue;
         }
-        let scan = units::units_of(v)
+        let volume = v.clone();
+        let scan = crate::blocking::run("scanning a volume", move || units::units_of(&volume))
+            .await?
             .with_context(|| format!("reading volume {} ({})", v.name, v.path.display()))?;
         units.extend(scan.units.into_iter().map(|u| (u, v.exclude.clone(), None)));
         misplaced.extend(scan.misplaced.iter().map(|p| p.display().to_string()));
@@ -646,66 +640,6 @@ async fn finished(
         })
         .await?;
     Ok(())
-}
-
-/// Writes the index on every target, never over an existing one; if any
-/// target fails, takes back the copies this run wrote (and only those).
-async fn commit<S: WriteBackend>(
-    targets: &[Writable<S>],
-    key: &layout::Key,
-    body: &Bytes,
-    contents: &Contents<'_>,
-) -> Result<()> {
-    let results = put_new_on_all(targets, key, body, contents).await;
-    if results.iter().any(Result::is_err) {
-        for (t, r) in targets.iter().zip(&results) {
-            // where the write may have landed (a timeout after the server
-            // stored it), but never where another run's index is
-            if !r.as_ref().is_err_and(is_exists)
-                && let Err(undo) = t.delete(key, "taking back a partial commit").await
-            {
-                tracing::warn!(target = %t.target().name, error = %format!("{undo:#}"), "could not take back a partial commit");
-            }
-        }
-    }
-    crate::upload::settle(results)?;
-    Ok(())
-}
-
-fn is_exists(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<crate::storage::StoreError>(),
-            Some(crate::storage::StoreError::Exists { .. })
-        )
-    })
-}
-
-/// Writes a new object to every target (never over an existing one).
-async fn put_new_everywhere<S: WriteBackend>(
-    targets: &[Writable<S>],
-    key: &layout::Key,
-    body: &Bytes,
-    contents: &Contents<'_>,
-) -> Result<()> {
-    crate::upload::settle(put_new_on_all(targets, key, body, contents).await)?;
-    Ok(())
-}
-
-/// Writes one new object to every target at once (only where none exists
-/// under `key`); one result per target, in order.
-async fn put_new_on_all<S: WriteBackend>(
-    targets: &[Writable<S>],
-    key: &layout::Key,
-    body: &Bytes,
-    contents: &Contents<'_>,
-) -> Vec<anyhow::Result<()>> {
-    let puts = targets.iter().map(|t| async move {
-        t.put_new(key, body.clone(), contents)
-            .await
-            .with_context(|| format!("writing {} to target {}", t.key(key), t.target().name))
-    });
-    futures::future::join_all(puts).await
 }
 
 /// What every unit of a run shares.
@@ -923,53 +857,4 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::storage::StoreError;
-    use crate::storage::memory::Op;
-    use crate::testing;
-
-    const CORE: &str = "core-ch-1";
-    const ID: &str = "20261201T023000Z-00aa";
-
-    #[tokio::test]
-    async fn a_partial_commit_is_taken_back_but_never_another_run_s_index() {
-        let w = testing::World::new().await;
-        let key = layout::index_key(CORE, ID);
-        let body = Bytes::from_static(b"{}");
-        let contents = Contents::of(ObjectKind::Index);
-        // the second target fails: the first one's copy is taken back
-        w.targets[1]
-            .store()
-            .fail(Op::PutNew, 1, StoreError::Other("injected".into()));
-        let e = commit(&w.targets, &key, &body, &contents)
-            .await
-            .unwrap_err();
-        assert!(format!("{e:#}").contains("ch-secondary"), "{e:#}");
-        for t in &w.targets {
-            assert!(t.store().keys().is_empty(), "{}", t.target().name);
-        }
-        // the second target holds another run's index under that key: the
-        // first one's copy is taken back, the other run's is left alone
-        let theirs = &w.targets[1];
-        theirs.store().insert(&theirs.key(&key), b"another run");
-        commit(&w.targets, &key, &body, &contents)
-            .await
-            .unwrap_err();
-        assert!(w.targets[0].store().keys().is_empty());
-        assert_eq!(
-            theirs.store().object(&theirs.key(&key)).unwrap(),
-            "another run"
-        );
-        // both fine: both committed
-        theirs.store().insert(&theirs.key(&key), b"");
-        let fresh = layout::index_key(CORE, "20261201T023001Z-00ab");
-        commit(&w.targets, &fresh, &body, &contents).await.unwrap();
-        for t in &w.targets {
-            assert_eq!(t.store().object(&t.key(&fresh)).unwrap(), "{}");
-        }
-    }
 }

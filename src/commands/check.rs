@@ -131,25 +131,36 @@ impl CheckReport {
     }
 }
 
-/// Checks every target of the core's zone, concurrently. A check that does
-/// not pass is recorded as a failed run in `audit`.
-pub async fn run(config: &Config, audit: &Arc<AuditLog>) -> CheckReport {
+/// Checks the core's signing key and every target of its zone, concurrently.
+/// A check that does not pass is recorded as a failed run in `audit`; a
+/// signing key that restore would not accept is a config error (exit 2).
+pub async fn run(config: &Config, audit: &Arc<AuditLog>) -> crate::Result<CheckReport> {
+    let signer = audit
+        .failing("check", crate::signing::core_signer(config))
+        .await?;
     let zone = config.zone();
     let checks = zone.targets.iter().map(|t| check_target(config, audit, t));
     let targets = futures::future::join_all(checks).await;
+    let mut warnings = crate::retention::never_honoured(&zone.retention);
+    if signer.is_none() {
+        warnings.push(format!(
+            "core {} signs no snapshot (no signing key); see docs/operations.md, \"Signing keys\"",
+            config.core.core_id
+        ));
+    }
     let report = CheckReport {
         core: config.core.core_id.clone(),
         zone: zone.id.clone(),
         zone_name: zone.name.clone(),
         volumes: config.core.volumes.len(),
         targets,
-        signing: None,
-        warnings: crate::retention::never_honoured(&zone.retention),
+        signing: signer.map(|s| s.public_key()),
+        warnings,
     };
     if let Some(failure) = report.failure() {
-        audit.run_failed("check", &failure);
+        audit.record_failure("check", &failure).await;
     }
-    report
+    Ok(report)
 }
 
 async fn check_target(config: &Config, audit: &Arc<AuditLog>, target: &Target) -> TargetReport {

@@ -25,10 +25,10 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::{AuditLog, Event};
 use crate::config::{Config, Target};
 use crate::error::{Error, Result};
-use crate::layout;
+use crate::repository::layout;
+use crate::repository::snapshot::{self, Index};
 use crate::residency::Writable;
 use crate::retention::{self, Decision};
-use crate::snapshot::{self, Index};
 use crate::storage::{ReadBackend, WriteBackend, s3::S3Store};
 
 use super::session::Session;
@@ -134,8 +134,12 @@ fn report(
 
 /// Applies the retention to `core`'s snapshots on every target of the zone.
 pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> Result<Report> {
-    let core = snapshots::resolve_core(config, options.core.as_deref())
-        .inspect_err(|e| audit.run_failed("forget", e))?;
+    let core = audit
+        .failing(
+            "forget",
+            snapshots::resolve_core(config, options.core.as_deref()),
+        )
+        .await?;
     let session = Session::begin(config, audit, "forget", options.wait).await?;
     let result = forget(config, session.targets(), &core, &options.cancel).await;
     session.finish(result).await

@@ -34,20 +34,9 @@ impl<'a> Session<'a> {
         command: &'static str,
         wait: bool,
     ) -> Result<Session<'a>> {
-        let failed = |e: Error| {
-            audit.run_failed(command, &e);
-            e
-        };
-        let lock_dir = config.core.state_dir.clone();
-        let lock = crate::blocking::run("the run lock", move || RunLock::take(&lock_dir, wait))
-            .await
-            .map_err(Error::from)
-            .and_then(|r| r.map_err(Error::from))
-            .map_err(failed)?;
-        let targets = targets::writable(config, audit).await.map_err(failed)?;
-        remote::check_continuity(audit, &config.core.state_dir, &targets)
-            .await
-            .map_err(|e| failed(e.into()))?;
+        let (lock, targets) = audit
+            .failing(command, Self::open(config, audit, wait).await)
+            .await?;
         Ok(Session {
             config,
             audit,
@@ -55,6 +44,19 @@ impl<'a> Session<'a> {
             targets,
             _lock: lock,
         })
+    }
+
+    async fn open(
+        config: &Config,
+        audit: &Arc<AuditLog>,
+        wait: bool,
+    ) -> Result<(RunLock, Vec<Writable<S3Store>>)> {
+        let lock_dir = config.core.state_dir.clone();
+        let lock =
+            crate::blocking::run("the run lock", move || RunLock::take(&lock_dir, wait)).await??;
+        let targets = targets::writable(config, audit).await?;
+        remote::check_continuity(audit, &config.core.state_dir, &targets).await?;
+        Ok((lock, targets))
     }
 
     /// The zone's targets, all of which passed the gate.

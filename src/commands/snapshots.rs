@@ -3,7 +3,7 @@
 
 use crate::config::Config;
 use crate::error::{Error, Reason, Result, reason_of};
-use crate::snapshot::Index;
+use crate::repository::snapshot::Index;
 use crate::storage::s3::S3Store;
 use crate::targets;
 

@@ -187,9 +187,9 @@ pub async fn run(options: Options, mut signals: mpsc::Receiver<Signal>) -> Resul
             cancel.cancel();
             let finished = tokio::select! {
                 r = tokio::time::timeout(options.stop_timeout, &mut run) => r.is_ok(),
-                // a second signal: stop now
-                // a second stop: abandon the run now (a reload waits)
-                () = wait_for_stop(&mut signals) => false,
+                // a second stop: abandon the run now (a reload waits; a
+                // closed channel leaves the run its grace)
+                () = second_stop(&mut signals) => false,
             };
             if !finished {
                 let e = Error::failed(format!(
@@ -211,10 +211,16 @@ pub async fn run(options: Options, mut signals: mpsc::Receiver<Signal>) -> Resul
     Ok(())
 }
 
-/// Waits for the next [`Signal::Stop`] (or the end of `signals`), passing
-/// over reloads.
-async fn wait_for_stop(signals: &mut mpsc::Receiver<Signal>) {
-    while let Some(Signal::Reload) = signals.recv().await {}
+/// Waits for another [`Signal::Stop`], passing over reloads; never returns
+/// once `signals` is closed (no one is left to ask twice).
+async fn second_stop(signals: &mut mpsc::Receiver<Signal>) {
+    loop {
+        match signals.recv().await {
+            Some(Signal::Stop) => return,
+            Some(Signal::Reload) => {}
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// When the next run starts: now (catching up) or at the next scheduled
@@ -452,6 +458,28 @@ mod tests {
         assert!(needs_catch_up(Some(&nightly), None, now));
         assert!(!needs_catch_up(None, None, now));
         assert_eq!(next_after(&nightly, now), Some(at("2026-11-27T01:30:00Z")));
+    }
+
+    #[tokio::test]
+    async fn a_closed_signal_channel_leaves_a_stopping_run_its_grace() {
+        let wait = Duration::from_millis(200);
+        let (tx, mut rx) = mpsc::channel(4);
+        tx.send(Signal::Reload).await.unwrap();
+        drop(tx);
+        // closed: no second stop ever comes
+        assert!(
+            tokio::time::timeout(wait, second_stop(&mut rx))
+                .await
+                .is_err()
+        );
+        let (tx, mut rx) = mpsc::channel(4);
+        tx.send(Signal::Reload).await.unwrap();
+        tx.send(Signal::Stop).await.unwrap();
+        assert!(
+            tokio::time::timeout(wait, second_stop(&mut rx))
+                .await
+                .is_ok()
+        );
     }
 
     #[tokio::test]

@@ -1,15 +1,26 @@
 //! The repository: what lives under a target's prefix, and the one place
-//! that reads and tends it as a whole. Keys and formats are in
-//! [`crate::layout`] and [`crate::snapshot`]; writes go through the gate's
-//! [`crate::residency::Writable`]. Here: listing the committed snapshots of
-//! a core ([`indexes`]) and removing what none references ([`sweep`]).
+//! that knows it. Reads take any [`ReadBackend`]; writes go through the
+//! gate's [`crate::residency::Writable`], so nothing here can write to a
+//! target that did not pass.
+//!
+//! - [`layout`]: the keys (`Key`, relative to the prefix) of everything below.
+//! - [`marker`]: `zonevault.json`, which zone the target holds.
+//! - [`snapshot`]: the formats of a snapshot's manifest (encrypted) and
+//!   index (cleartext); [`indexes`] lists a core's committed snapshots.
+//! - [`commit`]: a snapshot's manifest, signatures and index, written last.
+//! - [`sweep`]: what no committed snapshot references goes, on record.
+//! - [`audit_copies`]: the encrypted copies of the audit log.
 
+pub mod audit_copies;
+pub mod commit;
+pub mod layout;
+pub mod marker;
+pub mod snapshot;
 pub mod sweep;
 
 pub use sweep::{abort_uploads, clean_uncommitted, sweep};
 
-use crate::layout;
-use crate::snapshot::Index;
+use crate::repository::snapshot::Index;
 use crate::storage::ReadBackend;
 
 /// Every committed snapshot index of `core` on one target, oldest first

@@ -9,9 +9,9 @@ use std::collections::HashSet;
 use anyhow::Context;
 
 use crate::audit::Event;
-use crate::layout;
+use crate::repository::layout;
+use crate::repository::snapshot;
 use crate::residency::Writable;
-use crate::snapshot;
 use crate::storage::WriteBackend;
 
 /// Aborts every unfinished multipart upload of `core` on a target.

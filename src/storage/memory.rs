@@ -18,6 +18,7 @@ use crate::config::Target;
 pub enum Op {
     Location,
     Get,
+    Head,
     List,
     ListUploads,
     Put,
@@ -147,6 +148,10 @@ impl ReadBackend for Memory {
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.call(Op::Get)?.objects.get(key).map(|b| b.to_vec()))
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        Ok(self.call(Op::Head)?.objects.contains_key(key))
     }
 
     async fn get_stream(&self, key: &str) -> Result<Option<Body>, StoreError> {

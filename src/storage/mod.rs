@@ -72,6 +72,9 @@ pub trait ReadBackend: Send + Sync {
     /// A small object in full, or `None` when there is none under `key`.
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
 
+    /// Whether there is an object under `key` (a HEAD: nothing is read).
+    fn exists(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
     /// An object as a stream, or `None` when there is none under `key`.
     fn get_stream(
         &self,

@@ -146,6 +146,21 @@ impl ReadBackend for S3Store {
         Ok(Some(bytes.to_vec()))
     }
 
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
+            Err(e) => Err(self.classify(e)),
+        }
+    }
+
     async fn get_stream(&self, key: &str) -> Result<Option<Body>, StoreError> {
         match self
             .client

@@ -1,7 +1,5 @@
 //! Where things live inside a target (bucket + prefix), as DESIGN.md fixes it.
 
-use serde::{Deserialize, Serialize};
-
 use crate::config::Target;
 
 /// Key of the marker, relative to the target's prefix.
@@ -60,23 +58,6 @@ impl std::fmt::Display for Key {
 
 /// The version of the layout that this zonevault writes and reads.
 pub const FORMAT: u32 = 1;
-
-/// `<prefix>/zonevault.json`: which zone a target holds backups of.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Marker {
-    pub format: u32,
-    pub zone: String,
-}
-
-impl Marker {
-    /// The marker of `zone`.
-    pub fn new(zone: &str) -> Marker {
-        Marker {
-            format: FORMAT,
-            zone: zone.to_string(),
-        }
-    }
-}
 
 /// `<core>/objects/` (relative to the target's prefix).
 pub fn objects_dir(core: &str) -> String {

@@ -95,10 +95,12 @@ impl Index {
 impl Index {
     /// The keys of the detached signatures of this snapshot's index and
     /// manifest (present when the core signs its commits).
-    pub fn signatures(&self) -> [crate::layout::Key; 2] {
+    pub fn signatures(&self) -> [crate::repository::layout::Key; 2] {
         [
-            crate::layout::signature_key(&crate::layout::index_key(&self.core, &self.id)),
-            crate::layout::signature_key(&self.manifest.key),
+            crate::repository::layout::signature_key(&crate::repository::layout::index_key(
+                &self.core, &self.id,
+            )),
+            crate::repository::layout::signature_key(&self.manifest.key),
         ]
     }
 }
