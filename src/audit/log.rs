@@ -338,6 +338,14 @@ pub fn lines_at(path: &Path, at: Position) -> Result<Lines> {
     })
 }
 
+/// The whole record on the line at `at`, if that line is one.
+pub fn record_at(path: &Path, at: Position) -> Result<Option<Stored>> {
+    let Some(line) = lines_at(path, at)?.next().transpose()? else {
+        return Ok(None);
+    };
+    Ok(Stored::parse(&line.text).filter(|_| line.complete))
+}
+
 /// Iterator over the lines of a log; see [`lines`].
 pub struct Lines {
     reader: Option<BufReader<File>>,

@@ -1,7 +1,7 @@
 //! Questions asked of the local log: where is a user's data (`audit where`),
 //! and which records match (`audit show`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use anyhow::Result;
@@ -125,34 +125,87 @@ pub fn locations(path: &Path, user: &str) -> Result<Vec<Location>> {
     Ok(found.into_iter().map(|(_, l)| l).collect())
 }
 
+/// The open intents of every target as of one record of the log, kept in
+/// `<state_dir>/audit.intents.json` so that the next reading starts there:
+/// the log grows with every run, and a sweep must not read it whole each
+/// time. A cache: when it is missing, damaged, or its record is not where it
+/// says (a log rebuilt by `audit pull`), the log is read from the top.
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+struct Intents {
+    /// The last record read: its seq, hash and line.
+    seq: u64,
+    hash: String,
+    at: log::Position,
+    /// Per target, the full keys with an open intent.
+    open: BTreeMap<String, BTreeSet<String>>,
+}
+
+const INTENTS_FILE: &str = "audit.intents.json";
+
+impl Intents {
+    /// The checkpoint beside the log at `path`, if it still fits the log.
+    fn load(path: &Path) -> Option<Intents> {
+        let bytes = std::fs::read(path.with_file_name(INTENTS_FILE)).ok()?;
+        let saved: Intents = serde_json::from_slice(&bytes).ok()?;
+        let record = log::record_at(path, saved.at).ok()??;
+        (record.seq() == Some(saved.seq) && record.hash() == Some(saved.hash.as_str()))
+            .then_some(saved)
+    }
+
+    /// Reads the log from this checkpoint on (the top for a new one).
+    fn read_on(&mut self, path: &Path) -> Result<()> {
+        let start = if self.seq == 0 {
+            log::Position { offset: 0, line: 1 }
+        } else {
+            self.at
+        };
+        for line in log::lines_at(path, start)? {
+            let line = line?;
+            let Some(record) = Stored::parse(&line.text).filter(|_| line.complete) else {
+                continue;
+            };
+            let Some(seq) = record.seq().filter(|s| *s > self.seq) else {
+                continue;
+            };
+            (self.seq, self.at) = (seq, line.at);
+            self.hash = record.hash().unwrap_or_default().to_string();
+            let (Some(target), Some(key)) = (record.str("target"), record.str("key")) else {
+                continue;
+            };
+            let open = self.open.entry(target.to_string()).or_default();
+            match record.event() {
+                "upload_started" | "delete_started" => {
+                    open.insert(key.to_string());
+                }
+                "object_put" | "object_absent" | "upload_aborted" | "object_deleted" => {
+                    open.remove(key);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The full keys on `target` whose write or deletion started and has no
 /// outcome on record (`object_put`, `object_absent`, `upload_aborted`,
 /// `object_deleted`): what a crash, a failed write or a deletion whose
-/// record could not be written may have left.
+/// record could not be written may have left. Reads the log from where the
+/// last call ended (see [`Intents`]).
 pub fn open_intents(path: &Path, target: &str) -> Result<Vec<String>> {
-    let mut open = std::collections::BTreeSet::new();
-    for line in log::lines(path)? {
-        let line = line?;
-        let Some(record) = Stored::parse(&line.text) else {
-            continue;
-        };
-        if record.str("target") != Some(target) {
-            continue;
-        }
-        let Some(key) = record.str("key") else {
-            continue;
-        };
-        match record.event() {
-            "upload_started" | "delete_started" => {
-                open.insert(key.to_string());
-            }
-            "object_put" | "object_absent" | "upload_aborted" | "object_deleted" => {
-                open.remove(key);
-            }
-            _ => {}
+    let mut intents = Intents::load(path).unwrap_or_default();
+    intents.read_on(path)?;
+    if intents.seq > 0 {
+        let saved = serde_json::to_vec(&intents)?;
+        if let Err(e) = crate::state::write_atomic(&path.with_file_name(INTENTS_FILE), &saved) {
+            tracing::debug!(error = %format!("{e:#}"), "cannot keep the open intents; the next sweep reads the whole log");
         }
     }
-    Ok(open.into_iter().collect())
+    Ok(intents
+        .open
+        .remove(target)
+        .map(|keys| keys.into_iter().collect())
+        .unwrap_or_default())
 }
 
 /// Which records `audit show` prints.
@@ -250,7 +303,16 @@ mod tests {
                 .map(|l| l.status)
                 .collect()
         };
-        let open = |log: &AuditLog| open_intents(log.path(), "t").unwrap();
+        // read on from the last checkpoint, and the same as a whole reading
+        let open = |log: &AuditLog| {
+            let on = open_intents(log.path(), "t").unwrap();
+            let kept = log.path().with_file_name(INTENTS_FILE);
+            let saved = std::fs::read(&kept).unwrap();
+            std::fs::remove_file(&kept).unwrap();
+            assert_eq!(on, open_intents(log.path(), "t").unwrap());
+            std::fs::write(&kept, saved).unwrap();
+            on
+        };
         log.append(&started).unwrap();
         assert_eq!(statuses(&log), [Status::Unconfirmed]);
         assert_eq!(open(&log), ["k"]);
@@ -302,5 +364,18 @@ mod tests {
         })
         .unwrap();
         assert!(statuses(&log).is_empty());
+        assert!(open(&log).is_empty());
+        // a checkpoint that does not fit the log (a log rebuilt, a hand
+        // edit) is not trusted: the log is read from the top
+        let kept = log.path().with_file_name(INTENTS_FILE);
+        let mut forged: Intents = serde_json::from_slice(&std::fs::read(&kept).unwrap()).unwrap();
+        forged.hash = "0".repeat(64);
+        forged
+            .open
+            .entry("t".into())
+            .or_default()
+            .insert("ghost".into());
+        std::fs::write(&kept, serde_json::to_vec(&forged).unwrap()).unwrap();
+        assert!(open_intents(log.path(), "t").unwrap().is_empty());
     }
 }

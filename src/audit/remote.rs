@@ -50,17 +50,9 @@ impl Mark {
         let Some(at) = self.at else {
             return Ok(false);
         };
-        Ok(record_at(path, at)?
+        Ok(log::record_at(path, at)?
             .is_some_and(|r| r.seq() == Some(self.seq) && r.hash() == Some(self.hash.as_str())))
     }
-}
-
-/// The whole record on the line at `at`, if that line is one.
-fn record_at(path: &Path, at: Position) -> Result<Option<Stored>> {
-    let Some(line) = log::lines_at(path, at)?.next().transpose()? else {
-        return Ok(None);
-    };
-    Ok(Stored::parse(&line.text).filter(|_| line.complete))
 }
 
 /// Per target, the last record copied to it.
@@ -267,7 +259,7 @@ struct News {
 /// `from`) when it is known and still holds that record, else at the top.
 fn records_after(path: &Path, from: u64, start: Option<Position>) -> Result<Option<News>> {
     let lines = match start {
-        Some(at) if record_at(path, at)?.is_some_and(|r| r.seq() == Some(from)) => {
+        Some(at) if log::record_at(path, at)?.is_some_and(|r| r.seq() == Some(from)) => {
             log::lines_at(path, at)?
         }
         _ => log::lines(path)?,
