@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
 
 use super::chain;
 use super::log::{self, AuditLog, Line, Position};
@@ -166,12 +167,17 @@ pub async fn check_continuity<S: WriteBackend>(
 
 /// Copies the records that each target lacks to it. Call at the end of a run,
 /// after its last record.
+///
+/// A stop (`cancel`) is honoured between targets: the copy in flight ends,
+/// the next targets wait for the next run (which copies what they lack), and
+/// the result says [`CopyOutcome::Stopped`].
 pub async fn copy<S: WriteBackend>(
     audit: &AuditLog,
     state_dir: &Path,
     targets: &[Writable<S>],
     recipients: &[age::x25519::Recipient],
-) -> Result<()> {
+    cancel: &CancellationToken,
+) -> Result<CopyOutcome> {
     let dir = state_dir.to_path_buf();
     let mut copied =
         crate::blocking::run("reading the audit copy marks", move || load_copied(&dir)).await??;
@@ -197,9 +203,12 @@ pub async fn copy<S: WriteBackend>(
     })
     .await??
     else {
-        return Ok(());
+        return Ok(CopyOutcome::Done);
     };
     for (t, done) in targets.iter().zip(done) {
+        if cancel.is_cancelled() {
+            return Ok(CopyOutcome::Stopped);
+        }
         let records: Vec<&str> = news
             .lines
             .iter()
@@ -236,7 +245,7 @@ pub async fn copy<S: WriteBackend>(
             return Err(e.context(format!("copying the audit log to target {name}")));
         }
     }
-    Ok(())
+    Ok(CopyOutcome::Done)
 }
 
 /// [`save_copied`] on the blocking pool (it fsyncs).
@@ -287,6 +296,15 @@ fn records_after(path: &Path, from: u64, start: Option<Position>) -> Result<Opti
         }
     }
     Ok(last.map(|last| News { lines: news, last }))
+}
+
+/// How far [`copy`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyOutcome {
+    /// Every target holds every record.
+    Done,
+    /// Stopped between targets: some wait for the next run.
+    Stopped,
 }
 
 /// One record as a copy holds it.
@@ -562,15 +580,46 @@ mod tests {
         }
     }
 
-    async fn copy_all(w: &World) {
+    async fn copy_all(w: &World) -> CopyOutcome {
+        copy_until(w, &CancellationToken::new()).await
+    }
+
+    async fn copy_until(w: &World, cancel: &CancellationToken) -> CopyOutcome {
         copy(
             &w.audit,
             &w.config.core.state_dir,
             &w.targets,
             &w.config.zone().recipients,
+            cancel,
         )
         .await
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_stop_ends_the_copy_between_targets_and_the_next_run_catches_up() {
+        let w = World::new().await;
+        records(&w, 3).await;
+        let stop = CancellationToken::new();
+        stop.cancel();
+        assert_eq!(copy_until(&w, &stop).await, CopyOutcome::Stopped);
+        for t in &w.targets {
+            assert_eq!(
+                audit_copies::highest(t.store(), t.target(), "core-ch-1")
+                    .await
+                    .unwrap(),
+                0
+            );
+        }
+        assert_eq!(copy_all(&w).await, CopyOutcome::Done);
+        for t in &w.targets {
+            assert!(
+                audit_copies::highest(t.store(), t.target(), "core-ch-1")
+                    .await
+                    .unwrap()
+                    >= 3
+            );
+        }
     }
 
     #[tokio::test]

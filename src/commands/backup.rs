@@ -151,7 +151,7 @@ pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
     let signer = audit
         .failing("backup", signing::core_signer(config))
         .await?;
-    let session = Session::begin(config, audit, "backup", options.wait).await?;
+    let session = Session::begin(config, audit, "backup", options.wait, &options.cancel).await?;
     let result = snapshot(
         config,
         audit,

@@ -140,7 +140,7 @@ pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
             snapshots::resolve_core(config, options.core.as_deref()),
         )
         .await?;
-    let session = Session::begin(config, audit, "forget", options.wait).await?;
+    let session = Session::begin(config, audit, "forget", options.wait, &options.cancel).await?;
     let result = forget(config, session.targets(), &core, &options.cancel).await;
     session.finish(result).await
 }

@@ -8,7 +8,10 @@
 
 use std::sync::Arc;
 
-use crate::audit::{AuditLog, remote};
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::AuditLog;
+use crate::audit::remote::{self, CopyOutcome};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::lock::RunLock;
@@ -22,6 +25,7 @@ pub struct Session<'a> {
     audit: &'a Arc<AuditLog>,
     command: &'static str,
     targets: Vec<Writable<S3Store>>,
+    cancel: CancellationToken,
     _lock: RunLock,
 }
 
@@ -33,6 +37,7 @@ impl<'a> Session<'a> {
         audit: &'a Arc<AuditLog>,
         command: &'static str,
         wait: bool,
+        cancel: &CancellationToken,
     ) -> Result<Session<'a>> {
         let (lock, targets) = audit
             .failing(command, Self::open(config, audit, wait).await)
@@ -42,6 +47,7 @@ impl<'a> Session<'a> {
             audit,
             command,
             targets,
+            cancel: cancel.clone(),
             _lock: lock,
         })
     }
@@ -76,10 +82,17 @@ impl<'a> Session<'a> {
             &self.config.core.state_dir,
             &self.targets,
             &self.config.zone().recipients,
+            &self.cancel,
         )
         .await;
+        if let Ok(CopyOutcome::Stopped) = copied {
+            tracing::warn!(
+                "stopping: the audit records of this {} wait for the next run to be copied to every target",
+                self.command
+            );
+        }
         match (result, copied) {
-            (Ok(done), Ok(())) => Ok(done),
+            (Ok(done), Ok(_)) => Ok(done),
             (Ok(_), Err(e)) => {
                 let e = Error::Failed(e.context(format!(
                     "the {} is done, but its audit records could not be copied to the zone (the next run copies them)",
@@ -88,7 +101,7 @@ impl<'a> Session<'a> {
                 self.audit.record_failure(self.command, &e).await;
                 Err(e)
             }
-            (Err(e), Ok(())) => Err(e),
+            (Err(e), Ok(_)) => Err(e),
             (Err(e), Err(copy)) => {
                 tracing::warn!(error = %format!("{copy:#}"), "the audit records of this failed run could not be copied; the next run copies them");
                 Err(e)
