@@ -38,3 +38,19 @@ restic_env() {
   export RESTIC_REPOSITORY="s3:$endpoint/zv-ch-gva/restic" RESTIC_PASSWORD=bench
   restic -o s3.region=ch-gva-2 init >/dev/null
 }
+
+# measure_cpu NAME CMD...: like measure, and prints "seconds peak-RSS-MB cpu-seconds" (user+sys)
+measure_cpu() {
+  local name=$1; shift
+  local log=$work/time-$name.log
+  sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+  /usr/bin/time -f '%e %M %U %S' -o "$log" "$@" > "$work/out-$name.log" 2>&1 || { cat "$work/out-$name.log" >&2; exit 1; }
+  read -r secs rss_kb user sys < "$log"
+  awk -v s="$secs" -v r="$rss_kb" -v u="$user" -v y="$sys" 'BEGIN { printf "%s %d %.2f\n", s, r / 1024, u + y }'
+}
+
+# rustic_bin: the rustic binary (built once into ~/.cache/zonevault/rustic), or nothing
+rustic_bin() {
+  local b=${RUSTIC:-$HOME/.cache/zonevault/rustic/bin/rustic}
+  [ -x "$b" ] && echo "$b" || true
+}

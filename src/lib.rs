@@ -23,6 +23,7 @@
 pub mod archive;
 pub mod audit;
 pub mod blocking;
+pub mod budget;
 pub mod commands;
 pub mod config;
 pub mod daemon;

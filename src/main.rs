@@ -68,8 +68,9 @@ enum Command {
         /// Only this volume (repeatable); default: all.
         #[arg(long = "volume", value_name = "NAME")]
         volumes: Vec<String>,
-        /// Units processed at once, 1 to 256 (default: twice the number of
-        /// CPUs). At most jobs × (part-jobs + 2) parts of 8 MiB are in memory.
+        /// Units processed at once, 1 to 256 (default 32). Memory and load are
+        /// bounded by the [transfer] budget of core.toml (bytes and requests
+        /// in flight, upload rate) and the CPU count, whatever this is.
         #[arg(long, value_name = "N", value_parser = jobs_range())]
         jobs: Option<u16>,
         /// Upload parts (8 MiB) in flight per unit, 1 to 32.
@@ -121,7 +122,8 @@ enum Command {
         /// unsigned one, made before signing, is restored with a warning).
         #[arg(long)]
         require_signed: bool,
-        /// Units restored at once, 1 to 256 (default: twice the number of CPUs).
+        /// Units restored at once, 1 to 256 (default 32, each one GET in
+        /// flight within the [transfer] request budget of core.toml).
         #[arg(long, value_name = "N", value_parser = jobs_range())]
         jobs: Option<u16>,
         /// Print the summary as JSON.

@@ -7,9 +7,13 @@
 
 use std::io::{self, Read, Write};
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
+
+use crate::budget::{Budget, Held};
 
 /// BLAKE3 is fast on large inputs (it hashes many chunks at once with SIMD)
 /// and slow on the 512-byte headers and 8 KiB copies that tar writes, so
@@ -127,31 +131,42 @@ impl Digest {
 /// What travels from the pipeline to the upload: the parts, then the end.
 #[derive(Debug)]
 pub enum Part {
-    Data(Bytes),
+    /// A part, and the bytes of the run's budget it holds until it is
+    /// stored on every target.
+    Data(Bytes, Held),
     /// The object is complete; its size and hash.
     End(Digest),
 }
 
 /// Cuts the stream into parts of `part_size` bytes, hashes them and sends
-/// them on; the channel's bound is what keeps memory flat. After the last
-/// part, [`Part::End`] marks the end: a channel that closes without it means
-/// the producer failed, and the object must not be completed.
+/// them on, each holding its bytes from the run's [`Budget`]: the budget is
+/// what keeps memory flat across units. After the last part, [`Part::End`]
+/// marks the end: a channel that closes without it means the producer
+/// failed, and the object must not be completed.
+///
+/// The buffer starts small and grows to `part_size` only for a unit that
+/// fills it: a small unit never reserves a whole part.
 pub struct PartSink {
     tx: mpsc::Sender<Part>,
     buf: BytesMut,
     part_size: usize,
     hasher: blake3::Hasher,
     sent: u64,
+    budget: Arc<Budget>,
 }
 
+/// The first buffer of a part: most units of a Pryv volume are smaller.
+const FIRST_BUFFER: usize = 64 << 10;
+
 impl PartSink {
-    pub fn new(tx: mpsc::Sender<Part>, part_size: usize) -> Self {
+    pub fn new(tx: mpsc::Sender<Part>, part_size: usize, budget: Arc<Budget>) -> Self {
         PartSink {
             tx,
-            buf: BytesMut::with_capacity(part_size),
+            buf: BytesMut::with_capacity(FIRST_BUFFER.min(part_size)),
             part_size,
             hasher: blake3::Hasher::new(),
             sent: 0,
+            budget,
         }
     }
 
@@ -165,8 +180,13 @@ impl PartSink {
         let part = self.buf.split().freeze();
         self.sent += part.len() as u64;
         self.hasher.update(&part);
-        self.send(Part::Data(part))?;
-        self.buf.reserve(self.part_size);
+        let held = self.budget.hold_blocking(part.len());
+        let full = part.len() == self.part_size;
+        self.send(Part::Data(part, held))?;
+        if full {
+            // a large unit: the next part is likely whole too
+            self.buf.reserve(self.part_size);
+        }
         Ok(())
     }
 

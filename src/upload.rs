@@ -2,9 +2,15 @@
 //!
 //! Parts arrive on a channel from the pipeline. An object that fits in one
 //! part is a single PUT; a larger one is a multipart upload on each target,
-//! up to `concurrency` parts in flight. On any failure every started multipart upload is
-//! aborted, so a failed run leaves no half object behind. Each target
-//! records the object in the audit log as it completes.
+//! up to `concurrency` parts in flight. Every request takes a slot of the
+//! run's [`Budget`] (and waits for the upload rate, when one is set); a part
+//! gives its bytes back to the budget once every target stored it. On any
+//! failure every started multipart upload is aborted, so a failed run leaves
+//! no half object behind. Each target records the object in the audit log as
+//! it completes.
+
+use std::future::Future;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -12,10 +18,18 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::sync::mpsc;
 
+use crate::budget::{Budget, Held};
 use crate::pipeline::{Digest, Part};
 use crate::repository::layout::Key;
 use crate::residency::{Contents, Writable};
 use crate::storage::WriteBackend;
+
+/// Runs `request` in a request slot of `budget`, after pacing `bytes`.
+async fn in_slot<T>(budget: &Budget, bytes: usize, request: impl Future<Output = T>) -> T {
+    budget.pace(bytes).await;
+    let _slot = budget.request().await;
+    request.await
+}
 
 /// Receives the parts of object `key` and writes it to every target.
 /// Returns the stored object's digest.
@@ -25,20 +39,25 @@ pub async fn upload<S: WriteBackend>(
     mut parts: mpsc::Receiver<Part>,
     concurrency: usize,
     contents: &Contents<'_>,
+    budget: &Budget,
 ) -> Result<Digest> {
     let first = match next_part(&mut parts, key).await? {
-        Part::Data(first) => first,
+        Part::Data(bytes, held) => (bytes, Arc::new(held)),
         Part::End(_) => anyhow::bail!("the pipeline produced no data for {key}"),
     };
     let second = match next_part(&mut parts, key).await? {
-        Part::Data(second) => second,
+        Part::Data(bytes, held) => (bytes, Arc::new(held)),
         Part::End(digest) => {
             let puts = targets.iter().map(|t| {
-                let (body, digest) = (first.clone(), &digest);
+                let (body, digest) = (first.0.clone(), &digest);
                 async move {
-                    t.put_digested(key, body, contents, digest)
-                        .await
-                        .with_context(|| describe("writing", t, key))
+                    in_slot(
+                        budget,
+                        body.len(),
+                        t.put_digested(key, body, contents, digest),
+                    )
+                    .await
+                    .with_context(|| describe("writing", t, key))
                 }
             });
             // Every started write settles, so none lands unrecorded after
@@ -48,8 +67,12 @@ pub async fn upload<S: WriteBackend>(
         }
     };
 
-    let ids =
-        futures::future::join_all(targets.iter().map(|t| t.create_upload(key, contents))).await;
+    let ids = futures::future::join_all(
+        targets
+            .iter()
+            .map(|t| in_slot(budget, 0, t.create_upload(key, contents))),
+    )
+    .await;
     let mut uploads = Vec::new();
     let mut failure = None;
     for (t, id) in targets.iter().zip(ids) {
@@ -64,11 +87,12 @@ pub async fn upload<S: WriteBackend>(
     // next run's sweep removes them, unreferenced), only the others.
     let mut completed = 0;
     if failure.is_none() {
-        match send_parts(&uploads, key, [first, second], parts, concurrency).await {
+        match send_parts(&uploads, key, [first, second], parts, concurrency, budget).await {
             Ok((digest, done)) => {
                 for ((t, id), mut parts) in uploads.iter().zip(done) {
                     parts.sort_by_key(|(n, _)| *n);
-                    if let Err(e) = t.complete_upload(key, id, parts, contents, &digest).await {
+                    let completing = t.complete_upload(key, id, parts, contents, &digest);
+                    if let Err(e) = in_slot(budget, 0, completing).await {
                         failure = Some(e.context(describe("completing the upload of", t, key)));
                         break;
                     }
@@ -95,13 +119,15 @@ pub async fn upload<S: WriteBackend>(
 type Sent = Vec<Vec<(i32, String)>>;
 
 /// Sends every part to every upload, at most `concurrency` parts at a time;
-/// returns the object's digest and, per upload, the parts it holds.
+/// returns the object's digest and, per upload, the parts it holds. A part's
+/// budget bytes go back when its last target has it.
 async fn send_parts<S: WriteBackend>(
     uploads: &[(&Writable<S>, String)],
     key: &Key,
-    first: [Bytes; 2],
+    first: [(Bytes, Arc<Held>); 2],
     mut parts: mpsc::Receiver<Part>,
     concurrency: usize,
+    budget: &Budget,
 ) -> Result<(Digest, Sent)> {
     let mut done: Sent = vec![Vec::new(); uploads.len()];
     let mut inflight = FuturesUnordered::new();
@@ -110,29 +136,29 @@ async fn send_parts<S: WriteBackend>(
     // One future per part and target; receiving the next part and finishing
     // uploads go on at the same time.
     let limit = concurrency.max(1) * uploads.len();
-    let send = |number: i32, part: Bytes| {
+    let send = |number: i32, part: Bytes, held: Arc<Held>| {
         uploads.iter().enumerate().map(move |(i, (t, id))| {
-            let body = part.clone();
+            let (body, held) = (part.clone(), Arc::clone(&held));
             async move {
-                let etag = t
-                    .upload_part(key, id, number, body)
+                let etag = in_slot(budget, body.len(), t.upload_part(key, id, number, body))
                     .await
                     .map_err(|e| context(e, &format!("uploading part {number} of"), t, key))?;
+                drop(held);
                 Ok::<_, anyhow::Error>((i, number, etag))
             }
         })
     };
-    for part in first {
+    for (part, held) in first {
         number += 1;
-        inflight.extend(send(number, part));
+        inflight.extend(send(number, part, held));
     }
     loop {
         tokio::select! {
             part = next_part(&mut parts, key), if end.is_none() && inflight.len() < limit => {
                 match part? {
-                    Part::Data(part) => {
+                    Part::Data(part, held) => {
                         number += 1;
-                        inflight.extend(send(number, part));
+                        inflight.extend(send(number, part, Arc::new(held)));
                     }
                     Part::End(digest) => end = Some(digest),
                 }
@@ -216,7 +242,7 @@ mod tests {
         let whole: Vec<u8> = parts.iter().flat_map(|p| p.to_vec()).collect();
         let producer = tokio::spawn(async move {
             for p in parts {
-                if tx.send(Part::Data(p)).await.is_err() {
+                if tx.send(Part::Data(p, Held::nothing())).await.is_err() {
                     return;
                 }
             }
@@ -226,7 +252,10 @@ mod tests {
         });
         let key = crate::repository::layout::new_object_key("core-ch-1");
         let contents = Contents::of(ObjectKind::Unit);
-        let e = upload(&targets, &key, rx, 2, &contents).await.unwrap_err();
+        let budget = Budget::new(Default::default());
+        let e = upload(&targets, &key, rx, 2, &contents, &budget)
+            .await
+            .unwrap_err();
         producer.await.unwrap();
         (e, stores, testing::events(&audit))
     }
@@ -290,14 +319,22 @@ mod tests {
         let buckets = Buckets::default();
         let targets = testing::writers(&config, &audit, &buckets).await;
         let (tx, rx) = mpsc::channel(2);
-        tx.send(Part::Data(Bytes::from_static(b"small")))
+        tx.send(Part::Data(Bytes::from_static(b"small"), Held::nothing()))
             .await
             .unwrap();
         tx.send(Part::End(Digest::of(b"small"))).await.unwrap();
         let key = crate::repository::layout::new_object_key("core-ch-1");
-        let digest = upload(&targets, &key, rx, 2, &Contents::of(ObjectKind::Unit))
-            .await
-            .unwrap();
+        let budget = Budget::new(Default::default());
+        let digest = upload(
+            &targets,
+            &key,
+            rx,
+            2,
+            &Contents::of(ObjectKind::Unit),
+            &budget,
+        )
+        .await
+        .unwrap();
         assert_eq!(digest.bytes, 5);
         for t in &targets {
             assert_eq!(t.store().calls(Op::Put), 1);

@@ -195,6 +195,11 @@ bad_config!(missing_volume_path, "core.toml", "path = \"data/etc\"" => "path = \
 bad_config!(duplicate_volume_name, "core.toml", "name = \"etc\"" => "name = \"users\"", ["volumes[1].name", "already used"]);
 bad_config!(bad_exclude_glob, "core.toml", "exclude = [\"*.tmp\"]" => "exclude = [\"[unclosed\"]", ["volumes[0].exclude[0]", "not a valid glob"]);
 bad_config!(zstd_level_out_of_range, "core.toml", "state_dir = \"state\"" => "state_dir = \"state\"\nzstd_level = 99", ["zstd_level", "out of range"]);
+bad_config!(transfer_in_flight_not_a_size, "core.toml", "state_dir = \"state\"" => "state_dir = \"state\"\n[transfer]\nin_flight = \"lots\"", ["transfer.in_flight", "not a size", "64MiB"]);
+bad_config!(transfer_in_flight_too_small, "core.toml", "state_dir = \"state\"" => "state_dir = \"state\"\n[transfer]\nin_flight = \"1kB\"", ["transfer.in_flight", "out of range", "1MiB and 4GiB"]);
+bad_config!(transfer_requests_zero, "core.toml", "state_dir = \"state\"" => "state_dir = \"state\"\n[transfer]\nrequests = 0", ["transfer.requests", "out of range"]);
+bad_config!(transfer_rate_without_unit_per_second, "core.toml", "state_dir = \"state\"" => "state_dir = \"state\"\n[transfer]\nupload_rate = \"20MB\"", ["transfer.upload_rate", "not a rate", "20MB/s"]);
+bad_config!(transfer_unknown_field, "core.toml", "state_dir = \"state\"" => "state_dir = \"state\"\n[transfer]\nbandwidth = 3", ["unknown field `bandwidth`"]);
 bad_config!(bad_metrics_listen, "core.toml", "state_dir = \"state\"" => "state_dir = \"state\"\nmetrics_listen = \"localhost\"", ["metrics_listen", "not an address:port"]);
 bad_config!(credentials_for_unknown_target, "core.toml", "[credentials.ch-primary]" => "[credentials.ch-primray]", ["credentials.ch-primray", "no target named"]);
 bad_config!(credentials_for_other_zone, "core.toml", "[credentials.ch-primary]" => "[credentials.de-primary]", ["credentials.de-primary", "belongs to zone de"]);

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::archive;
 use crate::audit::{AuditLog, Event, ObjectKind};
+use crate::budget::Budget;
 use crate::config::{Config, Dump, Volume};
 use crate::error::{Error, Result};
 use crate::hooks;
@@ -62,9 +63,11 @@ pub struct Options {
 pub const DEFAULT_PART_SIZE: usize = 8 << 20;
 
 impl Options {
-    /// Defaults: every volume, two units per CPU (a unit waits on the network
-    /// as much as on the CPU), 2 parts in flight per unit. At most
-    /// `jobs × (part_jobs + 2)` parts of 8 MiB are in memory: 128 MiB on 2 CPUs.
+    /// Defaults: every volume, as many units at once as the run's request
+    /// budget (`[transfer] requests`, 32) lets wait on the store, 2 parts in
+    /// flight per unit. The CPU stages run on two threads per CPU, and the
+    /// bytes in flight are bounded by the budget (`[transfer] in_flight`,
+    /// 64 MiB) whatever `jobs` is: see [`crate::budget`].
     pub fn new() -> Options {
         Options {
             volumes: Vec::new(),
@@ -85,9 +88,11 @@ pub const MAX_JOBS: usize = 256;
 /// The most parts in flight per unit that `--part-jobs` allows.
 pub const MAX_PART_JOBS: usize = 32;
 
-/// Two units per CPU, at most [`MAX_JOBS`].
+/// Units at once by default: the default request budget. What bounds a run
+/// is its budget, not this: a unit waiting for a request slot or a CPU holds
+/// no buffer.
 pub fn default_jobs() -> usize {
-    (2 * std::thread::available_parallelism().map_or(1, |n| n.get())).min(MAX_JOBS)
+    crate::budget::DEFAULT_REQUESTS.min(MAX_JOBS)
 }
 
 impl Default for Options {
@@ -218,8 +223,10 @@ async fn snapshot(
     let databases = database_capture(config, volumes).await?;
     let now = chrono::Utc::now();
     let id = snapshot::new_id(now);
+    let budget = Budget::new(config.core.transfer);
     let run = UnitRun {
         targets,
+        budget: &budget,
         core,
         snapshot: &id,
         recipients: &zone.recipients,
@@ -645,6 +652,8 @@ async fn finished(
 /// What every unit of a run shares.
 struct UnitRun<'a> {
     targets: &'a [Writable<S3Store>],
+    /// What the run may have in flight, shared by every unit.
+    budget: &'a Arc<Budget>,
     core: &'a str,
     snapshot: &'a str,
     recipients: &'a [age::x25519::Recipient],
@@ -796,12 +805,15 @@ async fn backup_unit(
 ) -> Result<(UnitRecord, archive::WriteStats)> {
     let key = layout::new_object_key(run.core);
     let (tx, rx) = mpsc::channel::<Part>(1);
-    let sink = PartSink::new(tx, run.options.part_size);
+    let sink = PartSink::new(tx, run.options.part_size, Arc::clone(run.budget));
+    let budget = Arc::clone(run.budget);
     let (recipients, level) = (run.recipients.to_vec(), run.level);
     let label = unit.label();
     let producer_unit = unit.clone();
     let databases = run.databases.get(&unit.volume).cloned().flatten();
     let producer = crate::blocking::spawn(move || {
+        // the CPU stages run on two threads per CPU at most (see budget)
+        let _cpu = budget.cpu_blocking();
         pipeline::seal(&recipients, level, sink, |w| {
             let (_, stats) = match source {
                 Source::Walk(exclude) => {
@@ -821,8 +833,15 @@ async fn backup_unit(
         snapshot: Some(run.snapshot),
         users: &users,
     };
-    let uploaded =
-        crate::upload::upload(run.targets, &key, rx, run.options.part_jobs, &contents).await;
+    let uploaded = crate::upload::upload(
+        run.targets,
+        &key,
+        rx,
+        run.options.part_jobs,
+        &contents,
+        run.budget,
+    )
+    .await;
     let sealed = producer
         .await
         .map_err(|e| Error::failed(format!("{label}: {e}")))?;

@@ -279,17 +279,22 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
             .into_iter()
             .filter(|(t, _)| t.name != first),
     );
+    let budget = crate::budget::Budget::new(config.core.transfer);
     let results: Vec<(&UnitRecord, anyhow::Result<Placed>)> = futures::stream::iter(selected.iter())
         .map(|rec| {
-            let (sources, identities, progress, reads, dest) =
-                (&sources, &identities, &progress, &reads, &dest);
+            let (sources, identities, progress, reads, dest, budget) =
+                (&sources, &identities, &progress, &reads, &dest, &budget);
             async move {
                 let label = units::label(&rec.volume, &rec.kind);
                 let (mut errors, mut reasons) = (Vec::new(), Vec::new());
                 for (target, store) in sources {
                     let read = reads.record(target, target.key(&rec.object), rec.kind.users());
                     let restored = match read.await {
-                        Ok(()) => restore_from(store, target, rec, identities, dest).await,
+                        Ok(()) => {
+                            // one GET in flight per unit, within the budget
+                            let _slot = budget.request().await;
+                            restore_from(store, target, rec, identities, dest).await
+                        }
                         Err(e) => Err(e),
                     };
                     match restored {

@@ -24,6 +24,20 @@ pub(super) struct CoreFile {
     pub volumes: Vec<VolumeFile>,
     #[serde(default)]
     pub credentials: BTreeMap<String, CredentialsFile>,
+    #[serde(default)]
+    pub transfer: TransferFile,
+}
+
+/// `[transfer]`: what a run may have in flight (see [`crate::budget`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TransferFile {
+    /// Bytes of parts in flight, e.g. "64MiB".
+    in_flight: Option<String>,
+    /// Requests open to the object store at once.
+    requests: Option<u32>,
+    /// Upload rate cap, e.g. "20MB/s".
+    upload_rate: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,6 +161,8 @@ pub struct CoreConfig {
     /// Static credentials by target name; a target without an entry uses the
     /// standard AWS chain.
     pub credentials: BTreeMap<String, StaticCredentials>,
+    /// What a run may have in flight (`[transfer]`).
+    pub transfer: crate::budget::Limits,
 }
 
 /// The default zstd level.
@@ -351,6 +367,9 @@ pub(super) fn validate(path: &Path, dir: &Path, f: &CoreFile) -> Result<CoreConf
         });
     }
 
+    let transfer = transfer(&f.transfer)
+        .map_err(|(field, problem, help)| err(&format!("transfer.{field}"), problem).help(help))?;
+
     Ok(CoreConfig {
         core_id: f.core_id.clone(),
         zone_map: dir.join(&f.zone_map),
@@ -363,7 +382,89 @@ pub(super) fn validate(path: &Path, dir: &Path, f: &CoreFile) -> Result<CoreConf
         },
         volumes,
         credentials: BTreeMap::new(),
+        transfer,
     })
+}
+
+/// The most requests in flight that `[transfer] requests` allows.
+pub const MAX_REQUESTS: u32 = 1024;
+
+/// `[transfer]` checked; an error names the field, the problem and a help.
+fn transfer(
+    f: &TransferFile,
+) -> Result<crate::budget::Limits, (&'static str, String, &'static str)> {
+    let mut limits = crate::budget::Limits::default();
+    if let Some(text) = &f.in_flight {
+        limits.bytes = match parse_size(text) {
+            Some(n) if (1 << 20..=4 << 30).contains(&n) => n as usize,
+            Some(_) => {
+                return Err((
+                    "in_flight",
+                    format!("{text:?} is out of range"),
+                    "give between 1MiB and 4GiB, e.g. \"64MiB\" (the default)",
+                ));
+            }
+            None => {
+                return Err((
+                    "in_flight",
+                    format!("{text:?} is not a size"),
+                    "write a number with a unit, e.g. \"64MiB\" or \"200MB\"",
+                ));
+            }
+        };
+    }
+    if let Some(n) = f.requests {
+        if !(1..=MAX_REQUESTS).contains(&n) {
+            return Err((
+                "requests",
+                format!("{n} is out of range"),
+                "give between 1 and 1024; 32 is the default",
+            ));
+        }
+        limits.requests = n as usize;
+    }
+    if let Some(text) = &f.upload_rate {
+        let size = text.trim().strip_suffix("/s").and_then(parse_size);
+        limits.upload_rate = match size {
+            Some(n) if n >= 1024 => Some(n),
+            Some(_) => {
+                return Err((
+                    "upload_rate",
+                    format!("{text:?} is too low"),
+                    "give at least 1KiB/s, e.g. \"20MB/s\"",
+                ));
+            }
+            None => {
+                return Err((
+                    "upload_rate",
+                    format!("{text:?} is not a rate"),
+                    "write bytes per second with a unit, e.g. \"20MB/s\" or \"5MiB/s\"",
+                ));
+            }
+        };
+    }
+    Ok(limits)
+}
+
+/// `"64MiB"`, `"200 MB"`, `"4096"` → bytes; `None` when it is not a size.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let unit = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" => 1000,
+        "KiB" => 1 << 10,
+        "MB" => 1000 * 1000,
+        "MiB" => 1 << 20,
+        "GB" => 1000 * 1000 * 1000,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    number.checked_mul(unit)
 }
 
 /// The checks of the live data, for the commands that read it (`backup`,
@@ -451,4 +552,27 @@ pub(super) fn resolve_credentials(
         out.insert(target, creds);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        for (text, bytes) in [
+            ("4096", Some(4096)),
+            ("64MiB", Some(64 << 20)),
+            (" 200 MB ", Some(200_000_000)),
+            ("1GiB", Some(1 << 30)),
+            ("2kB", Some(2000)),
+            ("1.5MiB", None),
+            ("MiB", None),
+            ("12 parsecs", None),
+            ("-1", None),
+            ("99999999999999999999GiB", None),
+        ] {
+            assert_eq!(parse_size(text), bytes, "{text}");
+        }
+    }
 }

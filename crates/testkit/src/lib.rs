@@ -4,6 +4,7 @@
 //! Tests and `scripts/demo` use the same code, so what the demo shows is what
 //! the tests prove.
 
+pub mod delay;
 pub mod fixture;
 pub mod fleet;
 pub mod garage;

@@ -2,6 +2,7 @@
 //!
 //!     zv-testkit fleet DIR [--one-target]  start the fleet in DIR, write its config; servers keep running
 //!     zv-testkit fixture DIR USERS [KB]    write a Pryv-like volume of USERS users (~KB kB each, default 1000)
+//!     zv-testkit delay-proxy PORT TO MS    forward 127.0.0.1:PORT to TO (host:port), MS ms late each way
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,9 +47,24 @@ fn main() -> ExitCode {
                 }
             }
         }
+        [cmd, port, to, ms] if cmd == "delay-proxy" => {
+            match (port.parse::<u16>(), to.parse(), ms.parse::<u64>()) {
+                (Ok(port), Ok(to), Ok(ms)) => match delay_proxy(port, to, ms) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                },
+                _ => {
+                    eprintln!("usage: zv-testkit delay-proxy PORT HOST:PORT MS");
+                    ExitCode::from(2)
+                }
+            }
+        }
         _ => {
             eprintln!(
-                "usage: zv-testkit fleet DIR [--one-target] | zv-testkit fixture DIR USERS [KB]"
+                "usage: zv-testkit fleet DIR [--one-target] | zv-testkit fixture DIR USERS [KB] | zv-testkit delay-proxy PORT HOST:PORT MS"
             );
             ExitCode::from(2)
         }
@@ -82,4 +98,13 @@ fn fleet(dir: PathBuf, one_target: bool) -> anyhow::Result<()> {
     println!("core config  {}", core.display());
     println!("stop with    {}", stop_path.display());
     Ok(())
+}
+
+fn delay_proxy(port: u16, to: std::net::SocketAddr, ms: u64) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        zonevault_testkit::delay::serve(listener, to, std::time::Duration::from_millis(ms)).await;
+        Ok(())
+    })
 }
