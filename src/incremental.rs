@@ -59,15 +59,16 @@ fn path(state_dir: &Path) -> PathBuf {
 /// never a failed one.
 pub fn load(state_dir: &Path, core: &str, recipients: &str) -> Option<Previous> {
     let path = path(state_dir);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
+    // read as a stream: the state of 100,000 units is never held twice
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => std::io::BufReader::with_capacity(256 << 10, f),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "cannot read the unit state; this run uploads every unit");
             return None;
         }
     };
-    match serde_json::from_slice::<Previous>(&bytes) {
+    match serde_json::from_reader::<_, Previous>(file) {
         Ok(p) if p.core == core && p.recipients == recipients => Some(p),
         Ok(p) if p.core == core => {
             tracing::info!(
@@ -85,5 +86,7 @@ pub fn load(state_dir: &Path, core: &str, recipients: &str) -> Option<Previous> 
 
 /// Records the units of a committed snapshot (atomically).
 pub fn save(state_dir: &Path, previous: &Previous) -> Result<()> {
-    crate::state::write_atomic(&path(state_dir), &serde_json::to_vec(previous)?)
+    crate::state::write_atomic_with(&path(state_dir), |w| {
+        serde_json::to_writer(w, previous).map_err(std::io::Error::other)
+    })
 }

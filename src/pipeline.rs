@@ -177,7 +177,16 @@ impl PartSink {
     }
 
     fn send_buffered(&mut self) -> io::Result<()> {
-        let part = self.buf.split().freeze();
+        // A buffer that grew by doubling can be twice what it holds: the
+        // last part of a small unit is copied to its size, so the memory a
+        // part keeps while it waits for the store is what the budget counts.
+        let part = if self.buf.capacity() > self.buf.len() + self.buf.len() / 4 {
+            let exact = Bytes::copy_from_slice(&self.buf);
+            self.buf.clear();
+            exact
+        } else {
+            self.buf.split().freeze()
+        };
         self.sent += part.len() as u64;
         self.hasher.update(&part);
         let held = self.budget.hold_blocking(part.len());
@@ -300,12 +309,21 @@ pub enum OpenError {
 
 /// Encrypts a small document (manifest, audit copy) to `recipients`.
 pub fn encrypt_small(recipients: &[age::x25519::Recipient], plain: &[u8]) -> Result<Vec<u8>> {
+    encrypt_with(recipients, |w| w.write_all(plain))
+}
+
+/// Encrypts what `write` writes to `recipients`, in memory: only the
+/// encrypted bytes are held whole, never the plain ones too.
+pub fn encrypt_with(
+    recipients: &[age::x25519::Recipient],
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<Vec<u8>> {
     let encryptor =
         age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
             .context("no recipients to encrypt to")?;
     let mut out = Vec::new();
     let mut w = encryptor.wrap_output(&mut out)?;
-    w.write_all(plain)?;
+    write(&mut w)?;
     w.finish()?;
     Ok(out)
 }

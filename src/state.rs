@@ -22,6 +22,15 @@ pub fn create_dir(state_dir: &Path) -> Result<()> {
 /// the old file or the new one: a temporary file, fsync, rename, fsync of
 /// the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// [`write_atomic`] of what `write` writes (buffered), so that a large
+/// state file is never built whole in memory first.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let written = std::fs::File::options()
         .write(true)
@@ -29,9 +38,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(bytes)?;
-            f.sync_all()
+        .and_then(|f| {
+            let mut w = std::io::BufWriter::with_capacity(256 << 10, f);
+            write(&mut w)?;
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()
         })
         .and_then(|()| std::fs::rename(&tmp, path));
     if written.is_err() {

@@ -178,6 +178,21 @@ pub async fn copy<S: WriteBackend>(
     recipients: &[age::x25519::Recipient],
     cancel: &CancellationToken,
 ) -> Result<CopyOutcome> {
+    copy_in_chunks(audit, state_dir, targets, recipients, cancel, COPY_CHUNK).await
+}
+
+/// The most plain bytes of records in one copy: a run of 100,000 units
+/// writes several copies rather than holding its records whole.
+const COPY_CHUNK: usize = 4 << 20;
+
+async fn copy_in_chunks<S: WriteBackend>(
+    audit: &AuditLog,
+    state_dir: &Path,
+    targets: &[Writable<S>],
+    recipients: &[age::x25519::Recipient],
+    cancel: &CancellationToken,
+    chunk: usize,
+) -> Result<CopyOutcome> {
     let dir = state_dir.to_path_buf();
     let mut copied =
         crate::blocking::run("reading the audit copy marks", move || load_copied(&dir)).await??;
@@ -197,55 +212,84 @@ pub async fn copy<S: WriteBackend>(
         .find(|m| m.seq == from)
         .and_then(|m| m.at)
         .filter(|_| from > 0);
-    let path = audit.path().to_path_buf();
-    let Some(news) = crate::blocking::run("reading the audit log", move || {
-        records_after(&path, from, start)
-    })
-    .await??
-    else {
-        return Ok(CopyOutcome::Done);
-    };
-    for (t, done) in targets.iter().zip(done) {
-        if cancel.is_cancelled() {
-            return Ok(CopyOutcome::Stopped);
-        }
-        let records: Vec<&str> = news
-            .lines
-            .iter()
-            .filter(|(seq, _)| *seq > done)
-            .map(|(_, text)| text.as_str())
-            .collect();
-        if records.is_empty() {
-            continue;
-        }
-        let mut plain = records.join("\n");
-        plain.push('\n');
-        // The mark goes first: a mark ahead of the zone is healed by the next
-        // copy, a zone ahead of the mark would look like another machine's log.
-        let name = t.target().name.clone();
-        let before = copied.insert(name.clone(), news.last.clone());
-        save_marks(state_dir, &copied).await?;
-        let last = news.last.seq;
-        let put = audit_copies::write(t, audit.core(), (done + 1, last), &plain, recipients).await;
-        if let Err(e) = put {
-            // Take the mark back only when the target surely lacks the copy:
-            // a write can land and still fail (its record could not be
-            // written, the answer was lost), and a zone ahead of the mark
-            // would block every later run. A mark left ahead heals.
-            let landed = audit_copies::highest(t.store(), t.target(), audit.core()).await;
-            if matches!(landed, Ok(held) if held < last) {
-                match before {
-                    Some(mark) => copied.insert(name.clone(), mark),
-                    None => copied.remove(&name),
-                };
-                if let Err(undo) = save_marks(state_dir, &copied).await {
-                    tracing::warn!(error = %format!("{undo:#}"), "cannot take back the audit copy mark; the next run copies the records again");
-                }
+    // Only what the log holds now: the copies' own records (written as they
+    // go) wait for the next run's copy, so the loop ends.
+    let end = std::fs::metadata(audit.path()).map_or(0, |m| m.len());
+    let mut cursor = (from, start);
+    loop {
+        let path = audit.path().to_path_buf();
+        let (after, at) = cursor;
+        let Some(news) = crate::blocking::run("reading the audit log", move || {
+            records_after(&path, after, at, chunk, end)
+        })
+        .await??
+        else {
+            return Ok(CopyOutcome::Done);
+        };
+        for (t, done) in targets.iter().zip(done.iter_mut()) {
+            if cancel.is_cancelled() {
+                return Ok(CopyOutcome::Stopped);
             }
-            return Err(e.context(format!("copying the audit log to target {name}")));
+            let records: Vec<&(u64, String)> =
+                news.lines.iter().filter(|(seq, _)| *seq > *done).collect();
+            let Some(&&(first, _)) = records.first() else {
+                continue;
+            };
+            let mut plain = String::with_capacity(records.iter().map(|(_, l)| l.len() + 1).sum());
+            for (_, line) in &records {
+                plain.push_str(line);
+                plain.push('\n');
+            }
+            copy_to(
+                audit,
+                state_dir,
+                t,
+                &mut copied,
+                (first, &news.last),
+                &plain,
+                recipients,
+            )
+            .await?;
+            *done = news.last.seq;
         }
+        cursor = (news.last.seq, news.last.at);
     }
-    Ok(CopyOutcome::Done)
+}
+
+/// Writes one copy (records `first` to `last.seq`, as `plain`) to `t`.
+async fn copy_to<S: WriteBackend>(
+    audit: &AuditLog,
+    state_dir: &Path,
+    t: &Writable<S>,
+    copied: &mut Copied,
+    (first, last): (u64, &Mark),
+    plain: &str,
+    recipients: &[age::x25519::Recipient],
+) -> Result<()> {
+    // The mark goes first: a mark ahead of the zone is healed by the next
+    // copy, a zone ahead of the mark would look like another machine's log.
+    let name = t.target().name.clone();
+    let before = copied.insert(name.clone(), last.clone());
+    save_marks(state_dir, copied).await?;
+    let put = audit_copies::write(t, audit.core(), (first, last.seq), plain, recipients).await;
+    if let Err(e) = put {
+        // Take the mark back only when the target surely lacks the copy:
+        // a write can land and still fail (its record could not be
+        // written, the answer was lost), and a zone ahead of the mark
+        // would block every later run. A mark left ahead heals.
+        let landed = audit_copies::highest(t.store(), t.target(), audit.core()).await;
+        if matches!(landed, Ok(held) if held < last.seq) {
+            match before {
+                Some(mark) => copied.insert(name.clone(), mark),
+                None => copied.remove(&name),
+            };
+            if let Err(undo) = save_marks(state_dir, copied).await {
+                tracing::warn!(error = %format!("{undo:#}"), "cannot take back the audit copy mark; the next run copies the records again");
+            }
+        }
+        return Err(e.context(format!("copying the audit log to target {name}")));
+    }
+    Ok(())
 }
 
 /// [`save_copied`] on the blocking pool (it fsyncs).
@@ -257,16 +301,23 @@ async fn save_marks(state_dir: &Path, copied: &Copied) -> Result<()> {
     .await?
 }
 
-/// The whole records of the log after record `from`, and the mark of the
-/// last one; `None` when there are none.
+/// The whole records of the log after record `from`, up to about `max`
+/// bytes, and the mark of the last one; `None` when there are none.
 struct News {
     lines: Vec<(u64, String)>,
     last: Mark,
 }
 
 /// Reads the records after `from`, starting at `start` (the line of record
-/// `from`) when it is known and still holds that record, else at the top.
-fn records_after(path: &Path, from: u64, start: Option<Position>) -> Result<Option<News>> {
+/// `from`) when it is known and still holds that record, else at the top;
+/// stops after about `max` bytes, or at byte `end` of the log.
+fn records_after(
+    path: &Path,
+    from: u64,
+    start: Option<Position>,
+    max: usize,
+    end: u64,
+) -> Result<Option<News>> {
     let lines = match start {
         Some(at) if log::record_at(path, at)?.is_some_and(|r| r.seq() == Some(from)) => {
             log::lines_at(path, at)?
@@ -275,8 +326,15 @@ fn records_after(path: &Path, from: u64, start: Option<Position>) -> Result<Opti
     };
     let mut news: Vec<(u64, String)> = Vec::new();
     let mut last: Option<Mark> = None;
+    let mut bytes = 0;
     for line in lines {
+        if bytes >= max {
+            break;
+        }
         let line = line?;
+        if line.at.offset >= end {
+            break;
+        }
         let record = Stored::parse(&line.text);
         match record.as_ref().and_then(|r| r.seq().zip(r.hash())) {
             Some((seq, hash)) if seq > from && line.complete => {
@@ -285,6 +343,7 @@ fn records_after(path: &Path, from: u64, start: Option<Position>) -> Result<Opti
                     hash: hash.to_string(),
                     at: Some(line.at),
                 });
+                bytes += line.text.len() + 1;
                 news.push((seq, line.text));
             }
             Some(_) => {}
@@ -648,11 +707,59 @@ mod tests {
         // the records after the first mark, read from its line, are the
         // ones read from the top
         let path = w.audit.path();
-        let from_mark = records_after(path, mark.seq, mark.at).unwrap().unwrap();
-        let from_top = records_after(path, mark.seq, None).unwrap().unwrap();
+        let from_mark = records_after(path, mark.seq, mark.at, usize::MAX, u64::MAX)
+            .unwrap()
+            .unwrap();
+        let from_top = records_after(path, mark.seq, None, usize::MAX, u64::MAX)
+            .unwrap()
+            .unwrap();
         assert_eq!(from_mark.lines, from_top.lines);
         assert_eq!(from_mark.last, from_top.last);
         assert!(marks_break(path, &second).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_long_run_is_copied_in_bounded_chunks_that_chain() {
+        let w = World::new().await;
+        records(&w, 40).await;
+        let state = &w.config.core.state_dir;
+        let outcome = copy_in_chunks(
+            &w.audit,
+            state,
+            &w.targets,
+            &w.config.zone().recipients,
+            &CancellationToken::new(),
+            1000,
+        )
+        .await
+        .unwrap();
+        assert_eq!(outcome, CopyOutcome::Done);
+        let marks = load_copied(state).unwrap();
+        for t in &w.targets {
+            let copies = audit_copies::list(t.store(), t.target(), "core-ch-1")
+                .await
+                .unwrap();
+            assert!(copies.len() > 3, "{} copies", copies.len());
+            // each copy starts where the one before ended, from record 1 to the mark
+            let mut next = 1;
+            for c in &copies {
+                assert_eq!(c.first, next, "{copies:?}");
+                next = c.last + 1;
+            }
+            assert_eq!(next - 1, marks[&t.target().name].seq);
+        }
+        // the next run goes on from there, in chunks again
+        records(&w, 5).await;
+        copy_all(&w).await;
+        let marks = load_copied(state).unwrap();
+        for t in &w.targets {
+            let copies = audit_copies::list(t.store(), t.target(), "core-ch-1")
+                .await
+                .unwrap();
+            let last = copies.iter().map(|c| c.last).max().unwrap();
+            assert_eq!(last, marks[&t.target().name].seq);
+        }
+        assert!(marks_break(w.audit.path(), &marks).unwrap().is_none());
     }
 
     #[tokio::test]
@@ -671,7 +778,11 @@ mod tests {
         // still no break: the record is in the log, found by the full read
         assert!(marks_break(path, &copied).unwrap().is_none());
         // and the records after it are the same as from the right position
-        let lines = |m: &Mark| records_after(path, m.seq, m.at).unwrap().map(|n| n.lines);
+        let lines = |m: &Mark| {
+            records_after(path, m.seq, m.at, usize::MAX, u64::MAX)
+                .unwrap()
+                .map(|n| n.lines)
+        };
         let after = lines(&right);
         assert!(after.is_some(), "the copy's own records come after it");
         assert_eq!(lines(&wrong), after);

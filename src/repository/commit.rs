@@ -12,7 +12,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
 use super::layout::{self, Key};
-use super::snapshot::{Index, IndexObject, Manifest, UnitRecord};
+use super::snapshot::{Index, IndexObject, ManifestRef, UnitRecord};
 use crate::audit::{Event, ObjectKind};
 use crate::error::Result;
 use crate::pipeline;
@@ -32,14 +32,14 @@ pub struct Draft<'a> {
 }
 
 impl Draft<'_> {
-    fn manifest(&self) -> Manifest {
-        Manifest {
+    fn manifest(&self) -> ManifestRef<'_> {
+        ManifestRef {
             format: layout::FORMAT,
-            snapshot: self.id.to_string(),
+            snapshot: self.id,
             time: self.time,
-            core: self.core.to_string(),
-            zone: self.zone.to_string(),
-            units: self.units.to_vec(),
+            core: self.core,
+            zone: self.zone,
+            units: self.units,
         }
     }
 
@@ -79,9 +79,12 @@ pub async fn commit<S: WriteBackend>(
     recipients: &[age::x25519::Recipient],
     signer: Option<&Signer>,
 ) -> Result<Index> {
-    let manifest_json =
-        serde_json::to_vec_pretty(&draft.manifest()).map_err(anyhow::Error::from)?;
-    let sealed = Bytes::from(pipeline::encrypt_small(recipients, &manifest_json)?);
+    // written straight into the encryption: the plain manifest (it names
+    // every unit) is never held whole
+    let manifest = draft.manifest();
+    let sealed = Bytes::from(pipeline::encrypt_with(recipients, |w| {
+        serde_json::to_writer(w, &manifest).map_err(std::io::Error::other)
+    })?);
     let manifest_key = layout::manifest_key(draft.core, draft.id);
     let index = draft.index(&manifest_key, sealed.len() as u64);
     let index_json = Bytes::from(serde_json::to_vec_pretty(&index).map_err(anyhow::Error::from)?);
@@ -251,13 +254,25 @@ mod tests {
     #[tokio::test]
     async fn a_commit_writes_the_index_last_and_records_it_on_every_target() {
         let w = testing::World::new().await;
-        let recipient = age::x25519::Identity::generate().to_public();
+        let identity = age::x25519::Identity::generate();
+        let recipient = identity.to_public();
+        let units = [UnitRecord {
+            volume: "users".into(),
+            kind: crate::units::UnitKind::User("u1".into()),
+            object: "core-ch-1/objects/ab.tar.zst.age".into(),
+            plain_size: 10,
+            stored_size: 20,
+            blake3: "0".repeat(64),
+            files: 1,
+            fingerprint: "f".into(),
+            dirs: vec!["a/b/c/u1".into()],
+        }];
         let draft = Draft {
             id: ID,
             time: Utc::now(),
             core: CORE,
             zone: "ch",
-            units: &[],
+            units: &units,
         };
         // the manifest fails on the second target: no index anywhere
         w.targets[1]
@@ -276,6 +291,20 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(index.id, id2);
+        // the manifest, written from borrowed units, reads back as a Manifest
+        let sealed = w.targets[0]
+            .store()
+            .object(&w.targets[0].key(&layout::manifest_key(CORE, id2)))
+            .unwrap();
+        let identities: Vec<Box<dyn age::Identity + Send + Sync>> = vec![Box::new(identity)];
+        let plain = pipeline::decrypt_small(&sealed, &identities).unwrap();
+        let manifest: crate::repository::snapshot::Manifest =
+            serde_json::from_slice(&plain).unwrap();
+        assert_eq!(
+            (manifest.snapshot.as_str(), manifest.core.as_str()),
+            (id2, CORE)
+        );
+        assert_eq!(manifest.units, units);
         for t in &w.targets {
             let key = t.key(&layout::index_key(CORE, id2));
             let stored: Index = serde_json::from_slice(&t.store().object(&key).unwrap()).unwrap();

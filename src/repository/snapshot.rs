@@ -59,6 +59,18 @@ pub struct Manifest {
     pub units: Vec<UnitRecord>,
 }
 
+/// A manifest to write, borrowing its units: serializes exactly as
+/// [`Manifest`] (a run of 100,000 units does not copy them to write it).
+#[derive(Debug, Serialize)]
+pub struct ManifestRef<'a> {
+    pub format: u32,
+    pub snapshot: &'a str,
+    pub time: DateTime<Utc>,
+    pub core: &'a str,
+    pub zone: &'a str,
+    pub units: &'a [UnitRecord],
+}
+
 /// An object referenced by an index.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IndexObject {
