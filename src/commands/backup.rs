@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -538,10 +538,17 @@ async fn read_volumes(run: &UnitRun<'_>, volumes: &[Volume]) -> Result<Tally> {
         changed_during_walk,
         ..Tally::default()
     };
-    let results: Result<Tally> = futures::stream::iter(units)
+    // A failed unit ends the run, but the units in flight are awaited, not
+    // dropped: a dump command must reach its record (`hook_finished`), and
+    // every started write settles. Units not yet started are skipped.
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let (tally, first_error) = futures::stream::iter(units)
         .map(|(unit, exclude, dump)| {
-            let progress = &progress;
+            let (progress, failed) = (&progress, &failed);
             async move {
+                if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return None;
+                }
                 let r = if dump.is_some() {
                     // a dump command watches the stop token itself (and
                     // its end is on record); its upload is stopped below
@@ -552,18 +559,32 @@ async fn read_volumes(run: &UnitRun<'_>, volumes: &[Volume]) -> Result<Tally> {
                         () = options.cancel.cancelled() => Err(stopped()),
                     }
                 };
-                if let Ok(stored) = &r {
-                    progress.unit_done(stored.record.plain_size);
+                match &r {
+                    Ok(stored) => progress.unit_done(stored.record.plain_size),
+                    Err(_) => failed.store(true, std::sync::atomic::Ordering::Relaxed),
                 }
-                r
+                Some(r)
             }
         })
         .buffer_unordered(options.jobs.max(1))
-        .try_fold(tally, |mut tally, stored| async move {
-            tally.add(stored);
-            Ok(tally)
-        })
+        .fold(
+            (tally, None),
+            |(mut tally, mut first_error), r| async move {
+                match r {
+                    Some(Ok(stored)) => tally.add(stored),
+                    Some(Err(e)) => {
+                        first_error.get_or_insert(e);
+                    }
+                    None => {}
+                }
+                (tally, first_error)
+            },
+        )
         .await;
+    let results = match first_error {
+        Some(e) => Err(e),
+        None => Ok(tally),
+    };
     progress.finish();
     match results {
         Ok(tally) => Ok(tally.done()),
