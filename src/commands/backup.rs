@@ -223,7 +223,14 @@ async fn snapshot(
     let databases = database_capture(config, volumes).await?;
     let now = chrono::Utc::now();
     let id = snapshot::new_id(now);
-    let budget = Budget::new(config.core.transfer);
+    // An upload starts once it holds a unit's first two parts: producers
+    // are capped so that two parts each always fit in the byte budget, or
+    // producers waiting for bytes could hold all of it and wait forever.
+    let mut limits = config.core.transfer;
+    limits.cpus = limits
+        .cpus
+        .min((limits.bytes / (2 * options.part_size.max(1))).max(1));
+    let budget = Budget::new(limits);
     let run = UnitRun {
         targets,
         budget: &budget,
