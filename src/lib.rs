@@ -44,6 +44,7 @@ pub mod pryv;
 pub mod repository;
 pub mod residency;
 pub mod retention;
+pub mod scan;
 pub mod signing;
 pub mod sqlite;
 pub mod state;

@@ -5,12 +5,10 @@
 //! userId, is one user unit; everything else is the volume's shared unit.
 //! `layout = "plain"`: the whole volume is one unit.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Layout, Volume};
 use crate::fswalk::{self, Kind, Problem};
 
 /// What a unit holds.
@@ -119,7 +117,7 @@ pub fn in_user_dir(rel: &Path, is_dir: bool) -> bool {
 /// Whether a directory at `rel`, four levels below a pryv volume root, looks
 /// like a user directory (three one-character parents, a name of three or
 /// more characters) that is not where its name puts it: `x/y/z/abc123`.
-fn is_misplaced_user_dir(rel: &Path) -> bool {
+pub(crate) fn is_misplaced_user_dir(rel: &Path) -> bool {
     let parts: Vec<&str> = rel.iter().map(|p| p.to_str().unwrap_or("")).collect();
     let [a, b, c, id] = parts.as_slice() else {
         return false;
@@ -127,141 +125,6 @@ fn is_misplaced_user_dir(rel: &Path) -> bool {
     [a, b, c].iter().all(|p| p.chars().count() == 1)
         && id.chars().count() >= 3
         && is_user_dir(rel).is_none()
-}
-
-/// What the scan of a volume found.
-#[derive(Debug, Clone)]
-pub struct Scan {
-    /// Users sorted by id, the shared unit last (pryv); the whole volume (plain).
-    pub units: Vec<Unit>,
-    /// Directories (full paths) that look like user directories but are not
-    /// where their name puts them (pryv): backed up in the shared unit, each
-    /// named in a warning.
-    pub misplaced: Vec<PathBuf>,
-    /// Directories (full paths) that changed while the scan looked at them
-    /// (swapped with a link, replaced): skipped, never followed; the users
-    /// below them are in no unit of this run.
-    pub changed: Vec<PathBuf>,
-}
-
-/// The units of a volume, users sorted by id, the shared unit last. The
-/// pryv scan looks four levels deep, through [`fswalk`] like every walk.
-pub fn units_of(volume: &Volume) -> anyhow::Result<Scan> {
-    let unit = |kind, dirs| Unit {
-        volume: volume.name.clone(),
-        root: volume.path.clone(),
-        kind,
-        dirs,
-    };
-    match volume.layout {
-        Layout::Plain => Ok(Scan {
-            units: vec![unit(UnitKind::Volume, Vec::new())],
-            misplaced: Vec::new(),
-            changed: Vec::new(),
-        }),
-        Layout::Pryv => {
-            let mut scan = UserScan {
-                root: &volume.path,
-                exclude: &volume.exclude,
-                users: Vec::new(),
-                misplaced: Vec::new(),
-                changed: Vec::new(),
-            };
-            fswalk::walk(&volume.path, Path::new(""), Some(4), &mut scan)?;
-            let UserScan {
-                users: found,
-                mut misplaced,
-                changed,
-                ..
-            } = scan;
-            for path in &misplaced {
-                let name = path.file_name().unwrap_or_default().to_string_lossy();
-                tracing::warn!(path = %path.display(), "looks like a user directory, but user {name} would live in {}: backed up in the shared unit", user_dir(&name).display());
-            }
-            let index = crate::pryv::read_user_index(&volume.path)?;
-            let (users, unclaimed) = claim(found, index.as_ref());
-            for rel in &unclaimed {
-                let path = volume.path.join(rel);
-                tracing::warn!(path = %path.display(), "looks like a user directory, but no user in user-index.db has that id or username: backed up in the shared unit");
-                misplaced.push(path);
-            }
-            let mut units: Vec<Unit> = users
-                .into_iter()
-                .map(|(id, dirs)| unit(UnitKind::User(id), dirs))
-                .collect();
-            units.push(unit(UnitKind::Shared, unclaimed));
-            Ok(Scan {
-                units,
-                misplaced,
-                changed,
-            })
-        }
-    }
-}
-
-/// Which user each user-shaped directory belongs to: without a user index
-/// (Pryv v1), each directory is the user its name says; with one (Pryv v2,
-/// `id4name`), a userId directory and a `user.<username>` directory belong
-/// to that userId, and a directory that matches neither is unclaimed (the
-/// shared unit holds it). Returns the users, sorted, with their directories,
-/// and the unclaimed directories.
-fn claim(
-    found: Vec<(String, PathBuf)>,
-    index: Option<&crate::pryv::UserIndex>,
-) -> (BTreeMap<String, Vec<PathBuf>>, Vec<PathBuf>) {
-    let mut users: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
-    let mut unclaimed = Vec::new();
-    for (name, rel) in found {
-        let owner = match index {
-            None => Some(name),
-            Some(index) => index.owner_of_dir(&name),
-        };
-        match owner {
-            Some(id) => users.entry(id).or_default().push(rel),
-            None => unclaimed.push(rel),
-        }
-    }
-    for dirs in users.values_mut() {
-        dirs.sort();
-    }
-    unclaimed.sort();
-    (users, unclaimed)
-}
-
-/// The pryv scan: directories four levels down.
-struct UserScan<'a> {
-    root: &'a Path,
-    exclude: &'a globset::GlobSet,
-    /// (directory name, path relative to the root) of every user-shaped directory.
-    users: Vec<(String, PathBuf)>,
-    misplaced: Vec<PathBuf>,
-    changed: Vec<PathBuf>,
-}
-
-impl fswalk::Visitor for UserScan<'_> {
-    fn keep(&mut self, rel: &Path, kind: Kind) -> bool {
-        // as ever, the excludes count for the user directories themselves only
-        kind == Kind::Dir && (rel.iter().count() < 4 || !self.exclude.is_match(rel))
-    }
-
-    fn entry(&mut self, entry: &fswalk::Entry<'_>) -> anyhow::Result<()> {
-        if entry.depth == 4 {
-            if let Some(name) = is_user_dir(entry.rel) {
-                self.users.push((name, entry.rel.to_path_buf()));
-            } else if is_misplaced_user_dir(entry.rel) {
-                self.misplaced.push(self.root.join(entry.rel));
-            }
-        }
-        Ok(())
-    }
-
-    fn skipped(&mut self, rel: &Path, problem: &Problem) {
-        if let Problem::Changed(why) = problem {
-            let path = self.root.join(rel);
-            tracing::warn!(path = %path.display(), why = %why, "changed during the walk; skipped, not followed");
-            self.changed.push(path);
-        }
-    }
 }
 
 /// Walks one unit, giving `visitor` every entry it holds, relative to the
@@ -329,38 +192,42 @@ pub fn fingerprint(unit: &Unit, exclude: &globset::GlobSet) -> anyhow::Result<St
     struct Hash(blake3::Hasher);
     impl fswalk::Visitor for Hash {
         fn entry(&mut self, entry: &fswalk::Entry<'_>) -> anyhow::Result<()> {
-            use std::os::unix::ffi::OsStrExt;
-            let m = &entry.meta;
-            self.0.update(entry.rel.as_os_str().as_bytes());
-            // A `-shm` is SQLite's shared-memory index, rewritten by every
-            // reader (the backup's own included), never data: its times
-            // would make every run upload the unit again.
-            if entry.kind() == Kind::File && entry.rel.as_os_str().as_bytes().ends_with(b"-shm") {
-                self.0
-                    .update(format!("\0shm {} {:o}\n", m.ino, m.mode).as_bytes());
-                return Ok(());
-            }
-            // A `-wal` counts by its content's size and mtime: SQLite, run as
-            // root, chowns it to the database's owner on every open (its
-            // ctime moves while nothing changed).
-            let ctime = if entry.rel.as_os_str().as_bytes().ends_with(b"-wal") {
-                (0, 0)
-            } else {
-                (m.ctime, m.ctime_nsec)
-            };
-            self.0.update(
-                format!(
-                    "\0{} {}.{} {}.{} {} {:o}\n",
-                    m.size, m.mtime, m.mtime_nsec, ctime.0, ctime.1, m.ino, m.mode
-                )
-                .as_bytes(),
-            );
+            hash_entry(&mut self.0, entry);
             Ok(())
         }
     }
     let mut hash = Hash(blake3::Hasher::new());
     walk(unit, exclude, &mut hash)?;
     Ok(hash.0.finalize().to_hex().to_string())
+}
+
+/// Adds one entry of a walk to a change fingerprint (see [`fingerprint`]).
+pub(crate) fn hash_entry(hash: &mut blake3::Hasher, entry: &fswalk::Entry<'_>) {
+    use std::io::Write;
+    use std::os::unix::ffi::OsStrExt;
+    let m = &entry.meta;
+    hash.update(entry.rel.as_os_str().as_bytes());
+    // A `-shm` is SQLite's shared-memory index, rewritten by every
+    // reader (the backup's own included), never data: its times
+    // would make every run upload the unit again.
+    if entry.kind() == Kind::File && entry.rel.as_os_str().as_bytes().ends_with(b"-shm") {
+        let _ = writeln!(hash, "\0shm {} {:o}", m.ino, m.mode);
+        return;
+    }
+    // A `-wal` counts by its content's size and mtime: SQLite, run as
+    // root, chowns it to the database's owner on every open (its
+    // ctime moves while nothing changed).
+    let ctime = if entry.rel.as_os_str().as_bytes().ends_with(b"-wal") {
+        (0, 0)
+    } else {
+        (m.ctime, m.ctime_nsec)
+    };
+    // (a hasher's writes cannot fail)
+    let _ = writeln!(
+        hash,
+        "\0{} {}.{} {}.{} {} {:o}",
+        m.size, m.mtime, m.mtime_nsec, ctime.0, ctime.1, m.ino, m.mode
+    );
 }
 
 #[cfg(test)]

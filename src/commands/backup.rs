@@ -29,6 +29,7 @@ use crate::repository::commit;
 use crate::repository::layout;
 use crate::repository::snapshot::{self, Index, UnitRecord};
 use crate::residency::{Contents, Writable};
+use crate::scan;
 use crate::signing::{self, Signer};
 use crate::storage::s3::S3Store;
 use crate::units::{self, Unit};
@@ -156,7 +157,9 @@ pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
     let signer = audit
         .failing("backup", signing::core_signer(config))
         .await?;
+    let stage = Stages::new();
     let session = Session::begin(config, audit, "backup", options.wait, &options.cancel).await?;
+    stage.done("session begin");
     let result = snapshot(
         config,
         audit,
@@ -167,7 +170,10 @@ pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
         started,
     )
     .await;
-    session.finish(result).await
+    stage.done("snapshot");
+    let finished = session.finish(result).await;
+    stage.done("session finish");
+    finished
 }
 
 fn stopped() -> Error {
@@ -217,9 +223,12 @@ async fn snapshot(
 ) -> Result<Report> {
     let core = &config.core.core_id;
     let zone = config.zone();
+    let stage = Stages::new();
     let Prepared { cleaned, reusable } = prepare_targets(targets, core).await?;
+    stage.done("prepare targets");
     let previous = previous_units(config, options.full).await?;
     let previous = previous.as_ref().map(|p| p.lookup()).unwrap_or_default();
+    stage.done("previous units");
     let databases = database_capture(config, volumes).await?;
     let now = chrono::Utc::now();
     let id = snapshot::new_id(now);
@@ -246,6 +255,7 @@ async fn snapshot(
         state_dir: &config.core.state_dir,
     };
     let mut tally = read_with_hooks(&run, volumes).await?;
+    stage.done("read volumes");
     // The last point where a stop leaves nothing: from here the commit runs
     // to its end.
     if options.cancel.is_cancelled() {
@@ -259,10 +269,28 @@ async fn snapshot(
         units: &tally.records,
     };
     let index = commit::commit(targets, &draft, &zone.recipients, signer).await?;
+    stage.done("commit");
     let units = std::mem::take(&mut tally.records);
     let report = tally.report(config, targets, &index, units.len(), cleaned, started);
     remember_units(config, &id, units).await;
+    stage.done("remember units");
     Ok(report)
+}
+
+/// Times the stages of a run, for `--log-level zonevault::timing=debug`.
+struct Stages(std::sync::Mutex<Instant>);
+
+impl Stages {
+    fn new() -> Stages {
+        Stages(std::sync::Mutex::new(Instant::now()))
+    }
+
+    fn done(&self, stage: &str) {
+        let now = Instant::now();
+        let last = std::mem::replace(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()), now);
+        let seconds = (now - last).as_secs_f64();
+        tracing::debug!(target: "zonevault::timing", stage, seconds, "stage done");
+    }
 }
 
 /// What the targets hold before the run writes its first unit.
@@ -512,7 +540,7 @@ async fn read_volumes(run: &UnitRun<'_>, volumes: &[Volume]) -> Result<Tally> {
     let (options, targets, core) = (run.options, run.targets, run.core);
     // one exclude set per volume, shared by its units (a clone of a compiled
     // glob set per unit costs kilobytes: hundreds of MB for 100,000 users)
-    let mut units: Vec<(Unit, Arc<globset::GlobSet>, Option<Dump>)> = Vec::new();
+    let mut units: Vec<(Unit, Arc<globset::GlobSet>, Origin)> = Vec::new();
     let (mut misplaced, mut changed_during_walk) = (Vec::new(), Vec::new());
     for v in volumes {
         if let Some(dump) = &v.dump {
@@ -522,23 +550,28 @@ async fn read_volumes(run: &UnitRun<'_>, volumes: &[Volume]) -> Result<Tally> {
                 kind: units::UnitKind::Volume,
                 dirs: Vec::new(),
             };
-            units.push((unit, Arc::new(v.exclude.clone()), Some(dump.clone())));
+            units.push((
+                unit,
+                Arc::new(v.exclude.clone()),
+                Origin::Dump(dump.clone()),
+            ));
             continue;
         }
         let volume = v.clone();
-        let scan = crate::blocking::run("scanning a volume", move || units::units_of(&volume))
+        let scan = crate::blocking::run("scanning a volume", move || scan::units_of(&volume))
             .await?
             .with_context(|| format!("reading volume {} ({})", v.name, v.path.display()))?;
         let exclude = Arc::new(v.exclude.clone());
         units.extend(
             scan.units
                 .into_iter()
-                .map(|u| (u, Arc::clone(&exclude), None)),
+                .map(|s| (s.unit, Arc::clone(&exclude), Origin::Walk(s.fingerprint))),
         );
         misplaced.extend(scan.misplaced.iter().map(|p| p.display().to_string()));
         changed_during_walk.extend(scan.changed.iter().map(|p| p.display().to_string()));
     }
 
+    tracing::debug!(target: "zonevault::timing", units = units.len(), "volumes scanned");
     let progress = Progress::new(options.progress, units.len() as u64, "backup");
     let tally = Tally {
         misplaced,
@@ -550,19 +583,19 @@ async fn read_volumes(run: &UnitRun<'_>, volumes: &[Volume]) -> Result<Tally> {
     // every started write settles. Units not yet started are skipped.
     let failed = std::sync::atomic::AtomicBool::new(false);
     let (tally, first_error) = futures::stream::iter(units)
-        .map(|(unit, exclude, dump)| {
+        .map(|(unit, exclude, origin)| {
             let (progress, failed) = (&progress, &failed);
             async move {
                 if failed.load(std::sync::atomic::Ordering::Relaxed) {
                     return None;
                 }
-                let r = if dump.is_some() {
+                let r = if matches!(origin, Origin::Dump(_)) {
                     // a dump command watches the stop token itself (and
                     // its end is on record); its upload is stopped below
-                    store_unit(run, unit, exclude, dump).await
+                    store_unit(run, unit, exclude, origin).await
                 } else {
                     tokio::select! {
-                        r = store_unit(run, unit, exclude, dump) => r,
+                        r = store_unit(run, unit, exclude, origin) => r,
                         () = options.cancel.cancelled() => Err(stopped()),
                     }
                 };
@@ -721,31 +754,36 @@ struct Stored {
     reused: bool,
 }
 
+/// Where a unit comes from.
+enum Origin {
+    /// Found by the scan, with its fingerprint.
+    Walk(String),
+    /// A command volume's command.
+    Dump(Dump),
+}
+
 /// One unit: referenced again when its fingerprint is unchanged and its
 /// object is still committed on every target, else uploaded. The
-/// fingerprint is taken before the tar, so a change during the run makes
-/// the next run upload the unit again, never miss it.
+/// fingerprint was taken by the scan, before the tar, so a change during
+/// the run makes the next run upload the unit again, never miss it.
 async fn store_unit(
     run: &UnitRun<'_>,
     unit: Unit,
     exclude: Arc<globset::GlobSet>,
-    dump: Option<Dump>,
+    origin: Origin,
 ) -> Result<Stored> {
-    if let Some(dump) = dump {
+    let fingerprint = match origin {
         // A dump has no fingerprint: it is uploaded on every run.
-        let (record, stats) = store_dump(run, unit, &dump).await?;
-        return Ok(Stored {
-            record,
-            stats,
-            reused: false,
-        });
-    }
-    let (walked, walk_exclude) = (unit.clone(), Arc::clone(&exclude));
-    let fingerprint = crate::blocking::run("the change fingerprint", move || {
-        units::fingerprint(&walked, &walk_exclude)
-    })
-    .await?
-    .with_context(|| format!("reading {}", unit.label()))?;
+        Origin::Dump(dump) => {
+            let (record, stats) = store_dump(run, unit, &dump).await?;
+            return Ok(Stored {
+                record,
+                stats,
+                reused: false,
+            });
+        }
+        Origin::Walk(fingerprint) => fingerprint,
+    };
     if let Some(previous) = run.previous.get(&(unit.volume.as_str(), &unit.kind))
         && previous.fingerprint == fingerprint
         && run.reusable.contains(&previous.object)

@@ -10,7 +10,6 @@ use anyhow::Context;
 
 use crate::audit::Event;
 use crate::repository::layout;
-use crate::repository::snapshot;
 use crate::residency::Writable;
 use crate::storage::WriteBackend;
 
@@ -42,6 +41,28 @@ pub async fn abort_uploads<S: WriteBackend>(
     Ok(uploads.len())
 }
 
+/// Every unit object of `core` on a target. Object names start with a
+/// random hex digit ([`layout::new_object_key`]), so the listing runs as
+/// sixteen listings at once, one per first digit: a listing answers 1,000
+/// keys a round trip, and 100,000 units one after the other took seconds
+/// (far more on a distant store). A key there that zonevault did not name
+/// is not listed, and so never deleted.
+async fn list_objects<S: WriteBackend>(
+    target: &Writable<S>,
+    core: &str,
+) -> anyhow::Result<Vec<crate::storage::ObjectInfo>> {
+    let dir = target.key(&layout::objects_dir(core));
+    let shards = (0..16u8).map(|digit| {
+        let prefix = format!("{dir}{digit:x}");
+        async move { target.store().list(&prefix).await }
+    });
+    let mut objects = Vec::new();
+    for shard in futures::future::join_all(shards).await {
+        objects.extend(shard?);
+    }
+    Ok(objects)
+}
+
 /// Removes what runs that never committed left on a target: unfinished
 /// multipart uploads, objects and manifests that no index references.
 /// Never touches anything a committed snapshot references. Returns how many
@@ -50,11 +71,9 @@ pub async fn clean_uncommitted<S: WriteBackend>(
     target: &Writable<S>,
     core: &str,
 ) -> anyhow::Result<(usize, HashSet<String>)> {
-    let referenced = snapshot::references(
-        &super::indexes(target.store(), target.target(), core)
-            .await
-            .context("listing the committed snapshots")?,
-    );
+    let referenced = super::references(target.store(), target.target(), core)
+        .await
+        .context("listing the committed snapshots")?;
     let removed = sweep(
         target,
         core,
@@ -98,7 +117,7 @@ pub async fn sweep<S: WriteBackend>(
         tracing::warn!(target = %target.target().name, "not deleting unreferenced objects: {} cannot be read as snapshot indexes, and the objects they reference are unknown; repair or remove them (see `zonevault snapshots`)", unreadable.join(", "));
         return Ok(removed);
     }
-    let objects = store.list(&target.key(&layout::objects_dir(core))).await?;
+    let objects = list_objects(target, core).await?;
     // every key on the target under this core's dirs, before any deletion
     let present: HashSet<String> = listed
         .iter()
@@ -178,7 +197,7 @@ mod tests {
             layout::signature_key(&layout::manifest_key(CORE, ID)).to_string(),
         ];
         let orphans = [
-            rel("objects/orphan.tar.zst.age"),
+            rel("objects/0a0f.tar.zst.age"),
             layout::manifest_key(CORE, "20261201T000000Z-00bb").to_string(),
             rel("snapshots/20261201T000000Z-00bb.manifest.age.minisig"),
         ];
@@ -187,6 +206,9 @@ mod tests {
         }
         // another core's object, and something outside the prefix
         store.insert(&t.key("core-ch-2/objects/theirs.tar.zst.age"), b"x");
+        // a key that zonevault did not name (object names start with a hex
+        // digit): never listed, so never deleted
+        store.insert(&t.key(&rel("objects/not-ours.bin")), b"x");
         store.insert("outside/core-ch-1/objects/o.tar.zst.age", b"x");
         let id = t
             .create_upload(
@@ -233,6 +255,7 @@ mod tests {
         }
         assert!(left.contains(&t.key("core-ch-2/objects/theirs.tar.zst.age")));
         assert!(left.contains(&"outside/core-ch-1/objects/o.tar.zst.age".to_string()));
+        assert!(left.contains(&t.key(&rel("objects/not-ours.bin"))));
         assert_eq!(store.pending_uploads(), 0);
         let events = testing::events(&w.audit);
         assert_eq!(events.iter().filter(|e| *e == "object_deleted").count(), 3);
@@ -249,7 +272,7 @@ mod tests {
     async fn an_unreadable_index_stops_the_sweep() {
         let w = testing::World::new().await;
         let t = &w.targets[0];
-        let orphan = rel("objects/orphan.tar.zst.age");
+        let orphan = rel("objects/0b0b.tar.zst.age");
         t.store().insert(&t.key(&orphan), b"x");
         // id-shaped, but not an index: what it references is unknown
         t.store().insert(
