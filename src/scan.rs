@@ -174,26 +174,26 @@ fn walk_pryv(volume: &Volume, index: Option<&UserIndex>) -> anyhow::Result<Found
     });
     let mut shared = blake3::Hasher::new();
     shared.update(top.shared.finalize().as_bytes());
-    let mut found = Found {
-        users: Vec::new(),
-        unclaimed: top.unclaimed,
-        shared: blake3::Hasher::new().finalize(),
-        misplaced: top.misplaced,
-        changed: top.changed,
-    };
+    let (mut users, mut unclaimed, mut misplaced, mut changed) =
+        (Vec::new(), top.unclaimed, top.misplaced, top.changed);
     for share in shares {
         let share = share
             .into_inner()
             .unwrap_or_else(|e| e.into_inner())
             .expect("every root directory was walked")?;
         shared.update(share.shared.finalize().as_bytes());
-        found.users.extend(share.users);
-        found.unclaimed.extend(share.unclaimed);
-        found.misplaced.extend(share.misplaced);
-        found.changed.extend(share.changed);
+        users.extend(share.users);
+        unclaimed.extend(share.unclaimed);
+        misplaced.extend(share.misplaced);
+        changed.extend(share.changed);
     }
-    found.shared = shared.finalize();
-    Ok(found)
+    Ok(Found {
+        users,
+        unclaimed,
+        shared: shared.finalize(),
+        misplaced,
+        changed,
+    })
 }
 
 /// Where the entry that `keep` took goes, once it is given.
@@ -232,16 +232,11 @@ struct Share<'a> {
     /// The user directory being walked. A hasher is kilobytes: each is
     /// finished as soon as its directory is (100,000 users at once would
     /// be hundreds of MB).
-    current: Option<(UserDirStart, blake3::Hasher)>,
+    current: Option<(String, PathBuf, blake3::Hasher)>,
     users: Vec<UserDir>,
     unclaimed: Vec<PathBuf>,
     misplaced: Vec<PathBuf>,
     changed: Vec<PathBuf>,
-}
-
-struct UserDirStart {
-    owner: String,
-    rel: PathBuf,
 }
 
 impl<'a> Share<'a> {
@@ -267,10 +262,10 @@ impl<'a> Share<'a> {
 
     /// Finishes the user directory being walked, if any: the walk has left it.
     fn close_user(&mut self) {
-        if let Some((start, hash)) = self.current.take() {
+        if let Some((owner, rel, hash)) = self.current.take() {
             self.users.push(UserDir {
-                owner: start.owner,
-                rel: start.rel,
+                owner,
+                rel,
                 digest: hash.finalize(),
             });
         }
@@ -365,10 +360,10 @@ impl fswalk::Visitor for Share<'_> {
                 let (owner, rel) = self.pending_user.take().expect("keep named the user");
                 let mut hash = blake3::Hasher::new();
                 units::hash_entry(&mut hash, entry);
-                self.current = Some((UserDirStart { owner, rel }, hash));
+                self.current = Some((owner, rel, hash));
             }
             Sink::User => {
-                let (_, hash) = self.current.as_mut().expect("inside a user directory");
+                let (_, _, hash) = self.current.as_mut().expect("inside a user directory");
                 units::hash_entry(hash, entry);
             }
             Sink::Top => self.top_dirs.push(entry.rel.to_path_buf()),
