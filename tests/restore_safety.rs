@@ -118,6 +118,10 @@ fn a_link_planted_while_restore_runs_redirects_no_write() {
                 if std::fs::symlink_metadata(&users).is_ok_and(|m| m.is_symlink()) {
                     let _ = std::fs::remove_file(&users);
                 }
+                // as long without a link as with one: restore gets to create
+                // DIR/users often enough for the racer to catch it, however
+                // fast it fails the units that met the link
+                std::thread::sleep(std::time::Duration::from_micros(300));
             }
         })
     };
