@@ -84,9 +84,29 @@ pub fn load(state_dir: &Path, core: &str, recipients: &str) -> Option<Previous> 
     }
 }
 
-/// Records the units of a committed snapshot (atomically).
-pub fn save(state_dir: &Path, previous: &Previous) -> Result<()> {
+/// Records the units of a committed snapshot (atomically), as a
+/// [`Previous`].
+pub fn save(
+    state_dir: &Path,
+    core: &str,
+    snapshot: &str,
+    recipients: &str,
+    units: &[UnitRecord],
+) -> Result<()> {
+    #[derive(Serialize)]
+    struct PreviousRef<'a> {
+        core: &'a str,
+        snapshot: &'a str,
+        recipients: &'a str,
+        units: &'a [UnitRecord],
+    }
+    let previous = PreviousRef {
+        core,
+        snapshot,
+        recipients,
+        units,
+    };
     crate::state::write_atomic_with(&path(state_dir), |w| {
-        serde_json::to_writer(w, previous).map_err(std::io::Error::other)
+        serde_json::to_writer(w, &previous).map_err(std::io::Error::other)
     })
 }

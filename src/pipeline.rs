@@ -318,14 +318,21 @@ pub fn encrypt_with(
     recipients: &[age::x25519::Recipient],
     write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
 ) -> Result<Vec<u8>> {
+    encrypt_into(recipients, Vec::new(), write)
+}
+
+/// Encrypts what `write` writes to `recipients` into `out`; returns `out`.
+pub fn encrypt_into<W: Write>(
+    recipients: &[age::x25519::Recipient],
+    out: W,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<W> {
     let encryptor =
         age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
             .context("no recipients to encrypt to")?;
-    let mut out = Vec::new();
-    let mut w = encryptor.wrap_output(&mut out)?;
+    let mut w = encryptor.wrap_output(out)?;
     write(&mut w)?;
-    w.finish()?;
-    Ok(out)
+    Ok(w.finish()?)
 }
 
 /// Decrypts a small document.

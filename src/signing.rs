@@ -53,9 +53,10 @@ impl Statement<'_> {
 }
 
 /// A core's signing key.
+#[derive(Clone)]
 pub struct Signer {
-    secret: SecretKey,
-    public: PublicKey,
+    secret: std::sync::Arc<SecretKey>,
+    public: std::sync::Arc<PublicKey>,
 }
 
 impl std::fmt::Debug for Signer {
@@ -114,7 +115,10 @@ impl Signer {
             })?;
         let public = PublicKey::from_secret_key(&secret)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        Ok(Signer { secret, public })
+        Ok(Signer {
+            secret: secret.into(),
+            public: public.into(),
+        })
     }
 
     /// The public key (base64), as the zone map lists it.
@@ -123,11 +127,11 @@ impl Signer {
     }
 
     /// The detached signature (a `.minisig` file) of `data`.
-    pub fn sign(&self, data: &[u8], what: &Statement<'_>) -> Result<Vec<u8>> {
+    pub fn sign(&self, data: impl std::io::Read, what: &Statement<'_>) -> Result<Vec<u8>> {
         let sig = minisign::sign(
             Some(&self.public),
             &self.secret,
-            Cursor::new(data),
+            data,
             Some(&what.comment()),
             Some(&format!("signature from zonevault core {}", what.core)),
         )
@@ -291,7 +295,7 @@ mod tests {
         let signer = Signer::load(&path).unwrap();
         assert_eq!(signer.public_key(), public);
         let keys = vec![parse_public_key(&public).unwrap()];
-        let sig = signer.sign(b"index", &statement("a.json")).unwrap();
+        let sig = signer.sign(&b"index"[..], &statement("a.json")).unwrap();
         assert_eq!(verify(b"index", &sig, &keys, &statement("a.json")), Ok(()));
         assert_eq!(
             verify(b"indeX", &sig, &keys, &statement("a.json")),

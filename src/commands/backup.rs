@@ -27,7 +27,7 @@ use crate::pipeline::{self, Part, PartSink};
 use crate::progress::Progress;
 use crate::repository::commit;
 use crate::repository::layout;
-use crate::repository::snapshot::{self, Index, UnitRecord};
+use crate::repository::snapshot::{self, Totals, UnitRecord};
 use crate::residency::{Contents, Writable};
 use crate::scan;
 use crate::signing::{self, Signer};
@@ -261,17 +261,24 @@ async fn snapshot(
     if options.cancel.is_cancelled() {
         return Err(stopped());
     }
+    let units = Arc::new(std::mem::take(&mut tally.records));
     let draft = commit::Draft {
         id: &id,
         time: now,
         core,
         zone: &zone.id,
-        units: &tally.records,
+        units: Arc::clone(&units),
     };
-    let index = commit::commit(targets, &draft, &zone.recipients, signer).await?;
+    let spool = commit::Spool {
+        dir: &config.core.state_dir,
+        budget: &budget,
+        part_size: options.part_size,
+        part_jobs: options.part_jobs,
+    };
+    let totals = commit::commit(targets, &draft, &zone.recipients, signer, &spool).await?;
+    drop(draft);
     stage.done("commit");
-    let units = std::mem::take(&mut tally.records);
-    let report = tally.report(config, targets, &index, units.len(), cleaned, started);
+    let report = tally.report(config, targets, &id, totals, cleaned, started);
     remember_units(config, &id, units).await;
     stage.done("remember units");
     Ok(report)
@@ -482,13 +489,14 @@ impl Tally {
         self,
         config: &Config,
         targets: &[Writable<S3Store>],
-        index: &Index,
-        units: usize,
+        snapshot: &str,
+        totals: Totals,
         cleaned: usize,
         started: Instant,
     ) -> Report {
+        let units = totals.units;
         Report {
-            snapshot: index.id.clone(),
+            snapshot: snapshot.to_string(),
             core: config.core.core_id.clone(),
             zone: config.zone().id.clone(),
             targets: targets.iter().map(|t| t.target().name.clone()).collect(),
@@ -496,8 +504,8 @@ impl Tally {
             uploaded: self.uploaded,
             reused: units - self.uploaded,
             files: self.files,
-            plain_bytes: index.plain_bytes,
-            stored_bytes: index.stored_bytes,
+            plain_bytes: totals.plain_bytes,
+            stored_bytes: totals.stored_bytes,
             uploaded_bytes: self.uploaded_bytes,
             uploaded_plain_bytes: self.uploaded_plain_bytes,
             seconds: started.elapsed().as_secs_f64(),
@@ -516,16 +524,12 @@ impl Tally {
 
 /// Records the units of the committed snapshot for the next run. A failure
 /// costs only time: the next run uploads every unit.
-async fn remember_units(config: &Config, id: &str, records: Vec<UnitRecord>) {
-    let state = incremental::Previous {
-        core: config.core.core_id.clone(),
-        snapshot: id.to_string(),
-        recipients: incremental::recipients_digest(&config.zone().recipients),
-        units: records,
-    };
+async fn remember_units(config: &Config, id: &str, records: Arc<Vec<UnitRecord>>) {
+    let (core, snapshot) = (config.core.core_id.clone(), id.to_string());
+    let recipients = incremental::recipients_digest(&config.zone().recipients);
     let dir = config.core.state_dir.clone();
     let saved = crate::blocking::run("recording the units of this snapshot", move || {
-        incremental::save(&dir, &state)
+        incremental::save(&dir, &core, &snapshot, &recipients, &records)
     })
     .await
     .and_then(|r| r);

@@ -7,15 +7,21 @@
 //! replaces what another one committed (ids do not collide, and the
 //! conditional writes check it).
 
+use std::io::{Seek, Write};
+use std::path::Path;
+use std::sync::Arc;
+
 use anyhow::Context;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
 
 use super::layout::{self, Key};
-use super::snapshot::{Index, IndexObject, ManifestRef, UnitRecord};
+use super::snapshot::{IndexObject, IndexRef, ManifestRef, Totals, UnitRecord};
 use crate::audit::{Event, ObjectKind};
+use crate::budget::Budget;
 use crate::error::Result;
-use crate::pipeline;
+use crate::pipeline::{self, Digest, HashingWriter, Part, PartSink};
 use crate::residency::{Contents, Writable};
 use crate::signing::{self, Signer, Statement};
 use crate::storage::{StoreError, WriteBackend};
@@ -27,94 +33,110 @@ pub struct Draft<'a> {
     pub time: DateTime<Utc>,
     pub core: &'a str,
     pub zone: &'a str,
-    /// The units, in a stable order (by volume, then kind).
-    pub units: &'a [UnitRecord],
+    /// The units, in a stable order (by volume, then kind); shared with the
+    /// thread that seals the manifest.
+    pub units: Arc<Vec<UnitRecord>>,
 }
 
 impl Draft<'_> {
-    fn manifest(&self) -> ManifestRef<'_> {
-        ManifestRef {
+    fn index<'a>(&'a self, manifest: &Key, manifest_size: u64) -> IndexRef<'a> {
+        IndexRef {
             format: layout::FORMAT,
-            snapshot: self.id,
+            id: self.id,
             time: self.time,
             core: self.core,
             zone: self.zone,
-            units: self.units,
-        }
-    }
-
-    fn index(&self, manifest: &Key, manifest_size: u64) -> Index {
-        Index {
-            format: layout::FORMAT,
-            id: self.id.to_string(),
-            time: self.time,
-            core: self.core.to_string(),
-            zone: self.zone.to_string(),
-            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+            tool_version: env!("CARGO_PKG_VERSION"),
             manifest: IndexObject {
                 key: manifest.to_string(),
                 size: manifest_size,
             },
-            objects: self
-                .units
-                .iter()
-                .map(|r| IndexObject {
-                    key: r.object.clone(),
-                    size: r.stored_size,
-                })
-                .collect(),
-            units: self.units.len(),
-            plain_bytes: self.units.iter().map(|r| r.plain_size).sum(),
-            stored_bytes: self.units.iter().map(|r| r.stored_size).sum(),
+            objects: &self.units,
+            totals: Totals::of(&self.units),
         }
     }
 }
 
+/// How the commit sends the manifest, which names every unit (tens of
+/// megabytes at 100,000 units): sealed into an unlinked file in `dir` (the
+/// state dir), then read back to sign it and sent by parts of `part_size`
+/// within the run's budget, like a unit. The run never holds it whole.
+#[derive(Debug)]
+pub struct Spool<'a> {
+    pub dir: &'a Path,
+    pub budget: &'a Arc<Budget>,
+    pub part_size: usize,
+    pub part_jobs: usize,
+}
+
 /// Commits `draft` on every target: the manifest sealed to `recipients`,
 /// the signatures when the core signs, then the index, and a
-/// `snapshot_committed` record per target. Returns the index.
+/// `snapshot_committed` record per target. Returns what the index counts.
 pub async fn commit<S: WriteBackend>(
     targets: &[Writable<S>],
     draft: &Draft<'_>,
     recipients: &[age::x25519::Recipient],
     signer: Option<&Signer>,
-) -> Result<Index> {
-    // written straight into the encryption: the plain manifest (it names
-    // every unit) is never held whole
-    let manifest = draft.manifest();
-    let sealed = Bytes::from(pipeline::encrypt_with(recipients, |w| {
-        serde_json::to_writer(w, &manifest).map_err(std::io::Error::other)
-    })?);
+    spool: &Spool<'_>,
+) -> Result<Totals> {
     let manifest_key = layout::manifest_key(draft.core, draft.id);
-    let index = draft.index(&manifest_key, sealed.len() as u64);
+    let sealed = seal_manifest(draft, recipients, spool.dir).await?;
+    let index = draft.index(&manifest_key, sealed.digest.bytes);
     let index_json = Bytes::from(serde_json::to_vec_pretty(&index).map_err(anyhow::Error::from)?);
     let of_snapshot = |kind| Contents {
         kind,
         snapshot: Some(draft.id),
         users: &[],
     };
-    put_new_everywhere(
+    put_manifest(
         targets,
         &manifest_key,
         &sealed,
+        spool,
         &of_snapshot(ObjectKind::Manifest),
     )
     .await?;
     let index_key = layout::index_key(draft.core, draft.id);
     if let Some(signer) = signer {
         // Signatures before the index: a committed snapshot is signed whole.
-        for (key, body) in [(&manifest_key, &sealed), (&index_key, &index_json)] {
-            let statement = Statement {
+        let manifest_signature = {
+            let (signer, file) = (signer.clone(), sealed.reader()?);
+            let words = [
+                draft.core,
+                draft.zone,
+                draft.id,
+                signing::file_name(&manifest_key),
+            ]
+            .map(str::to_string);
+            crate::blocking::run("signing the manifest", move || {
+                let [core, zone, snapshot, file_name] = &words;
+                let statement = Statement {
+                    core,
+                    zone,
+                    snapshot,
+                    file: file_name,
+                };
+                signer.sign(std::io::BufReader::new(file), &statement)
+            })
+            .await??
+        };
+        let index_signature = signer.sign(
+            &index_json[..],
+            &Statement {
                 core: draft.core,
                 zone: draft.zone,
                 snapshot: draft.id,
-                file: signing::file_name(key),
-            };
-            let signature = Bytes::from(signer.sign(body, &statement)?);
+                file: signing::file_name(&index_key),
+            },
+        )?;
+        for (key, signature) in [
+            (&manifest_key, manifest_signature),
+            (&index_key, index_signature),
+        ] {
             put_new_everywhere(
                 targets,
                 &layout::signature_key(key),
-                &signature,
+                &Bytes::from(signature),
                 &of_snapshot(ObjectKind::Signature),
             )
             .await?;
@@ -127,19 +149,134 @@ pub async fn commit<S: WriteBackend>(
         &of_snapshot(ObjectKind::Index),
     )
     .await?;
+    let totals = index.totals;
     for t in targets {
         t.audit()
             .record(Event::SnapshotCommitted {
                 place: t.place(),
                 snapshot: draft.id.to_string(),
                 key: t.key(&index_key),
-                units: index.units,
-                plain_bytes: index.plain_bytes,
-                stored_bytes: index.stored_bytes,
+                units: totals.units,
+                plain_bytes: totals.plain_bytes,
+                stored_bytes: totals.stored_bytes,
             })
             .await?;
     }
-    Ok(index)
+    Ok(totals)
+}
+
+/// The sealed manifest: an unlinked file (gone with the process, whatever
+/// happens) and the digest of its bytes.
+struct SealedManifest {
+    file: std::fs::File,
+    digest: Digest,
+}
+
+impl SealedManifest {
+    /// A reader of the whole file from its start.
+    fn reader(&self) -> anyhow::Result<std::fs::File> {
+        let mut file = self.file.try_clone()?;
+        file.rewind()?;
+        Ok(file)
+    }
+}
+
+/// Serializes the manifest straight into its encryption, into an unlinked
+/// file in `dir`, on the blocking pool: the plain manifest (it names every
+/// unit) is never held, nor written anywhere.
+async fn seal_manifest(
+    draft: &Draft<'_>,
+    recipients: &[age::x25519::Recipient],
+    dir: &Path,
+) -> Result<SealedManifest> {
+    let (id, core, zone, time) = (
+        draft.id.to_string(),
+        draft.core.to_string(),
+        draft.zone.to_string(),
+        draft.time,
+    );
+    let (units, recipients, dir) = (
+        Arc::clone(&draft.units),
+        recipients.to_vec(),
+        dir.to_path_buf(),
+    );
+    let sealed = crate::blocking::run("sealing the manifest", move || {
+        let manifest = ManifestRef {
+            format: layout::FORMAT,
+            snapshot: &id,
+            time,
+            core: &core,
+            zone: &zone,
+            units: &units,
+        };
+        let file = tempfile::tempfile_in(&dir)
+            .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+        let out = HashingWriter::new(std::io::BufWriter::with_capacity(256 << 10, file));
+        let out = pipeline::encrypt_into(&recipients, out, |w| {
+            serde_json::to_writer(w, &manifest).map_err(std::io::Error::other)
+        })?;
+        let (mut out, blake3, bytes) = out.finish()?;
+        out.flush()?;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        anyhow::Ok(SealedManifest {
+            file,
+            digest: Digest { bytes, blake3 },
+        })
+    })
+    .await??;
+    Ok(sealed)
+}
+
+/// Sends the sealed manifest to every target, by parts read from its file.
+/// A manifest is always new (its key holds the snapshot's random id); a key
+/// already taken on any target stops the commit before anything is sent.
+async fn put_manifest<S: WriteBackend>(
+    targets: &[Writable<S>],
+    key: &Key,
+    sealed: &SealedManifest,
+    spool: &Spool<'_>,
+    contents: &Contents<'_>,
+) -> anyhow::Result<()> {
+    for t in targets {
+        let full = t.key(key);
+        if t.store().exists(&full).await? {
+            return Err(
+                anyhow::Error::new(StoreError::Exists { key: full }).context(format!(
+                    "writing the manifest to target {}",
+                    t.target().name
+                )),
+            );
+        }
+    }
+    let (tx, rx) = mpsc::channel::<Part>(1);
+    let sink = PartSink::new(tx, spool.part_size, Arc::clone(spool.budget));
+    let mut file = sealed.reader()?;
+    let producer = crate::blocking::spawn(move || {
+        let mut sink = sink;
+        std::io::copy(&mut file, &mut sink)?;
+        sink.finish()
+    });
+    let uploaded =
+        crate::upload::upload(targets, key, rx, spool.part_jobs, contents, spool.budget).await;
+    let read = producer
+        .await
+        .map_err(|e| anyhow::anyhow!("reading back the sealed manifest: {e}"))?;
+    // A read that stopped because the upload did ("broken pipe") is not
+    // the cause; any other read error is.
+    let digest = match (uploaded, read) {
+        (Ok(digest), Ok(_)) => digest,
+        (_, Err(e)) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            return Err(anyhow::Error::from(e).context("reading back the sealed manifest"));
+        }
+        (Err(e), _) => return Err(e),
+        (Ok(_), Err(e)) => return Err(e.into()),
+    };
+    // the bytes sent are the bytes sealed (and signed)
+    anyhow::ensure!(
+        digest == sealed.digest,
+        "the manifest sent differs from the one sealed"
+    );
+    Ok(())
 }
 
 /// Writes the index on every target, never over an existing one; if any
@@ -205,6 +342,7 @@ async fn put_new_on_all<S: WriteBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::repository::snapshot::Index;
     use crate::storage::memory::Op;
     use crate::testing;
 
@@ -256,46 +394,71 @@ mod tests {
         let w = testing::World::new().await;
         let identity = age::x25519::Identity::generate();
         let recipient = identity.to_public();
-        let units = [UnitRecord {
-            volume: "users".into(),
-            kind: crate::units::UnitKind::User("u1".into()),
-            object: "core-ch-1/objects/ab.tar.zst.age".into(),
-            plain_size: 10,
-            stored_size: 20,
-            blake3: "0".repeat(64),
-            files: 1,
-            fingerprint: "f".into(),
-            dirs: vec!["a/b/c/u1".into()],
-        }];
+        // enough units for a manifest of many parts
+        let units: Vec<UnitRecord> = (0..200)
+            .map(|i| UnitRecord {
+                volume: "users".into(),
+                kind: crate::units::UnitKind::User(format!("u{i}")),
+                object: format!("core-ch-1/objects/{i:032x}.tar.zst.age"),
+                plain_size: 10 + i,
+                stored_size: 20 + i,
+                blake3: "0".repeat(64),
+                files: 1,
+                fingerprint: "f".into(),
+                dirs: vec![format!("a/b/c/u{i}").into()],
+            })
+            .collect();
         let draft = Draft {
             id: ID,
             time: Utc::now(),
             core: CORE,
             zone: "ch",
-            units: &units,
+            units: Arc::new(units.clone()),
+        };
+        let budget = Budget::new(Default::default());
+        let spool = Spool {
+            dir: w.config.core.state_dir.as_path(),
+            budget: &budget,
+            part_size: 4096,
+            part_jobs: 2,
         };
         // the manifest fails on the second target: no index anywhere
         w.targets[1]
             .store()
-            .fail(Op::PutNew, 1, StoreError::Other("injected".into()));
-        commit(&w.targets, &draft, std::slice::from_ref(&recipient), None)
-            .await
-            .unwrap_err();
+            .fail(Op::CreateUpload, 1, StoreError::Other("injected".into()));
+        commit(
+            &w.targets,
+            &draft,
+            std::slice::from_ref(&recipient),
+            None,
+            &spool,
+        )
+        .await
+        .unwrap_err();
         let index_key = layout::index_key(CORE, ID);
         for t in &w.targets {
             assert!(t.store().object(&t.key(&index_key)).is_none());
         }
         let id2 = "20261201T023001Z-00ab";
         let draft = Draft { id: id2, ..draft };
-        let index = commit(&w.targets, &draft, std::slice::from_ref(&recipient), None)
-            .await
-            .unwrap();
-        assert_eq!(index.id, id2);
-        // the manifest, written from borrowed units, reads back as a Manifest
+        let totals = commit(
+            &w.targets,
+            &draft,
+            std::slice::from_ref(&recipient),
+            None,
+            &spool,
+        )
+        .await
+        .unwrap();
+        assert_eq!(totals, Totals::of(&units));
+        // the manifest, sealed into a file and sent by parts, reads back as
+        // a Manifest of the units
+        let manifest_key = layout::manifest_key(CORE, id2);
         let sealed = w.targets[0]
             .store()
-            .object(&w.targets[0].key(&layout::manifest_key(CORE, id2)))
+            .object(&w.targets[0].key(&manifest_key))
             .unwrap();
+        assert!(sealed.len() > 3 * 4096, "{} bytes", sealed.len());
         let identities: Vec<Box<dyn age::Identity + Send + Sync>> = vec![Box::new(identity)];
         let plain = pipeline::decrypt_small(&sealed, &identities).unwrap();
         let manifest: crate::repository::snapshot::Manifest =
@@ -305,12 +468,20 @@ mod tests {
             (id2, CORE)
         );
         assert_eq!(manifest.units, units);
+        // the index, written from borrowed units, reads back as an Index
         for t in &w.targets {
             let key = t.key(&layout::index_key(CORE, id2));
             let stored: Index = serde_json::from_slice(&t.store().object(&key).unwrap()).unwrap();
+            assert_eq!(stored.manifest.key, manifest_key.to_string());
+            assert_eq!(stored.manifest.size, sealed.len() as u64);
+            assert_eq!(stored.objects.len(), units.len());
             assert_eq!(
-                stored.manifest.key,
-                layout::manifest_key(CORE, id2).to_string()
+                (stored.objects[7].key.as_str(), stored.objects[7].size),
+                (units[7].object.as_str(), units[7].stored_size)
+            );
+            assert_eq!(
+                (stored.units, stored.plain_bytes, stored.stored_bytes),
+                (totals.units, totals.plain_bytes, totals.stored_bytes)
             );
         }
         let committed = testing::events(&w.audit)
@@ -318,5 +489,12 @@ mod tests {
             .filter(|e| e.as_str() == "snapshot_committed")
             .count();
         assert_eq!(committed, 2);
+        // nothing of the sealed manifest stays in the state dir
+        let left: Vec<_> = std::fs::read_dir(&w.config.core.state_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().starts_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

@@ -71,6 +71,54 @@ pub struct ManifestRef<'a> {
     pub units: &'a [UnitRecord],
 }
 
+/// An index to write, borrowing the units it lists: serializes exactly as
+/// [`Index`] (the objects of 100,000 units are not copied to write it).
+#[derive(Debug, Serialize)]
+pub struct IndexRef<'a> {
+    pub format: u32,
+    pub id: &'a str,
+    pub time: DateTime<Utc>,
+    pub core: &'a str,
+    pub zone: &'a str,
+    pub tool_version: &'a str,
+    pub manifest: IndexObject,
+    #[serde(serialize_with = "objects_of")]
+    pub objects: &'a [UnitRecord],
+    #[serde(flatten)]
+    pub totals: Totals,
+}
+
+/// How much a snapshot holds, as its index says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    pub units: usize,
+    pub plain_bytes: u64,
+    pub stored_bytes: u64,
+}
+
+impl Totals {
+    pub fn of(units: &[UnitRecord]) -> Totals {
+        Totals {
+            units: units.len(),
+            plain_bytes: units.iter().map(|r| r.plain_size).sum(),
+            stored_bytes: units.iter().map(|r| r.stored_size).sum(),
+        }
+    }
+}
+
+/// The index's `objects`: each unit's object and stored size.
+fn objects_of<S: serde::Serializer>(units: &&[UnitRecord], s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Object<'a> {
+        key: &'a str,
+        size: u64,
+    }
+    s.collect_seq(units.iter().map(|u| Object {
+        key: &u.object,
+        size: u.stored_size,
+    }))
+}
+
 /// An object referenced by an index.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IndexObject {
