@@ -82,7 +82,11 @@ pub async fn commit<S: WriteBackend>(
     let manifest_key = layout::manifest_key(draft.core, draft.id);
     let sealed = seal_manifest(draft, recipients, spool.dir).await?;
     let index = draft.index(&manifest_key, sealed.digest.bytes);
-    let index_json = Bytes::from(serde_json::to_vec_pretty(&index).map_err(anyhow::Error::from)?);
+    // sized for the objects (about 100 bytes each, pretty-printed): no
+    // doubling of megabytes at 100,000 units
+    let mut index_json = Vec::with_capacity(4096 + 112 * index.objects.len());
+    serde_json::to_writer_pretty(&mut index_json, &index).map_err(anyhow::Error::from)?;
+    let index_json = Bytes::from(index_json);
     let of_snapshot = |kind| Contents {
         kind,
         snapshot: Some(draft.id),
