@@ -4,8 +4,9 @@
 //! The index is what makes a snapshot exist (restore, retention and the
 //! sweep see only committed indexes), so it is the last write, and it lands
 //! on every target or on none. Every object of a commit is new: a run never
-//! replaces what another one committed (ids do not collide, and the
-//! conditional writes check it).
+//! replaces what another one committed (ids do not collide; the index and
+//! the signatures are conditional writes after a read, and the manifest,
+//! sent by parts, starts only where a HEAD finds no object under its key).
 
 use std::io::{Seek, Write};
 use std::path::Path;
