@@ -395,6 +395,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_manifest_key_already_taken_stops_the_commit_before_anything_is_sent() {
+        let w = testing::World::new().await;
+        let recipient = age::x25519::Identity::generate().to_public();
+        let draft = Draft {
+            id: ID,
+            time: Utc::now(),
+            core: CORE,
+            zone: "ch",
+            units: Arc::new(Vec::new()),
+        };
+        let budget = Budget::new(Default::default());
+        let spool = Spool {
+            dir: w.config.core.state_dir.as_path(),
+            budget: &budget,
+            part_size: 4096,
+            part_jobs: 2,
+        };
+        let theirs = &w.targets[1];
+        let taken = theirs.key(&layout::manifest_key(CORE, ID));
+        theirs.store().insert(&taken, b"another run");
+        let e = commit(
+            &w.targets,
+            &draft,
+            std::slice::from_ref(&recipient),
+            None,
+            &spool,
+        )
+        .await
+        .unwrap_err();
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("ch-secondary") && text.contains("already exists"),
+            "{text}"
+        );
+        assert_eq!(theirs.store().object(&taken).unwrap(), "another run");
+        assert!(w.targets[0].store().keys().is_empty());
+    }
+
+    #[tokio::test]
     async fn a_commit_writes_the_index_last_and_records_it_on_every_target() {
         let w = testing::World::new().await;
         let identity = age::x25519::Identity::generate();
