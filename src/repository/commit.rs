@@ -81,7 +81,7 @@ pub async fn commit<S: WriteBackend>(
     spool: &Spool<'_>,
 ) -> Result<Totals> {
     let manifest_key = layout::manifest_key(draft.core, draft.id);
-    let sealed = seal_manifest(draft, recipients, spool.dir).await?;
+    let sealed = seal_manifest(draft, recipients, signer, spool.dir).await?;
     let index = draft.index(&manifest_key, sealed.digest.bytes);
     // sized for the objects (about 100 bytes each, pretty-printed): no
     // doubling of megabytes at 100,000 units
@@ -102,29 +102,8 @@ pub async fn commit<S: WriteBackend>(
     )
     .await?;
     let index_key = layout::index_key(draft.core, draft.id);
-    if let Some(signer) = signer {
+    if let (Some(signer), Some(manifest_signature)) = (signer, sealed.signature) {
         // Signatures before the index: a committed snapshot is signed whole.
-        let manifest_signature = {
-            let (signer, file) = (signer.clone(), sealed.reader()?);
-            let words = [
-                draft.core,
-                draft.zone,
-                draft.id,
-                signing::file_name(&manifest_key),
-            ]
-            .map(str::to_string);
-            crate::blocking::run("signing the manifest", move || {
-                let [core, zone, snapshot, file_name] = &words;
-                let statement = Statement {
-                    core,
-                    zone,
-                    snapshot,
-                    file: file_name,
-                };
-                signer.sign(std::io::BufReader::new(file), &statement)
-            })
-            .await??
-        };
         let index_signature = signer.sign(
             &index_json[..],
             &Statement {
@@ -171,10 +150,12 @@ pub async fn commit<S: WriteBackend>(
 }
 
 /// The sealed manifest: an unlinked file (gone with the process, whatever
-/// happens) and the digest of its bytes.
+/// happens), the digest of its bytes and, when the core signs, its
+/// signature.
 struct SealedManifest {
     file: std::fs::File,
     digest: Digest,
+    signature: Option<Vec<u8>>,
 }
 
 impl SealedManifest {
@@ -187,11 +168,12 @@ impl SealedManifest {
 }
 
 /// Serializes the manifest straight into its encryption, into an unlinked
-/// file in `dir`, on the blocking pool: the plain manifest (it names every
-/// unit) is never held, nor written anywhere.
+/// file in `dir`, and signs that file, on the blocking pool: the plain
+/// manifest (it names every unit) is never held, nor written anywhere.
 async fn seal_manifest(
     draft: &Draft<'_>,
     recipients: &[age::x25519::Recipient],
+    signer: Option<&Signer>,
     dir: &Path,
 ) -> Result<SealedManifest> {
     let (id, core, zone, time) = (
@@ -200,9 +182,10 @@ async fn seal_manifest(
         draft.zone.to_string(),
         draft.time,
     );
-    let (units, recipients, dir) = (
+    let (units, recipients, signer, dir) = (
         Arc::clone(&draft.units),
         recipients.to_vec(),
+        signer.cloned(),
         dir.to_path_buf(),
     );
     let sealed = crate::blocking::run("sealing the manifest", move || {
@@ -223,10 +206,23 @@ async fn seal_manifest(
         let (mut out, blake3, bytes) = out.finish()?;
         out.flush()?;
         let file = out.into_inner().map_err(|e| e.into_error())?;
-        anyhow::Ok(SealedManifest {
+        let mut sealed = SealedManifest {
             file,
             digest: Digest { bytes, blake3 },
-        })
+            signature: None,
+        };
+        if let Some(signer) = signer {
+            let key = layout::manifest_key(&core, &id);
+            let statement = Statement {
+                core: &core,
+                zone: &zone,
+                snapshot: &id,
+                file: signing::file_name(&key),
+            };
+            let read = std::io::BufReader::with_capacity(256 << 10, sealed.reader()?);
+            sealed.signature = Some(signer.sign(read, &statement)?);
+        }
+        anyhow::Ok(sealed)
     })
     .await??;
     Ok(sealed)
@@ -394,24 +390,33 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_manifest_key_already_taken_stops_the_commit_before_anything_is_sent() {
-        let w = testing::World::new().await;
-        let recipient = age::x25519::Identity::generate().to_public();
-        let draft = Draft {
+    fn draft(units: Arc<Vec<UnitRecord>>) -> Draft<'static> {
+        Draft {
             id: ID,
             time: Utc::now(),
             core: CORE,
             zone: "ch",
-            units: Arc::new(Vec::new()),
-        };
-        let budget = Budget::new(Default::default());
-        let spool = Spool {
+            units,
+        }
+    }
+
+    /// Parts of 4 KiB: a manifest of a few hundred units takes several.
+    fn spool<'a>(w: &'a testing::World, budget: &'a Arc<Budget>) -> Spool<'a> {
+        Spool {
             dir: w.config.core.state_dir.as_path(),
-            budget: &budget,
+            budget,
             part_size: 4096,
             part_jobs: 2,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn a_manifest_key_already_taken_stops_the_commit_before_anything_is_sent() {
+        let w = testing::World::new().await;
+        let recipient = age::x25519::Identity::generate().to_public();
+        let draft = draft(Arc::new(Vec::new()));
+        let budget = Budget::new(Default::default());
+        let spool = spool(&w, &budget);
         let theirs = &w.targets[1];
         let taken = theirs.key(&layout::manifest_key(CORE, ID));
         theirs.store().insert(&taken, b"another run");
@@ -452,20 +457,9 @@ mod tests {
                 dirs: vec![format!("a/b/c/u{i}").into()],
             })
             .collect();
-        let draft = Draft {
-            id: ID,
-            time: Utc::now(),
-            core: CORE,
-            zone: "ch",
-            units: Arc::new(units.clone()),
-        };
+        let draft = draft(Arc::new(units.clone()));
         let budget = Budget::new(Default::default());
-        let spool = Spool {
-            dir: w.config.core.state_dir.as_path(),
-            budget: &budget,
-            part_size: 4096,
-            part_jobs: 2,
-        };
+        let spool = spool(&w, &budget);
         // the manifest fails on the second target: no index anywhere
         w.targets[1]
             .store()
