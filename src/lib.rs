@@ -39,6 +39,7 @@ pub mod lock;
 pub mod logging;
 pub mod output;
 pub mod pipeline;
+pub mod pool;
 pub mod progress;
 pub mod pryv;
 pub mod repository;

@@ -14,6 +14,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use crate::budget::{Budget, Held};
+use crate::pool::{Pool, Pooled};
 
 /// BLAKE3 is fast on large inputs (it hashes many chunks at once with SIMD)
 /// and slow on the 512-byte headers and 8 KiB copies that tar writes, so
@@ -249,14 +250,17 @@ pub fn seal<T>(
     level: i32,
     sink: PartSink,
     produce: impl FnOnce(
-        &mut HashingWriter<zstd::Encoder<'static, age::stream::StreamWriter<PartSink>>>,
+        &mut HashingWriter<zstd::Encoder<'_, age::stream::StreamWriter<PartSink>>>,
     ) -> Result<T>,
 ) -> Result<Sealed<T>> {
     let encryptor =
         age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
             .context("no recipients to encrypt to")?;
     let age = encryptor.wrap_output(sink)?;
-    let mut zstd = zstd::Encoder::new(age, level)?;
+    let mut context = COMPRESSORS.take();
+    let mut zstd = zstd::Encoder::with_context(age, &mut context);
+    // a reused context keeps its parameters: set every one this frame needs
+    zstd.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level))?;
     zstd.include_checksum(true)?;
     let mut hashing = HashingWriter::new(zstd);
     let extra = produce(&mut hashing)?;
@@ -276,10 +280,22 @@ pub fn seal<T>(
 pub fn open<'a, R: Read + 'a>(
     reader: R,
     identities: &[Box<dyn age::Identity + Send + Sync>],
+    context: &'a mut Pooled<zstd::zstd_safe::DCtx<'static>>,
 ) -> Result<Box<dyn Read + 'a>, OpenError> {
     let plain = decrypt(io::BufReader::new(reader), identities)?;
-    Ok(Box::new(zstd::Decoder::new(plain).map_err(OpenError::Io)?))
+    let plain = io::BufReader::with_capacity(zstd::zstd_safe::DCtx::in_size(), plain);
+    Ok(Box::new(zstd::Decoder::with_context(plain, context)))
 }
+
+/// A zstd context for [`open`], reused from unit to unit.
+pub fn decompressor() -> Pooled<zstd::zstd_safe::DCtx<'static>> {
+    DECOMPRESSORS.take()
+}
+
+// kept between units: see crate::pool for why
+static COMPRESSORS: Pool<zstd::zstd_safe::CCtx<'static>> = Pool::new(zstd::zstd_safe::CCtx::create);
+static DECOMPRESSORS: Pool<zstd::zstd_safe::DCtx<'static>> =
+    Pool::new(zstd::zstd_safe::DCtx::create);
 
 fn decrypt<'a, R: io::BufRead + 'a>(
     reader: R,

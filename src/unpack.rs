@@ -26,7 +26,8 @@
 //! file without `--force`, a directory where a file is) is refused per entry
 //! and listed; the rest is restored.
 
-use std::io::{self, Read};
+use std::ffi::OsStr;
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
@@ -36,6 +37,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, Timespec, Timesta
 use rustix::io::Errno;
 use tar::EntryType;
 
+use crate::pool::Pool;
 use crate::units;
 
 /// The directory that holds staged units, inside the restore directory.
@@ -94,11 +96,7 @@ impl Destination {
             Ok(()) | Err(Errno::EXIST) => {}
             Err(e) => return Err(io_err(e.into())),
         }
-        let root = match rustix::fs::open(
-            path,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        ) {
+        let root = match rustix::fs::open(path, DIR_FLAGS, Mode::empty()) {
             Ok(fd) => fd,
             Err(Errno::LOOP) => return Err(DestinationError::Symlink(path.to_path_buf())),
             Err(Errno::NOTDIR) => {
@@ -164,11 +162,18 @@ impl Destination {
                 )
             })?;
         let dir = open_dir(staging.as_fd(), Path::new(&name))?;
+        // a unit of one directory is staged as that directory, so that its
+        // commit is one rename, not a walk down the volume's shard directories
+        let root = match &scope {
+            Scope::Under(dirs) if dirs.len() == 1 => dirs[0].clone(),
+            _ => PathBuf::new(),
+        };
         Ok(Staged {
             dest: self,
             staging,
             name,
             dir: Some(dir),
+            root,
             volume: volume.to_string(),
             label: label.to_string(),
             scope,
@@ -283,6 +288,9 @@ pub struct Staged<'d> {
     name: String,
     /// The unit's staging directory; `None` once committed or discarded.
     dir: Option<OwnedFd>,
+    /// What the staging directory stands for, relative to the volume's
+    /// root: the unit's one directory, or the volume root itself (empty).
+    root: PathBuf,
     volume: String,
     label: String,
     scope: Scope,
@@ -332,7 +340,11 @@ impl Staged<'_> {
                     }
                 );
             }
-            if let Err(reason) = self.unpack_entry(&mut entry, &rel) {
+            let local = rel
+                .strip_prefix(&self.root)
+                .expect("in scope, so under the root")
+                .to_path_buf();
+            if let Err(reason) = self.unpack_entry(&mut entry, &rel, &local) {
                 self.refuse(&rel, format!("{reason:#}"));
             }
         }
@@ -348,7 +360,14 @@ impl Staged<'_> {
         });
     }
 
-    fn unpack_entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, rel: &Path) -> Result<()> {
+    /// Unpacks one entry: `rel` is its path in the volume, `local` in the
+    /// staging directory.
+    fn unpack_entry<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        rel: &Path,
+        local: &Path,
+    ) -> Result<()> {
         let header = entry.header();
         let kind = header.entry_type();
         let mode = header.mode()?;
@@ -359,9 +378,16 @@ impl Staged<'_> {
             .file_name()
             .context("an entry without a name")?
             .to_owned();
+        if local.as_os_str().is_empty() && kind != EntryType::Directory {
+            bail!("the unit's own directory is not a directory in the snapshot");
+        }
         if kind == EntryType::Directory {
-            let root = self.dir()?;
-            ensure_dir(root, rel)?;
+            if !local.as_os_str().is_empty() {
+                // the next entries are likely inside it: it becomes the cached parent
+                let fd =
+                    child_dir(self.parent(local)?, &name, true).map_err(|e| e.describe(rel))?;
+                self.cached = Some((local.to_path_buf(), fd));
+            }
             self.dirs.push(DirMeta {
                 volume: self.volume.clone(),
                 path: rel.to_path_buf(),
@@ -372,7 +398,7 @@ impl Staged<'_> {
             self.files += 1;
             return Ok(());
         }
-        let parent = self.parent(rel)?;
+        let parent = self.parent(local)?;
         match kind {
             EntryType::Regular | EntryType::Continuous => {
                 let fd = rustix::fs::openat(
@@ -389,7 +415,7 @@ impl Staged<'_> {
                 .context("cannot create it")?;
                 let mut file = std::fs::File::from(fd);
                 let written = (|| -> Result<()> {
-                    io::copy(entry, &mut file).context("cannot write it")?;
+                    copy_file(entry, &mut file).context("cannot write it")?;
                     if owners {
                         set_owner(file.as_fd(), owner.0, owner.1)?;
                     }
@@ -435,17 +461,22 @@ impl Staged<'_> {
                     .context("a hard link without a target")?
                     .into_owned();
                 let target = safe_relative(&target).map_err(|e| anyhow!("its target {e}"))?;
-                if !self.scope.allows(&target, false) {
+                let in_unit = target
+                    .strip_prefix(&self.root)
+                    .ok()
+                    .filter(|t| self.scope.allows(&target, false) && !t.as_os_str().is_empty());
+                let Some(local_target) = in_unit else {
                     bail!("its target {} is not in this unit", target.display());
-                }
-                let target_name = target
+                };
+                let target_name = local_target
                     .file_name()
                     .context("a hard link to the volume root")?;
-                let target_parent = open_dir(self.dir()?, target.parent().unwrap_or(Path::new("")))
-                    .with_context(|| {
-                        format!("its target {} is not in this unit", target.display())
-                    })?;
-                let parent = self.parent(rel)?;
+                let target_parent =
+                    open_dir(self.dir()?, local_target.parent().unwrap_or(Path::new("")))
+                        .with_context(|| {
+                            format!("its target {} is not in this unit", target.display())
+                        })?;
+                let parent = self.parent(local)?;
                 rustix::fs::linkat(
                     &target_parent,
                     target_name,
@@ -497,14 +528,33 @@ impl Staged<'_> {
             })?;
         let staged = self.dir.take().context("the unit was already committed")?;
         let mut refused = std::mem::take(&mut self.refused);
-        merge(
-            staged.as_fd(),
-            volume.as_fd(),
-            Path::new(""),
-            self.dest.force,
-            &self.volume,
-            &mut refused,
-        );
+        match self.root.file_name() {
+            None => merge(
+                staged.as_fd(),
+                volume.as_fd(),
+                Path::new(""),
+                self.dest.force,
+                &self.volume,
+                &mut refused,
+            ),
+            Some(root_name) => {
+                // the staging directory itself becomes the unit's directory
+                let above = self.root.parent().unwrap_or(Path::new(""));
+                let placed = ensure_dir(volume.as_fd(), above)
+                    .map_err(|e| format!("{e:#}"))
+                    .and_then(|parent| {
+                        let entry = Entry {
+                            from: (self.staging.as_fd(), OsStr::new(&self.name)),
+                            to: (parent.as_fd(), root_name),
+                            here: &self.root,
+                        };
+                        place(&entry, self.dest.force, &self.volume, &mut refused)
+                    });
+                if let Err(reason) = placed {
+                    refuse_entry(&mut refused, &self.volume, &self.root, reason);
+                }
+            }
+        }
         drop(staged);
         self.remove();
         Ok(Placed {
@@ -550,15 +600,10 @@ fn merge(
     volume: &str,
     refused: &mut Vec<Refused>,
 ) {
-    fn refuse(refused: &mut Vec<Refused>, volume: &str, here: &Path, reason: String) {
-        let path = format!("{volume}/{}", here.display());
-        tracing::warn!(%path, %reason, "entry not restored");
-        refused.push(Refused { path, reason });
-    }
     let names = match list(src) {
         Ok(names) => names,
         Err(e) => {
-            return refuse(
+            return refuse_entry(
                 refused,
                 volume,
                 rel,
@@ -568,22 +613,39 @@ fn merge(
     };
     for name in names {
         let here = rel.join(&name);
-        if let Err(reason) = place(src, dst, &name, &here, force, volume, refused) {
-            refuse(refused, volume, &here, reason);
+        let entry = Entry {
+            from: (src, &name),
+            to: (dst, &name),
+            here: &here,
+        };
+        if let Err(reason) = place(&entry, force, volume, refused) {
+            refuse_entry(refused, volume, &here, reason);
         }
     }
 }
 
+fn refuse_entry(refused: &mut Vec<Refused>, volume: &str, here: &Path, reason: String) {
+    let path = format!("{volume}/{}", here.display());
+    tracing::warn!(%path, %reason, "entry not restored");
+    refused.push(Refused { path, reason });
+}
+
+/// One staged entry to move into place: from (directory, name) to
+/// (directory, name); `here` is its path in the volume.
+struct Entry<'a> {
+    from: (BorrowedFd<'a>, &'a OsStr),
+    to: (BorrowedFd<'a>, &'a OsStr),
+    here: &'a Path,
+}
+
 /// Moves one staged entry into place; `Err` is why it was not.
 fn place(
-    src: BorrowedFd<'_>,
-    dst: BorrowedFd<'_>,
-    name: &std::ffi::OsStr,
-    here: &Path,
+    entry: &Entry<'_>,
     force: bool,
     volume: &str,
     refused: &mut Vec<Refused>,
 ) -> Result<(), String> {
+    let ((src, src_name), (dst, dst_name)) = (entry.from, entry.to);
     let moved = |e: Errno| {
         match e {
         Errno::XDEV => "cannot be moved into place: the restore directory spans file systems (a mount point inside it); restore into a directory on one file system".to_string(),
@@ -591,24 +653,26 @@ fn place(
         e => format!("cannot be moved into place: {}", io::Error::from(e)),
     }
     };
-    match rustix::fs::renameat_with(src, name, dst, name, RenameFlags::NOREPLACE) {
+    match rustix::fs::renameat_with(src, src_name, dst, dst_name, RenameFlags::NOREPLACE) {
         Ok(()) => return Ok(()),
         Err(Errno::EXIST) => {}
         Err(e) => return Err(moved(e)),
     }
-    let is_dir = |fd| {
+    let is_dir = |fd, name| {
         rustix::fs::statat(fd, name, AtFlags::SYMLINK_NOFOLLOW)
             .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
             .map_err(|e| format!("cannot inspect it: {}", io::Error::from(e)))
     };
-    match (is_dir(src)?, is_dir(dst)?) {
+    match (is_dir(src, src_name)?, is_dir(dst, dst_name)?) {
         (true, true) => {
-            let s = open_dir(src, Path::new(name)).map_err(|e| format!("{e:#}"))?;
-            let d = open_dir(dst, Path::new(name)).map_err(|e| format!("{e:#}"))?;
-            merge(s.as_fd(), d.as_fd(), here, force, volume, refused);
+            let s = open_dir(src, Path::new(src_name)).map_err(|e| format!("{e:#}"))?;
+            let d = open_dir(dst, Path::new(dst_name)).map_err(|e| format!("{e:#}"))?;
+            merge(s.as_fd(), d.as_fd(), entry.here, force, volume, refused);
             Ok(())
         }
-        (false, false) if force => rustix::fs::renameat(src, name, dst, name).map_err(moved),
+        (false, false) if force => {
+            rustix::fs::renameat(src, src_name, dst, dst_name).map_err(moved)
+        }
         (false, false) => Err("exists in the restore directory; not overwritten (--force replaces files)".into()),
         (true, false) => Err("a directory in the snapshot, but something else (a file or a link) exists there; not replaced".into()),
         (false, true) => Err("a directory exists there; not replaced by the snapshot's file".into()),
@@ -627,43 +691,94 @@ fn ensure_dir(base: BorrowedFd<'_>, rel: &Path) -> Result<OwnedFd> {
 }
 
 fn walk_dirs(base: BorrowedFd<'_>, rel: &Path, create: bool) -> Result<OwnedFd> {
-    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let mut at = rustix::fs::openat(base, ".", flags, Mode::empty())?;
+    let mut at: Option<OwnedFd> = None;
     for (i, part) in rel.components().enumerate() {
         let Component::Normal(name) = part else {
             bail!("{} is not a plain relative path", rel.display());
         };
-        if create {
-            match rustix::fs::mkdirat(&at, name, Mode::from_raw_mode(0o700)) {
-                Ok(()) | Err(Errno::EXIST) => {}
-                Err(e) => {
-                    return Err(io::Error::from(e)).with_context(|| {
-                        format!(
-                            "cannot create {}",
-                            rel.iter().take(i + 1).collect::<PathBuf>().display()
-                        )
-                    });
-                }
+        let parent = at.as_ref().map_or(base, |fd| fd.as_fd());
+        let fd = child_dir(parent, name, create)
+            .map_err(|e| e.describe(&rel.iter().take(i + 1).collect::<PathBuf>()))?;
+        at = Some(fd);
+    }
+    match at {
+        Some(fd) => Ok(fd),
+        None => Ok(rustix::fs::openat(base, ".", DIR_FLAGS, Mode::empty())?),
+    }
+}
+
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
+/// Why a directory could not be opened (or created).
+enum DirError {
+    Create(Errno),
+    NotADirectory,
+    Open(Errno),
+}
+
+impl DirError {
+    /// The error, naming the directory (relative to where the walk started).
+    fn describe(self, path: &Path) -> anyhow::Error {
+        match self {
+            DirError::Create(e) => anyhow::Error::new(io::Error::from(e))
+                .context(format!("cannot create {}", path.display())),
+            DirError::NotADirectory => anyhow!(
+                "{} is not a directory (a link or a file there is never followed)",
+                path.display()
+            ),
+            DirError::Open(e) => anyhow::Error::new(io::Error::from(e))
+                .context(format!("cannot open {}", path.display())),
+        }
+    }
+}
+
+/// Opens the directory `name` in `parent`, creating it first (owner-only)
+/// when `create`; a link or a file there is never followed.
+fn child_dir(
+    parent: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    create: bool,
+) -> Result<OwnedFd, DirError> {
+    if create {
+        match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(DirError::Create(e)),
+        }
+    }
+    match rustix::fs::openat(parent, name, DIR_FLAGS, Mode::empty()) {
+        Ok(fd) => Ok(fd),
+        Err(Errno::LOOP | Errno::NOTDIR) => Err(DirError::NotADirectory),
+        Err(e) => Err(DirError::Open(e)),
+    }
+}
+
+/// Copies a file's bytes from the tar in writes of up to [`COPY_BLOCK`]:
+/// few system calls, and whole pages, which the file system does not have
+/// to zero before they are filled (`io::copy` writes 8 KiB at a time).
+fn copy_file(from: &mut impl Read, to: &mut std::fs::File) -> io::Result<()> {
+    static BUFFERS: Pool<Vec<u8>> = Pool::new(|| vec![0; COPY_BLOCK]);
+    let mut buf = BUFFERS.take();
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match from.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
-        at = match rustix::fs::openat(&at, name, flags, Mode::empty()) {
-            Ok(fd) => fd,
-            Err(Errno::LOOP | Errno::NOTDIR) => bail!(
-                "{} is not a directory (a link or a file there is never followed)",
-                rel.iter().take(i + 1).collect::<PathBuf>().display()
-            ),
-            Err(e) => {
-                return Err(io::Error::from(e)).with_context(|| {
-                    format!(
-                        "cannot open {}",
-                        rel.iter().take(i + 1).collect::<PathBuf>().display()
-                    )
-                });
-            }
-        };
+        to.write_all(&buf[..filled])?;
+        if filled < buf.len() {
+            return Ok(());
+        }
     }
-    Ok(at)
 }
+
+const COPY_BLOCK: usize = 256 << 10;
 
 /// The names in an open directory (without `.` and `..`).
 fn list(dir: BorrowedFd<'_>) -> io::Result<Vec<std::ffi::OsString>> {
@@ -990,6 +1105,65 @@ mod tests {
             assert_eq!(placed.refused.len(), usize::from(content == "second"));
         }
         assert_eq!(std::fs::read_to_string(to.join("v/f")).unwrap(), "first");
+    }
+
+    #[test]
+    fn a_user_unit_is_moved_in_whole_or_merged_into_what_is_there() {
+        let tar = |content| {
+            tar_of(&[
+                ("c/b/a/xabc", EntryType::Directory, ""),
+                ("c/b/a/xabc/f", EntryType::Regular, content),
+                ("c/b/a/xabc/sub", EntryType::Directory, ""),
+                ("c/b/a/xabc/sub/g", EntryType::Regular, content),
+            ])
+        };
+        let user = || Scope::of(&units::UnitKind::User("xabc".into()), &[]);
+        let top = tempfile::tempdir().unwrap();
+        let to = top.path().join("r");
+        let dest = Destination::open(&to, false).unwrap();
+        let commit = |content| {
+            let mut staged = dest.stage("v", "v/user:xabc", user()).unwrap();
+            staged.unpack(&tar(content)[..]).unwrap();
+            staged.commit().unwrap()
+        };
+        // into nothing: the shard directories are made, the unit moved in
+        let placed = commit("first");
+        assert!(placed.refused.is_empty(), "{:?}", placed.refused);
+        assert_eq!(placed.files, 4);
+        assert_eq!(
+            std::fs::read_to_string(to.join("v/c/b/a/xabc/sub/g")).unwrap(),
+            "first"
+        );
+        // into its own earlier copy: merged, the existing files kept
+        std::fs::remove_file(to.join("v/c/b/a/xabc/f")).unwrap();
+        let placed = commit("second");
+        let refused: Vec<_> = placed.refused.iter().map(|r| r.path.as_str()).collect();
+        assert_eq!(refused, ["v/c/b/a/xabc/sub/g"]);
+        assert_eq!(
+            std::fs::read_to_string(to.join("v/c/b/a/xabc/f")).unwrap(),
+            "second"
+        );
+        assert_eq!(
+            std::fs::read_to_string(to.join("v/c/b/a/xabc/sub/g")).unwrap(),
+            "first"
+        );
+        // a file where a shard directory goes: the unit is refused, nothing followed
+        std::fs::remove_dir_all(to.join("v/c")).unwrap();
+        std::fs::create_dir_all(to.join("v/c")).unwrap();
+        std::fs::write(to.join("v/c/b"), "in the way").unwrap();
+        let placed = commit("third");
+        assert_eq!(placed.refused.len(), 1, "{:?}", placed.refused);
+        assert!(
+            placed.refused[0].reason.contains("c/b is not a directory"),
+            "{:?}",
+            placed.refused
+        );
+        assert_eq!(
+            std::fs::read_to_string(to.join("v/c/b")).unwrap(),
+            "in the way"
+        );
+        dest.finish();
+        assert!(!to.join(STAGING).exists(), "nothing is left in staging");
     }
 
     #[test]

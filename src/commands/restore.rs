@@ -579,7 +579,8 @@ fn restore_unit(
     rec: &UnitRecord,
 ) -> anyhow::Result<Placed> {
     let (reader, fetch_failed) = Noted::new(reader);
-    let plain = pipeline::open(reader, identities).map_err(|e| {
+    let mut zstd = pipeline::decompressor();
+    let plain = pipeline::open(reader, identities, &mut zstd).map_err(|e| {
         let reason = match e {
             OpenError::NoMatchingKeys => Reason::Other,
             _ if fetch_failed.get() => Reason::Other,
