@@ -32,6 +32,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod failpoint;
 pub mod fswalk;
+pub mod hash;
 pub mod hooks;
 pub mod incremental;
 pub mod keys;

@@ -14,6 +14,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use crate::budget::{Budget, Held};
+use crate::hash::Blake3;
 use crate::pool::{Pool, Pooled};
 
 /// BLAKE3 is fast on large inputs (it hashes many chunks at once with SIMD)
@@ -47,13 +48,9 @@ impl<W: Write> HashingWriter<W> {
     }
 
     /// The inner writer, the BLAKE3 (hex) and the byte count.
-    pub fn finish(mut self) -> io::Result<(W, String, u64)> {
+    pub fn finish(mut self) -> io::Result<(W, Blake3, u64)> {
         self.drain()?;
-        Ok((
-            self.inner,
-            self.hasher.finalize().to_hex().to_string(),
-            self.bytes,
-        ))
+        Ok((self.inner, self.hasher.finalize().into(), self.bytes))
     }
 }
 
@@ -97,9 +94,9 @@ impl<R: Read> HashingReader<R> {
 
     /// Reads what is left (a tar's trailing padding), then returns the BLAKE3
     /// (hex) and byte count of everything read.
-    pub fn finish(mut self) -> io::Result<(String, u64)> {
+    pub fn finish(mut self) -> io::Result<(Blake3, u64)> {
         io::copy(&mut self, &mut io::sink())?;
-        Ok((self.hasher.finalize().to_hex().to_string(), self.bytes))
+        Ok((self.hasher.finalize().into(), self.bytes))
     }
 }
 
@@ -233,8 +230,8 @@ impl Write for PartSink {
 /// What a sealed unit turned out to be.
 #[derive(Debug, Clone)]
 pub struct Sealed<T> {
-    /// BLAKE3 of the plain tar, hex.
-    pub blake3: String,
+    /// BLAKE3 of the plain tar.
+    pub blake3: Blake3,
     /// Size of the plain tar.
     pub plain_size: u64,
     /// Size of the stored object.
@@ -285,6 +282,12 @@ pub fn open<'a, R: Read + 'a>(
     let plain = decrypt(io::BufReader::new(reader), identities)?;
     let plain = io::BufReader::with_capacity(zstd::zstd_safe::DCtx::in_size(), plain);
     Ok(Box::new(zstd::Decoder::with_context(plain, context)))
+}
+
+/// Drops the idle compression contexts (a few MiB each) once a run has
+/// sealed its last unit.
+pub fn release_compressors() {
+    COMPRESSORS.clear();
 }
 
 /// A zstd context for [`open`], reused from unit to unit.
@@ -379,6 +382,6 @@ mod tests {
         expected.extend_from_slice(&data[..300_000]);
         assert_eq!(out, expected);
         assert_eq!(n, expected.len() as u64);
-        assert_eq!(hash, blake3::hash(&expected).to_hex().to_string());
+        assert_eq!(hash, Blake3::of(&expected));
     }
 }

@@ -33,8 +33,8 @@ use crate::units::{self, Unit, UnitKind};
 #[derive(Debug, Clone)]
 pub struct Scanned {
     pub unit: Unit,
-    /// Hex BLAKE3; equal fingerprints mean an unchanged unit.
-    pub fingerprint: String,
+    /// Equal fingerprints mean an unchanged unit.
+    pub fingerprint: crate::hash::Blake3,
 }
 
 /// What the scan of a volume found.
@@ -112,7 +112,7 @@ pub fn units_of(volume: &Volume) -> anyhow::Result<Scan> {
                     UnitKind::User(id),
                     dirs.into_iter().map(|(rel, _)| rel).collect(),
                 ),
-                fingerprint: hash.finalize().to_hex().to_string(),
+                fingerprint: hash.finalize().into(),
             }
         })
         .collect();
@@ -120,7 +120,7 @@ pub fn units_of(volume: &Volume) -> anyhow::Result<Scan> {
     unclaimed.sort();
     units.push(Scanned {
         unit: unit(UnitKind::Shared, unclaimed),
-        fingerprint: found.shared.to_hex().to_string(),
+        fingerprint: found.shared.into(),
     });
     Ok(Scan {
         units,
@@ -419,7 +419,7 @@ mod tests {
             .unwrap()
             .units
             .into_iter()
-            .map(|s| (s.unit.label(), s.fingerprint))
+            .map(|s| (s.unit.label(), s.fingerprint.to_string()))
             .collect()
     }
 

@@ -188,7 +188,7 @@ impl<V: fswalk::Visitor> fswalk::Visitor for UnitRules<'_, V> {
 /// A `-shm` file counts by inode and mode only, a `-wal` without its ctime. A database whose only
 /// change is in its `-wal` is changed: the `-wal` is walked (though not
 /// archived beside a captured database).
-pub fn fingerprint(unit: &Unit, exclude: &globset::GlobSet) -> anyhow::Result<String> {
+pub fn fingerprint(unit: &Unit, exclude: &globset::GlobSet) -> anyhow::Result<crate::hash::Blake3> {
     struct Hash(blake3::Hasher);
     impl fswalk::Visitor for Hash {
         fn entry(&mut self, entry: &fswalk::Entry<'_>) -> anyhow::Result<()> {
@@ -198,7 +198,7 @@ pub fn fingerprint(unit: &Unit, exclude: &globset::GlobSet) -> anyhow::Result<St
     }
     let mut hash = Hash(blake3::Hasher::new());
     walk(unit, exclude, &mut hash)?;
-    Ok(hash.0.finalize().to_hex().to_string())
+    Ok(hash.0.finalize().into())
 }
 
 /// Adds one entry of a walk to a change fingerprint (see [`fingerprint`]).

@@ -255,6 +255,7 @@ async fn snapshot(
         state_dir: &config.core.state_dir,
     };
     let mut tally = read_with_hooks(&run, volumes).await?;
+    crate::pipeline::release_compressors();
     stage.done("read volumes");
     // The last point where a stop leaves nothing: from here the commit runs
     // to its end.
@@ -764,7 +765,7 @@ struct Stored {
 /// Where a unit comes from.
 enum Origin {
     /// Found by the scan, with its fingerprint.
-    Walk(String),
+    Walk(crate::hash::Blake3),
     /// A command volume's command.
     Dump(Dump),
 }
@@ -792,7 +793,7 @@ async fn store_unit(
         Origin::Walk(fingerprint) => fingerprint,
     };
     if let Some(previous) = run.previous.get(&(unit.volume.as_str(), &unit.kind))
-        && previous.fingerprint == fingerprint
+        && previous.fingerprint == Some(fingerprint)
         && run.reusable.contains(&previous.object)
     {
         return Ok(Stored {
@@ -805,7 +806,7 @@ async fn store_unit(
     // A unit that lost an entry to a change during the walk is uploaded
     // again by the next run, whatever its fingerprint then.
     if stats.changed_during_walk.is_empty() {
-        record.fingerprint = fingerprint;
+        record.fingerprint = Some(fingerprint);
     }
     Ok(Stored {
         record,
@@ -953,7 +954,7 @@ async fn backup_unit(
         stored_size: sealed.stored_size,
         blake3: sealed.blake3,
         files: sealed.extra.files,
-        fingerprint: String::new(),
+        fingerprint: None,
         dirs: unit.dirs.clone(),
     };
     Ok((record, sealed.extra))

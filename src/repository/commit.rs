@@ -208,7 +208,10 @@ async fn seal_manifest(
         let file = out.into_inner().map_err(|e| e.into_error())?;
         let mut sealed = SealedManifest {
             file,
-            digest: Digest { bytes, blake3 },
+            digest: Digest {
+                bytes,
+                blake3: blake3.to_string(),
+            },
             signature: None,
         };
         if let Some(signer) = signer {
@@ -451,9 +454,9 @@ mod tests {
                 object: format!("core-ch-1/objects/{i:032x}.tar.zst.age"),
                 plain_size: 10 + i,
                 stored_size: 20 + i,
-                blake3: "0".repeat(64),
+                blake3: crate::hash::Blake3::of(b""),
                 files: 1,
-                fingerprint: "f".into(),
+                fingerprint: Some(crate::hash::Blake3::of(b"f")),
                 dirs: vec![format!("a/b/c/u{i}").into()],
             })
             .collect();

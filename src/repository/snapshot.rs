@@ -31,13 +31,13 @@ pub struct UnitRecord {
     pub object: String,
     pub plain_size: u64,
     pub stored_size: u64,
-    /// BLAKE3 of the plain tar, hex.
-    pub blake3: String,
+    /// BLAKE3 of the plain tar.
+    pub blake3: crate::hash::Blake3,
     /// Entries in the tar.
     pub files: u64,
     /// The unit's change fingerprint when it was stored ([`crate::units::fingerprint`]).
-    #[serde(default)]
-    pub fingerprint: String,
+    #[serde(default, with = "crate::hash::or_empty")]
+    pub fingerprint: Option<crate::hash::Blake3>,
     /// The directories (relative to the volume root) the unit holds beyond
     /// what its kind implies: a user's (`<a>/<b>/<c>/<userId>`, and on Pryv
     /// v2 `<x>/<y>/<z>/user.<username>`), or the user-shaped directories
