@@ -284,10 +284,11 @@ pub fn open<'a, R: Read + 'a>(
     Ok(Box::new(zstd::Decoder::with_context(plain, context)))
 }
 
-/// Drops the idle compression contexts (a few MiB each) once a run has
-/// sealed its last unit.
-pub fn release_compressors() {
+/// Drops the idle zstd contexts (a few MiB each) once a run has sealed or
+/// opened its last unit: the daemon lives on between runs.
+pub fn release_contexts() {
     COMPRESSORS.clear();
+    DECOMPRESSORS.clear();
 }
 
 /// A zstd context for [`open`], reused from unit to unit.
@@ -369,6 +370,35 @@ pub fn decrypt_small(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reused_zstd_context_starts_each_frame_afresh() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 97) as u8).collect();
+        let mut context = COMPRESSORS.take();
+        // a frame abandoned half way, then a whole one on the same context
+        let mut abandoned = zstd::Encoder::with_context(Vec::new(), &mut context);
+        abandoned.write_all(&data[..100_000]).unwrap();
+        drop(abandoned);
+        let mut whole = zstd::Encoder::with_context(Vec::new(), &mut context);
+        whole
+            .set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(3))
+            .unwrap();
+        whole.include_checksum(true).unwrap();
+        whole.write_all(&data).unwrap();
+        let frame = whole.finish().unwrap();
+        assert_eq!(zstd::decode_all(&frame[..]).unwrap(), data);
+        // the same for decoding: half a frame, then a whole one
+        let mut context = decompressor();
+        let mut half = [0u8; 1000];
+        let mut abandoned = zstd::Decoder::with_context(&frame[..], &mut context);
+        abandoned.read_exact(&mut half).unwrap();
+        drop(abandoned);
+        let mut out = Vec::new();
+        zstd::Decoder::with_context(&frame[..], &mut context)
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(out, data);
+    }
 
     #[test]
     fn hashing_writer_hashes_what_passes_whatever_the_write_sizes() {

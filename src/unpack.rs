@@ -504,7 +504,8 @@ impl Staged<'_> {
     fn parent(&mut self, rel: &Path) -> Result<BorrowedFd<'_>> {
         let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
         if self.cached.as_ref().is_none_or(|(p, _)| *p != parent) {
-            let fd = ensure_dir(self.dir()?, &parent)?;
+            // errors name the path in the volume, not in the staging directory
+            let fd = walk_dirs(self.dir()?, &parent, true, &self.root)?;
             self.cached = Some((parent, fd));
         }
         Ok(self
@@ -537,6 +538,8 @@ impl Staged<'_> {
                 &self.volume,
                 &mut refused,
             ),
+            // a unit that staged nothing places nothing, not an empty directory
+            Some(_) if self.files == 0 => {}
             Some(root_name) => {
                 // the staging directory itself becomes the unit's directory
                 let above = self.root.parent().unwrap_or(Path::new(""));
@@ -681,24 +684,31 @@ fn place(
 
 /// Opens `rel` below `base`, every component a real directory (no link is followed).
 fn open_dir(base: BorrowedFd<'_>, rel: &Path) -> Result<OwnedFd> {
-    walk_dirs(base, rel, false)
+    walk_dirs(base, rel, false, Path::new(""))
 }
 
 /// Like [`open_dir`], creating missing directories (owner-only until
 /// [`Destination::finish_dirs`] sets their modes).
 fn ensure_dir(base: BorrowedFd<'_>, rel: &Path) -> Result<OwnedFd> {
-    walk_dirs(base, rel, true)
+    walk_dirs(base, rel, true, Path::new(""))
 }
 
-fn walk_dirs(base: BorrowedFd<'_>, rel: &Path, create: bool) -> Result<OwnedFd> {
+/// Opens (or creates) `rel` below `base`; errors name `shown_under/rel`.
+fn walk_dirs(
+    base: BorrowedFd<'_>,
+    rel: &Path,
+    create: bool,
+    shown_under: &Path,
+) -> Result<OwnedFd> {
     let mut at: Option<OwnedFd> = None;
     for (i, part) in rel.components().enumerate() {
         let Component::Normal(name) = part else {
             bail!("{} is not a plain relative path", rel.display());
         };
         let parent = at.as_ref().map_or(base, |fd| fd.as_fd());
-        let fd = child_dir(parent, name, create)
-            .map_err(|e| e.describe(&rel.iter().take(i + 1).collect::<PathBuf>()))?;
+        let fd = child_dir(parent, name, create).map_err(|e| {
+            e.describe(&shown_under.join(rel.iter().take(i + 1).collect::<PathBuf>()))
+        })?;
         at = Some(fd);
     }
     match at {
@@ -1162,6 +1172,29 @@ mod tests {
             std::fs::read_to_string(to.join("v/c/b")).unwrap(),
             "in the way"
         );
+        // a link in the unit where a directory goes: refused by its path in the volume
+        std::fs::remove_file(to.join("v/c/b")).unwrap();
+        let mut staged = dest.stage("v", "v/user:xabc", user()).unwrap();
+        let linked = tar_of(&[
+            ("c/b/a/xabc/sub", EntryType::Symlink, "/tmp"),
+            ("c/b/a/xabc/sub/g", EntryType::Regular, "x"),
+        ]);
+        staged.unpack(&linked[..]).unwrap();
+        let placed = staged.commit().unwrap();
+        assert_eq!(placed.refused.len(), 1, "{:?}", placed.refused);
+        assert!(
+            placed.refused[0]
+                .reason
+                .contains("c/b/a/xabc/sub is not a directory"),
+            "{:?}",
+            placed.refused
+        );
+        // a unit that stages nothing places nothing
+        std::fs::remove_dir_all(to.join("v/c")).unwrap();
+        let mut staged = dest.stage("v", "v/user:xabc", user()).unwrap();
+        staged.unpack(&tar_of(&[])[..]).unwrap();
+        assert!(staged.commit().unwrap().refused.is_empty());
+        assert!(!to.join("v/c").exists(), "no empty user directory is made");
         dest.finish();
         assert!(!to.join(STAGING).exists(), "nothing is left in staging");
     }

@@ -255,7 +255,7 @@ async fn snapshot(
         state_dir: &config.core.state_dir,
     };
     let mut tally = read_with_hooks(&run, volumes).await?;
-    crate::pipeline::release_compressors();
+    crate::pipeline::release_contexts();
     stage.done("read volumes");
     // The last point where a stop leaves nothing: from here the commit runs
     // to its end.

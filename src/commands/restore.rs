@@ -317,6 +317,7 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
         .collect()
         .await;
     progress.finish();
+    pipeline::release_contexts();
     let (mut dirs, mut files, mut refused, mut failed) = (Vec::new(), 0, Vec::new(), Vec::new());
     let mut restored = Vec::new();
     for (rec, result) in results {
