@@ -44,17 +44,19 @@ impl fmt::Debug for Blake3 {
 
 impl Serialize for Blake3 {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(blake3::Hash::from(self.0).to_hex().as_str())
+        s.collect_str(self)
     }
 }
 
 impl<'de> Deserialize<'de> for Blake3 {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Blake3, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Blake3::from_hex(&text).ok_or_else(|| {
-            serde::de::Error::custom(format!("{text:?} is not a BLAKE3 hash (64 hex digits)"))
-        })
+        parse(&<std::borrow::Cow<'de, str>>::deserialize(d)?)
     }
+}
+
+fn parse<E: serde::de::Error>(text: &str) -> Result<Blake3, E> {
+    Blake3::from_hex(text)
+        .ok_or_else(|| E::custom(format!("{text:?} is not a BLAKE3 hash (64 hex digits)")))
 }
 
 /// For an optional hash written as `""` when absent (a unit without a
@@ -71,12 +73,10 @@ pub mod or_empty {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Blake3>, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        if text.is_empty() {
-            return Ok(None);
+        match text.as_ref() {
+            "" => Ok(None),
+            text => parse(text).map(Some),
         }
-        Blake3::from_hex(&text).map(Some).ok_or_else(|| {
-            serde::de::Error::custom(format!("{text:?} is not a BLAKE3 hash (64 hex digits)"))
-        })
     }
 }
 
@@ -91,6 +91,24 @@ mod tests {
         assert_eq!(json, format!("\"{}\"", blake3::hash(b"abc").to_hex()));
         assert_eq!(serde_json::from_str::<Blake3>(&json).unwrap(), h);
         let err = serde_json::from_str::<Blake3>("\"abc\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not a BLAKE3 hash"), "{err}");
+        // an optional one: "" is none, anything else must be a hash
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct R {
+            #[serde(with = "or_empty")]
+            f: Option<Blake3>,
+        }
+        for r in [R { f: None }, R { f: Some(h) }] {
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(serde_json::from_str::<R>(&json).unwrap(), r);
+        }
+        assert_eq!(
+            serde_json::to_string(&R { f: None }).unwrap(),
+            r#"{"f":""}"#
+        );
+        let err = serde_json::from_str::<R>(r#"{"f":"x"}"#)
             .unwrap_err()
             .to_string();
         assert!(err.contains("is not a BLAKE3 hash"), "{err}");

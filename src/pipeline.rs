@@ -113,7 +113,7 @@ impl<R: Read> Read for HashingReader<R> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Digest {
     pub bytes: u64,
-    pub blake3: String,
+    pub blake3: Blake3,
 }
 
 impl Digest {
@@ -121,7 +121,7 @@ impl Digest {
     pub fn of(body: &[u8]) -> Digest {
         Digest {
             bytes: body.len() as u64,
-            blake3: blake3::hash(body).to_hex().to_string(),
+            blake3: Blake3::of(body),
         }
     }
 }
@@ -204,7 +204,7 @@ impl PartSink {
         }
         let digest = Digest {
             bytes: self.sent,
-            blake3: self.hasher.finalize().to_hex().to_string(),
+            blake3: self.hasher.finalize().into(),
         };
         self.send(Part::End(digest))?;
         Ok(self.sent)
@@ -277,7 +277,7 @@ pub fn seal<T>(
 pub fn open<'a, R: Read + 'a>(
     reader: R,
     identities: &[Box<dyn age::Identity + Send + Sync>],
-    context: &'a mut Pooled<zstd::zstd_safe::DCtx<'static>>,
+    context: &'a mut zstd::zstd_safe::DCtx<'static>,
 ) -> Result<Box<dyn Read + 'a>, OpenError> {
     let plain = decrypt(io::BufReader::new(reader), identities)?;
     let plain = io::BufReader::with_capacity(zstd::zstd_safe::DCtx::in_size(), plain);

@@ -270,7 +270,7 @@ impl<S: WriteBackend> Writable<S> {
                 key: key.clone(),
                 kind: contents.kind,
                 bytes: digest.bytes,
-                blake3: digest.blake3.clone(),
+                blake3: digest.blake3.to_string(),
                 snapshot: contents.snapshot.map(str::to_string),
                 users: contents.users.to_vec(),
             })

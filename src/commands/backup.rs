@@ -254,8 +254,10 @@ async fn snapshot(
         audit,
         state_dir: &config.core.state_dir,
     };
-    let mut tally = read_with_hooks(&run, volumes).await?;
+    let read = read_with_hooks(&run, volumes).await;
+    // whether the read succeeded or not: the daemon lives on between runs
     crate::pipeline::release_contexts();
+    let mut tally = read?;
     stage.done("read volumes");
     // The last point where a stop leaves nothing: from here the commit runs
     // to its end.

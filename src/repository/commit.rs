@@ -208,10 +208,7 @@ async fn seal_manifest(
         let file = out.into_inner().map_err(|e| e.into_error())?;
         let mut sealed = SealedManifest {
             file,
-            digest: Digest {
-                bytes,
-                blake3: blake3.to_string(),
-            },
+            digest: Digest { bytes, blake3 },
             signature: None,
         };
         if let Some(signer) = signer {
