@@ -37,7 +37,14 @@ pub struct Limits {
     pub cpus: usize,
     /// Upload rate in bytes per second, summed over targets (`None`: no cap).
     pub upload_rate: Option<u64>,
+    /// Units whose stored object is at most this many bytes are written
+    /// together, as byte ranges of shared objects of up to this size
+    /// ([`crate::pack`]); 0: one object per unit.
+    pub pack_size: usize,
 }
+
+/// Packs of small units: up to 8 MiB, one part, so one PUT per target.
+pub const DEFAULT_PACK_SIZE: usize = 8 << 20;
 
 impl Default for Limits {
     fn default() -> Limits {
@@ -46,6 +53,7 @@ impl Default for Limits {
             requests: DEFAULT_REQUESTS,
             cpus: 2 * std::thread::available_parallelism().map_or(1, |n| n.get()),
             upload_rate: None,
+            pack_size: DEFAULT_PACK_SIZE,
         }
     }
 }
@@ -86,6 +94,7 @@ impl Budget {
             requests: limits.requests.max(1),
             cpus: limits.cpus.max(1),
             upload_rate: limits.upload_rate.filter(|r| *r > 0),
+            ..limits
         };
         Arc::new(Budget {
             limits,

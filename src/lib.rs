@@ -39,6 +39,7 @@ pub mod keys;
 pub mod lock;
 pub mod logging;
 pub mod output;
+pub mod pack;
 pub mod pipeline;
 pub mod pool;
 pub mod progress;

@@ -41,30 +41,52 @@ pub async fn upload<S: WriteBackend>(
     contents: &Contents<'_>,
     budget: &Budget,
 ) -> Result<Digest> {
-    let first = match next_part(&mut parts, key).await? {
-        Part::Data(bytes, held) => (bytes, Arc::new(held)),
+    let head = head(&mut parts, key).await?;
+    upload_head(targets, key, head, parts, concurrency, contents, budget).await
+}
+
+/// The start of an object: all of it when it is one part, so that the
+/// caller can choose how to store it (a small unit goes to a pack).
+#[derive(Debug)]
+pub enum Head {
+    /// The whole object in one part, and its digest.
+    Whole(Bytes, Held, Digest),
+    /// The first two parts of a larger object.
+    Parts([(Bytes, Arc<Held>); 2]),
+}
+
+/// Receives the first parts of object `key`: one part and the end, or two.
+pub async fn head(parts: &mut mpsc::Receiver<Part>, key: &Key) -> Result<Head> {
+    let first = match next_part(parts, key).await? {
+        Part::Data(bytes, held) => (bytes, held),
         Part::End(_) => anyhow::bail!("the pipeline produced no data for {key}"),
     };
-    let second = match next_part(&mut parts, key).await? {
-        Part::Data(bytes, held) => (bytes, Arc::new(held)),
-        Part::End(digest) => {
-            let puts = targets.iter().map(|t| {
-                let (body, digest) = (first.0.clone(), &digest);
-                async move {
-                    in_slot(
-                        budget,
-                        body.len(),
-                        t.put_digested(key, body, contents, digest),
-                    )
-                    .await
-                    .with_context(|| describe("writing", t, key))
-                }
-            });
-            // Every started write settles, so none lands unrecorded after
-            // the run has given up on it.
-            settle(futures::future::join_all(puts).await)?;
+    Ok(match next_part(parts, key).await? {
+        Part::Data(bytes, held) => {
+            Head::Parts([(first.0, Arc::new(first.1)), (bytes, Arc::new(held))])
+        }
+        Part::End(digest) => Head::Whole(first.0, first.1, digest),
+    })
+}
+
+/// [`upload`] of an object whose [`head`] was received: one PUT per target
+/// for a whole object, else a multipart upload of the rest of `parts`.
+pub async fn upload_head<S: WriteBackend>(
+    targets: &[Writable<S>],
+    key: &Key,
+    head: Head,
+    parts: mpsc::Receiver<Part>,
+    concurrency: usize,
+    contents: &Contents<'_>,
+    budget: &Budget,
+) -> Result<Digest> {
+    let [first, second] = match head {
+        Head::Whole(body, held, digest) => {
+            put_whole(targets, key, body, contents, &digest, budget).await?;
+            drop(held);
             return Ok(digest);
         }
+        Head::Parts(parts) => parts,
     };
 
     let ids = futures::future::join_all(
@@ -113,6 +135,33 @@ pub async fn upload<S: WriteBackend>(
         }
     }
     Err(failure)
+}
+
+/// Writes a whole object held in memory to every target, one PUT each in a
+/// request slot of `budget`.
+pub async fn put_whole<S: WriteBackend>(
+    targets: &[Writable<S>],
+    key: &Key,
+    body: Bytes,
+    contents: &Contents<'_>,
+    digest: &Digest,
+    budget: &Budget,
+) -> Result<()> {
+    let puts = targets.iter().map(|t| {
+        let body = body.clone();
+        async move {
+            in_slot(
+                budget,
+                body.len(),
+                t.put_digested(key, body, contents, digest),
+            )
+            .await
+            .with_context(|| describe("writing", t, key))
+        }
+    });
+    // Every started write settles, so none lands unrecorded after the run
+    // has given up on it.
+    settle(futures::future::join_all(puts).await)
 }
 
 /// The parts sent to each upload: (number, etag).

@@ -80,10 +80,17 @@ fn where_lists_exactly_the_objects_holding_a_user_on_every_target() {
         let garage = fleet.garage(region);
         assert_eq!(l["bucket"], garage.bucket.as_str());
         assert_eq!(l["endpoint"], garage.endpoint.as_str());
-        // the object exists, and holds that user's files and no one else's
+        // the object exists, and the user's range of it (the manifest
+        // says which) holds that user's files and no one else's
         let object = garage.get(l["key"].as_str().unwrap()).unwrap();
+        let unit = common::unit_of(&fleet, user);
+        assert_eq!(
+            l["key"],
+            format!("zonevault/{}", unit["object"].as_str().unwrap())
+        );
         let identity = fleet.identity("ch");
-        let tar = tool("age", &["-d", "-i", identity.to_str().unwrap()], &object);
+        let sealed = common::unit_bytes(&object, &unit);
+        let tar = tool("age", &["-d", "-i", identity.to_str().unwrap()], &sealed);
         let listing =
             String::from_utf8(tool("tar", &["-t"], &tool("zstd", &["-d"], &tar))).unwrap();
         let dir = zonevault_testkit::fixture::user_dir(user);
@@ -94,13 +101,44 @@ fn where_lists_exactly_the_objects_holding_a_user_on_every_target() {
             "{listing}"
         );
     }
-    // every unit object of the run is on record for exactly its user
+    // every unit object of the run (most are packs of several users) is on
+    // record with exactly the users whose units it holds
     let puts = show(&core, &["--event", "object_put"]);
     let units: Vec<&Value> = puts.iter().filter(|r| r["kind"] == "unit").collect();
-    assert_eq!(units.len(), 2 * 202);
+    let mut holders: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for u in common::manifest(&fleet)["units"].as_array().unwrap() {
+        let users = holders
+            .entry(format!("zonevault/{}", u["object"].as_str().unwrap()))
+            .or_default();
+        users.extend(u["user"].as_str().map(String::from));
+    }
+    assert!(
+        holders.len() < 202,
+        "small units are packed: {}",
+        holders.len()
+    );
+    assert_eq!(units.len(), 2 * holders.len());
+    for r in &units {
+        let mut on_record: Vec<String> = r["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u.as_str().unwrap().to_string())
+            .collect();
+        on_record.sort();
+        let mut held = holders[r["key"].as_str().unwrap()].clone();
+        held.sort();
+        assert_eq!(on_record, held, "{r}");
+    }
     let with_user: Vec<&&Value> = units
         .iter()
-        .filter(|r| r["users"][0] == user.as_str())
+        .filter(|r| {
+            r["users"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|u| u == user.as_str())
+        })
         .collect();
     assert_eq!(with_user.len(), 2);
 
@@ -407,7 +445,7 @@ fn pull_rebuilds_the_log_on_a_fresh_machine() {
     assert!(
         reads
             .iter()
-            .any(|r| r["key"].as_str().unwrap().ends_with(".tar.zst.age"))
+            .any(|r| r["key"].as_str().unwrap().contains("/objects/"))
     );
     let done = show(&fresh, &["--event", "restore_done"]);
     assert_eq!(done.len(), 1);
@@ -636,8 +674,9 @@ fn a_full_state_dir_fails_the_run_never_tears_the_log_and_the_next_run_needs_no_
     let state = dir.path().join("state/core-ch-1");
     let _fs = Tmpfs::mount(&state, "16m");
     // The state dir fills at different points of a run: at once, among
-    // the first uploads, further on.
-    for leave in [24u64 << 10, 0, 70 << 10, 200 << 10] {
+    // the first uploads, further on (a run of these 302 small units, in a
+    // few packs, appends ~50 kB of records, then spools its manifest).
+    for leave in [24u64 << 10, 0, 40 << 10, 70 << 10] {
         let ballast = fill(&state, leave);
         let (_, e) = run(zv(&core).args(["backup", "--full", "--json"]), 1);
         assert!(e.contains("No space left on device"), "{leave}: {e}");
@@ -670,15 +709,19 @@ fn a_full_state_dir_fails_the_run_never_tears_the_log_and_the_next_run_needs_no_
                 "{leave}: {at:?} is on the target without an object_put that no deletion followed"
             );
         }
-        let objects = on_targets
-            .iter()
-            .filter(|(_, key)| key.contains("/objects/"))
-            .count();
-        assert_eq!(
-            objects,
-            2 * 302,
-            "one object per unit per target, no leftovers"
-        );
+        for t in &fleet.zone("ch").targets {
+            let objects: std::collections::BTreeSet<String> = on_targets
+                .iter()
+                .filter(|(name, key)| *name == t.name && key.contains("/objects/"))
+                .map(|(_, key)| key.clone())
+                .collect();
+            assert_eq!(
+                objects,
+                common::indexed_objects(&fleet, &t.region),
+                "{}: only the objects the snapshots reference, no leftovers",
+                t.name
+            );
+        }
     }
     let key = fleet.identity("ch");
     verify_remote(&core, &key, 0);

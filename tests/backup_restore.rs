@@ -38,9 +38,19 @@ fn round_trip_of_200_users_stays_in_the_zone() {
     assert_eq!(list[0]["units"], 202);
 
     // objects in both targets of zone ch, none in zone de, no user id in any key
+    // small units share packs: fewer objects than units, each referenced
     let gva = object_keys(&fleet, "ch-gva-2");
     let dk = object_keys(&fleet, "ch-dk-2");
-    assert_eq!(gva.len(), 202);
+    assert!(
+        gva.len() < 202 && gva.iter().any(|k| k.ends_with(".pack")),
+        "{gva:?}"
+    );
+    assert_eq!(
+        gva.iter()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        common::indexed_objects(&fleet, "ch-gva-2")
+    );
     assert_eq!(gva, dk, "every object goes to each target of the zone");
     assert!(fleet.garage("de-fra-1").keys().unwrap().is_empty());
     for key in fleet.garage("ch-gva-2").keys().unwrap() {
@@ -123,6 +133,22 @@ fn reference_tools_restore_a_unit() {
         .garage("ch-gva-2")
         .get(&format!("zonevault/{}", unit["object"].as_str().unwrap()))
         .unwrap();
+    // small users share a pack: the unit is its byte range, cut as
+    // docs/format.md says (a ranged GET does the same)
+    let offset = unit["offset"].as_u64().expect("a 50 kB user is packed");
+    let size = unit["stored_size"].as_u64().unwrap();
+    let sealed = tool(
+        "dd",
+        &[
+            "iflag=skip_bytes,count_bytes",
+            &format!("skip={offset}"),
+            &format!("count={size}"),
+            "bs=64K",
+            "status=none",
+        ],
+        &object,
+    );
+    assert_eq!(sealed.len() as u64, size);
 
     // age -d -i KEY OBJ | zstd -d | tar -x
     let out = dir.path().join("by-hand");
@@ -130,7 +156,7 @@ fn reference_tools_restore_a_unit() {
     let tar = tool(
         "zstd",
         &["-d"],
-        &tool("age", &["-d", "-i", key.to_str().unwrap()], &object),
+        &tool("age", &["-d", "-i", key.to_str().unwrap()], &sealed),
     );
     assert_eq!(
         blake3::hash(&tar).to_hex().as_str(),
@@ -247,10 +273,13 @@ fn a_corrupted_object_is_read_from_the_other_target_or_fails_naming_the_unit() {
     let (fleet, core, ids) = fleet_with_users(dir.path(), 4, 200_000);
     backup(&core);
     let key = object_of(&fleet, &ids[3]);
+    // the middle of the user's own bytes (its object, or its range of a pack)
+    let unit = common::unit_of(&fleet, &ids[3]);
+    let middle = unit["offset"].as_u64().unwrap_or(0) + unit["stored_size"].as_u64().unwrap() / 2;
     let corrupt = |region: &str| {
         let g = fleet.garage(region);
         let mut bytes = g.get(&key).unwrap();
-        let middle = bytes.len() / 2;
+        let middle = middle as usize;
         bytes[middle] ^= 0x55;
         g.put(&key, &bytes).unwrap();
     };
@@ -301,6 +330,8 @@ fn a_corrupted_object_is_read_from_the_other_target_or_fails_naming_the_unit() {
 fn entries_that_escape_the_restore_directory_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (fleet, core, ids) = fleet_with_users(dir.path(), 2, 10_000);
+    // the user's object is replaced whole
+    common::one_object_per_unit(&core);
     backup(&core);
     let key = object_of(&fleet, &ids[0]);
     let gva = fleet.garage("ch-gva-2");
@@ -393,8 +424,11 @@ fn sigkill_during_an_upload_leaves_no_snapshot_and_the_next_run_cleans_up() {
     assert!(report["cleaned"].as_u64().unwrap() > 0, "{report}");
     assert_eq!(gva.pending_uploads().unwrap(), 0);
     assert_eq!(
-        object_keys(&fleet, "ch-gva-2").len() as u64,
-        report["units"].as_u64().unwrap()
+        object_keys(&fleet, "ch-gva-2")
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>(),
+        common::indexed_objects(&fleet, "ch-gva-2"),
+        "only what the snapshot references is left"
     );
     let (stdout, _) = run(zv(&core).args(["snapshots", "--json"]), 0);
     assert_eq!(
@@ -411,6 +445,8 @@ fn sigkill_during_an_upload_leaves_no_snapshot_and_the_next_run_cleans_up() {
 fn a_target_failing_mid_run_fails_the_run_and_keeps_earlier_snapshots() {
     let dir = tempfile::tempdir().unwrap();
     let (mut fleet, core, _) = fleet_with_users(dir.path(), 3, 10_000);
+    // each unit its own object, so that the second run's writes show early
+    common::one_object_per_unit(&core);
     let first = backup(&core)["snapshot"].as_str().unwrap().to_string();
     std::fs::write(
         fleet.volumes_dir("core-ch-1").join("etc/big.bin"),

@@ -189,7 +189,7 @@ fn a_postgres_dump_under_writes_restores_whole() {
         .find(|u| u["volume"] == "pg")
         .expect("a unit of volume pg");
     let key = format!("zonevault/{}", unit["object"].as_str().unwrap());
-    let object = fleet.garage("ch-gva-2").get(&key).unwrap();
+    let object = unit_bytes(&fleet.garage("ch-gva-2").get(&key).unwrap(), unit);
     let identity = fleet.identity("ch");
     let tar = tool(
         "zstd",

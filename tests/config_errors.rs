@@ -197,6 +197,8 @@ bad_config!(bad_exclude_glob, "core.toml", "exclude = [\"*.tmp\"]" => "exclude =
 bad_config!(zstd_level_out_of_range, "core.toml", "state_dir = \"state\"" => "state_dir = \"state\"\nzstd_level = 99", ["zstd_level", "out of range"]);
 bad_config!(transfer_in_flight_not_a_size, "core.toml", "state_dir = \"state\"" => "state_dir = \"state\"\n[transfer]\nin_flight = \"lots\"", ["transfer.in_flight", "not a size", "64MiB"]);
 bad_config!(transfer_in_flight_too_small, "core.toml", "state_dir = \"state\"" => "state_dir = \"state\"\n[transfer]\nin_flight = \"1kB\"", ["transfer.in_flight", "out of range", "1MiB and 4GiB"]);
+bad_config!(transfer_pack_size_too_large, "core.toml", "state_dir = \"state\"" => "state_dir = \"state\"\n[transfer]\npack_size = \"64MiB\"", ["transfer.pack_size", "out of range", "64KiB and 8MiB", "\"0\" for one object per unit"]);
+bad_config!(transfer_pack_size_not_a_size, "core.toml", "state_dir = \"state\"" => "state_dir = \"state\"\n[transfer]\npack_size = \"small\"", ["transfer.pack_size", "not a size", "8MiB"]);
 bad_config!(transfer_requests_zero, "core.toml", "state_dir = \"state\"" => "state_dir = \"state\"\n[transfer]\nrequests = 0", ["transfer.requests", "out of range"]);
 bad_config!(transfer_rate_without_unit_per_second, "core.toml", "state_dir = \"state\"" => "state_dir = \"state\"\n[transfer]\nupload_rate = \"20MB\"", ["transfer.upload_rate", "not a rate", "20MB/s"]);
 bad_config!(transfer_unknown_field, "core.toml", "state_dir = \"state\"" => "state_dir = \"state\"\n[transfer]\nbandwidth = 3", ["unknown field `bandwidth`"]);

@@ -225,6 +225,8 @@ fn sigterm_during_an_upload_leaves_no_partial_snapshot_and_the_next_start_catche
     let (mut fleet, _, port) = scheduled_fleet(dir.path(), 2, 0);
     fleet.zone_mut("ch").schedule = "backup = \"0 30 2 * * *\"".into();
     let core = fleet.write_configs().unwrap();
+    // one object per unit: writes show from the first units on
+    common::one_object_per_unit(&core);
     fleet
         .users_fixture("core-ch-1", &Spec::new(300, 60_000))
         .unwrap();

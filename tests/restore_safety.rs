@@ -155,6 +155,8 @@ fn a_link_planted_while_restore_runs_redirects_no_write() {
 fn a_swapped_object_never_lands_with_or_without_a_good_copy() {
     let dir = tempfile::tempdir().unwrap();
     let (fleet, core, ids) = fleet_with_users(dir.path(), 3, 50_000);
+    // objects are swapped whole
+    common::one_object_per_unit(&core);
     backup(&core);
     let victim = &ids[1];
     let key = object_of(&fleet, victim);

@@ -200,6 +200,9 @@ fn unchanged_users_are_not_uploaded_again() {
 fn forget_keeps_what_kept_snapshots_need_and_they_restore() {
     let dir = tempfile::tempdir().unwrap();
     let (fleet, core, ids) = setup(dir.path(), 12, "keep_last = 2");
+    // one object per unit, so that an object's fate is its unit's (a pack
+    // lives while any of its units is referenced)
+    common::one_object_per_unit(&core);
     // four snapshots; each changes one user, so they share most objects
     let mut snapshots = Vec::new();
     let mut trees = Vec::new();
@@ -297,6 +300,8 @@ fn forget_keeps_what_kept_snapshots_need_and_they_restore() {
 fn a_forget_killed_midway_is_finished_by_the_next() {
     let dir = tempfile::tempdir().unwrap();
     let (fleet, core, _) = setup(dir.path(), 150, "keep_last = 1");
+    // many objects to delete, so that the kill lands in the middle
+    common::one_object_per_unit(&core);
     for _ in 0..3 {
         backup(&core, &["--full"]);
     }

@@ -141,7 +141,7 @@ fn decrypt(fleet: &Fleet, sealed: &[u8]) -> Vec<u8> {
 /// extends), decrypted and decompressed with the age and zstd libraries.
 fn new_units(fleet: &Fleet, seen: &mut HashSet<String>) -> Vec<Stored> {
     let gva = fleet.garage("ch-gva-2");
-    let mut objects: BTreeMap<String, Option<String>> = BTreeMap::new();
+    let mut objects: BTreeMap<(String, u64), (Value, Option<String>)> = BTreeMap::new();
     for key in gva.keys().unwrap() {
         if !key.ends_with(".manifest.age") {
             continue;
@@ -150,14 +150,16 @@ fn new_units(fleet: &Fleet, seen: &mut HashSet<String>) -> Vec<Stored> {
             serde_json::from_slice(&decrypt(fleet, &gva.get(&key).unwrap())).expect("a manifest");
         for u in manifest["units"].as_array().unwrap() {
             let object = format!("zonevault/{}", u["object"].as_str().unwrap());
-            objects.insert(object, u["user"].as_str().map(String::from));
+            // a unit is its object, or its range of a pack
+            let at = (object, u["offset"].as_u64().unwrap_or(0));
+            objects.insert(at, (u.clone(), u["user"].as_str().map(String::from)));
         }
     }
     objects
         .into_iter()
-        .filter(|(object, _)| seen.insert(object.clone()))
-        .map(|(object, user)| {
-            let sealed = gva.get(&object).unwrap();
+        .filter(|((object, offset), _)| seen.insert(format!("{object}@{offset}")))
+        .map(|((object, _), (unit, user))| {
+            let sealed = common::unit_bytes(&gva.get(&object).unwrap(), &unit);
             let tar = zstd::decode_all(&decrypt(fleet, &sealed)[..]).unwrap();
             Stored { user, sealed, tar }
         })

@@ -23,16 +23,18 @@ use crate::config::{Config, Dump, Volume};
 use crate::error::{Error, Result};
 use crate::hooks;
 use crate::incremental;
+use crate::pack::{Packer, Placement};
 use crate::pipeline::{self, Part, PartSink};
 use crate::progress::Progress;
 use crate::repository::commit;
-use crate::repository::layout;
+use crate::repository::layout::{self, Key};
 use crate::repository::snapshot::{self, Totals, UnitRecord};
 use crate::residency::{Contents, Writable};
 use crate::scan;
 use crate::signing::{self, Signer};
 use crate::storage::s3::S3Store;
 use crate::units::{self, Unit};
+use crate::upload::{self, Head};
 
 use super::session::Session;
 
@@ -235,11 +237,15 @@ async fn snapshot(
     // An upload starts once it holds a unit's first two parts: producers
     // are capped so that two parts each always fit in the byte budget, or
     // producers waiting for bytes could hold all of it and wait forever.
+    // The open pack holds its bytes too.
     let mut limits = config.core.transfer;
-    limits.cpus = limits
-        .cpus
-        .min((limits.bytes / (2 * options.part_size.max(1))).max(1));
+    limits.cpus = limits.cpus.min(
+        (limits.bytes.saturating_sub(limits.pack_size) / (2 * options.part_size.max(1))).max(1),
+    );
     let budget = Budget::new(limits);
+    // a pack is one part: a unit that needs several parts is never packed
+    let pack_size = limits.pack_size.min(options.part_size.saturating_sub(1));
+    let packer = Packer::new(targets, core, &id, &budget, pack_size);
     let run = UnitRun {
         targets,
         budget: &budget,
@@ -253,6 +259,7 @@ async fn snapshot(
         databases: &databases,
         audit,
         state_dir: &config.core.state_dir,
+        packer: &packer,
     };
     let read = read_with_hooks(&run, volumes).await;
     // whether the read succeeded or not: the daemon lives on between runs
@@ -633,7 +640,7 @@ async fn read_volumes(run: &UnitRun<'_>, volumes: &[Volume]) -> Result<Tally> {
         .await;
     let results = match first_error {
         Some(e) => Err(e),
-        None => Ok(tally),
+        None => finish_packs(run, tally).await,
     };
     progress.finish();
     match results {
@@ -655,6 +662,28 @@ async fn read_volumes(run: &UnitRun<'_>, volumes: &[Volume]) -> Result<Tally> {
             Err(e)
         }
     }
+}
+
+/// Writes the last pack, and gives each unit packed by this run the size of
+/// its pack (the index lists it).
+async fn finish_packs(run: &UnitRun<'_>, mut tally: Tally) -> Result<Tally> {
+    let sizes = run
+        .packer
+        .finish()
+        .await
+        .map_err(|e| Error::Failed(e.context("writing the last pack of small units")))?;
+    for r in &mut tally.records {
+        if r.offset.is_some() && r.object_size.is_none() {
+            let size = sizes.get(&r.object).ok_or_else(|| {
+                Error::failed(format!(
+                    "the pack {} of {} was not written",
+                    r.object, r.volume
+                ))
+            })?;
+            r.object_size = Some(*size);
+        }
+    }
+    Ok(tally)
 }
 
 /// The environment of a volume's hooks and dump command.
@@ -754,6 +783,8 @@ struct UnitRun<'a> {
     audit: &'a Arc<AuditLog>,
     /// Where a dump is spooled (encrypted).
     state_dir: &'a std::path::Path,
+    /// Where small units go.
+    packer: &'a Packer<'a, S3Store>,
 }
 
 /// A unit in the new snapshot.
@@ -924,15 +955,7 @@ async fn backup_unit(
         snapshot: Some(run.snapshot),
         users: &users,
     };
-    let uploaded = crate::upload::upload(
-        run.targets,
-        &key,
-        rx,
-        run.options.part_jobs,
-        &contents,
-        run.budget,
-    )
-    .await;
+    let uploaded = store_object(run, &key, rx, &contents).await;
     let sealed = producer
         .await
         .map_err(|e| Error::failed(format!("{label}: {e}")))?;
@@ -945,13 +968,21 @@ async fn backup_unit(
         }
         (Err(e), _) => return Err(Error::Failed(e.context(format!("backing up {label}")))),
         (Ok(_), Err(e)) => return Err(Error::Failed(e.context(format!("backing up {label}")))),
-        (Ok(s), Ok(_)) => s,
+        (Ok(s), Ok(placed)) => (s, placed),
     };
-    tracing::debug!(unit = %label, %key, plain = sealed.plain_size, stored = sealed.stored_size, "unit stored");
+    let (sealed, placed) = sealed;
+    let (key, offset) = match placed {
+        Some(p) => (p.key, Some(p.offset)),
+        None => (key, None),
+    };
+    tracing::debug!(unit = %label, %key, ?offset, plain = sealed.plain_size, stored = sealed.stored_size, "unit stored");
     let record = UnitRecord {
         volume: unit.volume.clone(),
         kind: unit.kind.clone(),
         object: key.to_string(),
+        offset,
+        // set once the pack is written (`Packer::finish`)
+        object_size: None,
         plain_size: sealed.plain_size,
         stored_size: sealed.stored_size,
         blake3: sealed.blake3,
@@ -960,6 +991,26 @@ async fn backup_unit(
         dirs: unit.dirs.clone(),
     };
     Ok((record, sealed.extra))
+}
+
+/// Stores a unit's object: appended to the run's pack when it is small
+/// (returns where), else written as its own object under `key`.
+async fn store_object(
+    run: &UnitRun<'_>,
+    key: &Key,
+    mut parts: mpsc::Receiver<Part>,
+    contents: &Contents<'_>,
+) -> anyhow::Result<Option<Placement>> {
+    match upload::head(&mut parts, key).await? {
+        Head::Whole(body, held, _) if run.packer.takes(body.len()) => {
+            Ok(Some(run.packer.add(body, held, contents.users).await?))
+        }
+        head => {
+            let (jobs, budget) = (run.options.part_jobs, run.budget);
+            upload::upload_head(run.targets, key, head, parts, jobs, contents, budget).await?;
+            Ok(None)
+        }
+    }
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

@@ -525,7 +525,7 @@ async fn restore_from(
 ) -> anyhow::Result<Placed> {
     let key = target.key(&rec.object);
     let body = store
-        .get_stream(&key)
+        .get_stream(&key, rec.range())
         .await
         .with_context(|| format!("reading {key} on target {}", target.name))?
         .with_context(|| format!("object {key} is missing on target {}", target.name))?;

@@ -38,6 +38,8 @@ pub(super) struct TransferFile {
     requests: Option<u32>,
     /// Upload rate cap, e.g. "20MB/s".
     upload_rate: Option<String>,
+    /// Largest pack of small units, e.g. "8MiB"; "0": no packs.
+    pack_size: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -439,6 +441,29 @@ fn transfer(
                     "upload_rate",
                     format!("{text:?} is not a rate"),
                     "write bytes per second with a unit, e.g. \"20MB/s\" or \"5MiB/s\"",
+                ));
+            }
+        };
+    }
+    if let Some(text) = &f.pack_size {
+        limits.pack_size = match parse_size(text) {
+            Some(n)
+                if n == 0 || (64 << 10..=crate::budget::DEFAULT_PACK_SIZE as u64).contains(&n) =>
+            {
+                n as usize
+            }
+            Some(_) => {
+                return Err((
+                    "pack_size",
+                    format!("{text:?} is out of range"),
+                    "give between 64KiB and 8MiB (the default, one part), or \"0\" for one object per unit",
+                ));
+            }
+            None => {
+                return Err((
+                    "pack_size",
+                    format!("{text:?} is not a size"),
+                    "write a number with a unit, e.g. \"8MiB\", or \"0\" for one object per unit",
                 ));
             }
         };

@@ -199,13 +199,18 @@ async fn seal_manifest(
         };
         let file = tempfile::tempfile_in(&dir)
             .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-        let out = HashingWriter::new(std::io::BufWriter::with_capacity(256 << 10, file));
-        let out = pipeline::encrypt_into(&recipients, out, |w| {
-            serde_json::to_writer(w, &manifest).map_err(std::io::Error::other)
+        let written = || -> anyhow::Result<_> {
+            let out = HashingWriter::new(std::io::BufWriter::with_capacity(256 << 10, file));
+            let out = pipeline::encrypt_into(&recipients, out, |w| {
+                serde_json::to_writer(w, &manifest).map_err(std::io::Error::other)
+            })?;
+            let (mut out, blake3, bytes) = out.finish()?;
+            out.flush()?;
+            Ok((out.into_inner().map_err(|e| e.into_error())?, blake3, bytes))
+        };
+        let (file, blake3, bytes) = written().with_context(|| {
+            format!("writing the sealed manifest to a file in {}", dir.display())
         })?;
-        let (mut out, blake3, bytes) = out.finish()?;
-        out.flush()?;
-        let file = out.into_inner().map_err(|e| e.into_error())?;
         let mut sealed = SealedManifest {
             file,
             digest: Digest { bytes, blake3 },
@@ -443,12 +448,19 @@ mod tests {
         let w = testing::World::new().await;
         let identity = age::x25519::Identity::generate();
         let recipient = identity.to_public();
-        // enough units for a manifest of many parts
+        // enough units for a manifest of many parts; units 100.. are in
+        // four packs of 25
+        let packed = |i: u64| i >= 100;
         let units: Vec<UnitRecord> = (0..200)
             .map(|i| UnitRecord {
                 volume: "users".into(),
                 kind: crate::units::UnitKind::User(format!("u{i}")),
-                object: format!("core-ch-1/objects/{i:032x}.tar.zst.age"),
+                object: match packed(i) {
+                    true => format!("core-ch-1/objects/{:032x}.pack", i / 25),
+                    false => format!("core-ch-1/objects/{i:032x}.tar.zst.age"),
+                },
+                offset: packed(i).then_some((i % 25) * 1000),
+                object_size: packed(i).then_some(25_000 + i / 25),
                 plain_size: 10 + i,
                 stored_size: 20 + i,
                 blake3: crate::hash::Blake3::of(b""),
@@ -512,11 +524,21 @@ mod tests {
             let stored: Index = serde_json::from_slice(&t.store().object(&key).unwrap()).unwrap();
             assert_eq!(stored.manifest.key, manifest_key.to_string());
             assert_eq!(stored.manifest.size, sealed.len() as u64);
-            assert_eq!(stored.objects.len(), units.len());
+            // each object once, a pack with its own size
+            assert_eq!(stored.objects.len(), 100 + 4);
             assert_eq!(
                 (stored.objects[7].key.as_str(), stored.objects[7].size),
                 (units[7].object.as_str(), units[7].stored_size)
             );
+            let packs: Vec<(&str, u64)> = stored.objects[100..]
+                .iter()
+                .map(|o| (o.key.as_str(), o.size))
+                .collect();
+            let want: Vec<(&str, u64)> = [100, 125, 150, 175]
+                .iter()
+                .map(|&i| (units[i].object.as_str(), 25_000 + i as u64 / 25))
+                .collect();
+            assert_eq!(packs, want);
             assert_eq!(
                 (stored.units, stored.plain_bytes, stored.stored_bytes),
                 (totals.units, totals.plain_bytes, totals.stored_bytes)

@@ -69,13 +69,24 @@ pub fn snapshots_dir(core: &str) -> String {
     format!("{core}/snapshots/")
 }
 
-/// A new object key: random, so that it never carries a user id.
+/// A new object key for one unit: random, so that it never carries a user id.
 pub fn new_object_key(core: &str) -> Key {
+    Key(format!("{core}/objects/{}.tar.zst.age", random_name()))
+}
+
+/// A new key for a pack of small units ([`crate::pack`]): random like a
+/// unit's; `.pack` because the object is several `age` files end to end,
+/// not one.
+pub fn new_pack_key(core: &str) -> Key {
+    Key(format!("{core}/objects/{}.pack", random_name()))
+}
+
+/// 32 random hex digits.
+fn random_name() -> String {
     use rand::RngCore;
     let mut id = [0u8; 16];
     rand::thread_rng().fill_bytes(&mut id);
-    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    Key(format!("{core}/objects/{hex}.tar.zst.age"))
+    id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `<core>/snapshots/<id>.manifest.age`.

@@ -29,7 +29,15 @@ pub struct UnitRecord {
     pub kind: UnitKind,
     /// Object key relative to the target prefix.
     pub object: String,
+    /// Where the unit starts in its object, when the object is a pack of
+    /// small units ([`crate::pack`]); absent: the unit is the whole object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// The size of the whole object, when it is a pack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_size: Option<u64>,
     pub plain_size: u64,
+    /// The unit's stored bytes: the object, or its range of the pack.
     pub stored_size: u64,
     /// BLAKE3 of the plain tar.
     pub blake3: crate::hash::Blake3,
@@ -46,6 +54,14 @@ pub struct UnitRecord {
     /// then holds its userId directory).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dirs: Vec<std::path::PathBuf>,
+}
+
+impl UnitRecord {
+    /// The bytes of its object that are the unit: `None` for the whole
+    /// object, else the range in the pack.
+    pub fn range(&self) -> Option<std::ops::Range<u64>> {
+        self.offset.map(|o| o..o + self.stored_size)
+    }
 }
 
 /// `<id>.manifest.age`: encrypted to the zone's recipients; holds user ids.
@@ -106,17 +122,24 @@ impl Totals {
     }
 }
 
-/// The index's `objects`: each unit's object and stored size.
+/// The index's `objects`: each object the units are in, once (a pack holds
+/// many units), with its size.
 fn objects_of<S: serde::Serializer>(units: &&[UnitRecord], s: S) -> Result<S::Ok, S::Error> {
     #[derive(Serialize)]
     struct Object<'a> {
         key: &'a str,
         size: u64,
     }
-    s.collect_seq(units.iter().map(|u| Object {
-        key: &u.object,
-        size: u.stored_size,
-    }))
+    let mut seen = HashSet::new();
+    s.collect_seq(
+        units
+            .iter()
+            .filter(|u| u.offset.is_none() || seen.insert(u.object.as_str()))
+            .map(|u| Object {
+                key: &u.object,
+                size: u.object_size.unwrap_or(u.stored_size),
+            }),
+    )
 }
 
 /// An object referenced by an index.

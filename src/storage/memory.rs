@@ -154,8 +154,19 @@ impl ReadBackend for Memory {
         Ok(self.call(Op::Head)?.objects.contains_key(key))
     }
 
-    async fn get_stream(&self, key: &str) -> Result<Option<Body>, StoreError> {
+    async fn get_stream(
+        &self,
+        key: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<Option<Body>, StoreError> {
         let body = self.call(Op::Get)?.objects.get(key).cloned();
+        let body = match (body, range) {
+            (Some(b), Some(r)) => {
+                let end = (r.end as usize).min(b.len());
+                Some(b.slice((r.start as usize).min(end)..end))
+            }
+            (body, _) => body,
+        };
         Ok(body.map(|b| Box::new(std::io::Cursor::new(b)) as Body))
     }
 

@@ -75,10 +75,13 @@ pub trait ReadBackend: Send + Sync {
     /// Whether there is an object under `key` (a HEAD: nothing is read).
     fn exists(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
-    /// An object as a stream, or `None` when there is none under `key`.
+    /// An object as a stream, or `None` when there is none under `key`;
+    /// with `range`, only those bytes of it (a unit in a pack). A server
+    /// that answers a range with other bytes than asked is an error.
     fn get_stream(
         &self,
         key: &str,
+        range: Option<std::ops::Range<u64>>,
     ) -> impl Future<Output = Result<Option<Body>, StoreError>> + Send;
 
     /// Every object whose key starts with `prefix`.

@@ -161,16 +161,36 @@ impl ReadBackend for S3Store {
         }
     }
 
-    async fn get_stream(&self, key: &str) -> Result<Option<Body>, StoreError> {
+    async fn get_stream(
+        &self,
+        key: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<Option<Body>, StoreError> {
+        // HTTP ranges are inclusive
+        let range = range
+            .filter(|r| r.end > r.start)
+            .map(|r| (r.start, r.end - 1));
         match self
             .client
             .get_object()
             .bucket(&self.bucket)
             .key(key)
+            .set_range(range.map(|(first, last)| format!("bytes={first}-{last}")))
             .send()
             .await
         {
-            Ok(out) => Ok(Some(Box::new(out.body.into_async_read()))),
+            Ok(out) => {
+                // a server that ignored the range would send the whole pack
+                if let Some((first, last)) = range {
+                    let answered = out.content_range().unwrap_or("the whole object");
+                    if !answered.starts_with(&format!("bytes {first}-{last}/")) {
+                        return Err(StoreError::Other(format!(
+                            "asked for bytes {first}-{last} of {key}, the server sent {answered}"
+                        )));
+                    }
+                }
+                Ok(Some(Box::new(out.body.into_async_read())))
+            }
             Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
             Err(e) => Err(self.classify(e)),
         }

@@ -186,3 +186,50 @@ pub fn hostile_object(fleet: &Fleet, entries: &[(&str, tar::EntryType, &str)]) -
     let recipient = &fleet.zone("ch").recipients[0];
     tool("age", &["-r", recipient], &tool("zstd", &["-q"], &tar))
 }
+
+/// Writes one object per unit from now on (`[transfer] pack_size = "0"`):
+/// for the tests that swap or damage the object of one unit.
+pub fn one_object_per_unit(core: &Path) {
+    let mut f = std::fs::OpenOptions::new().append(true).open(core).unwrap();
+    writeln!(f, "\n[transfer]\npack_size = \"0\"").unwrap();
+}
+
+/// A unit's own bytes (`age(zstd(tar))`) out of its object as stored: the
+/// whole object, or the unit's range of a pack (what a ranged GET reads).
+pub fn unit_bytes(object: &[u8], unit: &serde_json::Value) -> Vec<u8> {
+    match unit["offset"].as_u64() {
+        None => object.to_vec(),
+        Some(offset) => {
+            let len = unit["stored_size"].as_u64().unwrap();
+            object[offset as usize..(offset + len) as usize].to_vec()
+        }
+    }
+}
+
+/// The unit entry of `user` in the only snapshot's manifest.
+pub fn unit_of(fleet: &Fleet, user: &str) -> serde_json::Value {
+    manifest(fleet)["units"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["user"] == user)
+        .unwrap()
+        .clone()
+}
+
+/// The object keys (in the bucket) that the committed indexes on `region`
+/// reference: what a target holds when nothing is left over.
+pub fn indexed_objects(fleet: &Fleet, region: &str) -> std::collections::BTreeSet<String> {
+    let garage = fleet.garage(region);
+    let mut out = std::collections::BTreeSet::new();
+    for key in garage.keys().unwrap() {
+        if key.contains("/snapshots/") && key.ends_with(".json") {
+            let index: serde_json::Value =
+                serde_json::from_slice(&garage.get(&key).unwrap()).unwrap();
+            for o in index["objects"].as_array().unwrap() {
+                out.insert(format!("zonevault/{}", o["key"].as_str().unwrap()));
+            }
+        }
+    }
+    out
+}
