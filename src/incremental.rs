@@ -45,7 +45,7 @@ impl Previous {
     pub fn lookup(&self) -> HashMap<(&str, &UnitKind), &UnitRecord> {
         self.units
             .iter()
-            .map(|u| ((u.volume.as_str(), &u.kind), u))
+            .map(|u| ((&*u.volume, &u.kind), u))
             .collect()
     }
 }
@@ -69,7 +69,11 @@ pub fn load(state_dir: &Path, core: &str, recipients: &str) -> Option<Previous> 
         }
     };
     match serde_json::from_reader::<_, Previous>(file) {
-        Ok(p) if p.core == core && p.recipients == recipients => Some(p),
+        Ok(mut p) if p.core == core && p.recipients == recipients => {
+            // read by doubling: up to half of the list's room is unused
+            p.units.shrink_to_fit();
+            Some(p)
+        }
         Ok(p) if p.core == core => {
             tracing::info!(
                 "the zone's recipients changed since the last snapshot: every unit is encrypted and uploaded again"

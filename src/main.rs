@@ -218,7 +218,29 @@ fn part_jobs_range() -> clap::builder::RangedI64ValueParser<u16> {
     clap::value_parser!(u16).range(1..=commands::backup::MAX_PART_JOBS as i64)
 }
 
+/// glibc's malloc, told to hold less: at most two arenas (it makes up to
+/// eight per CPU, one per busy thread, and each keeps what its thread freed),
+/// and blocks from 256 KiB up always mapped on their own, so a freed record
+/// list or pack buffer goes back to the kernel (the default threshold grows
+/// with each such free, after which big blocks stay in the heap). Measured
+/// on a backup of 100,000 users: peak RSS 206 MB → 150 MB, the same time.
+/// Set before any thread starts; an operator's `MALLOC_*` variables win.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    for (param, value, env) in [
+        (libc::M_ARENA_MAX, 2, "MALLOC_ARENA_MAX"),
+        (libc::M_MMAP_THRESHOLD, 256 << 10, "MALLOC_MMAP_THRESHOLD_"),
+    ] {
+        if std::env::var_os(env).is_none() {
+            // SAFETY: mallopt only sets a tunable of glibc's allocator; it
+            // is called from main before any other thread exists.
+            unsafe { libc::mallopt(param, value) };
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     // The daemon's log is its record in the journal; a command's is for trouble.
     let default_level = if matches!(cli.command, Command::Daemon { .. }) {

@@ -19,7 +19,6 @@
 //! root directory's share, in order. Any change of an entry's path, size,
 //! times, inode or mode changes the fingerprint of the unit that holds it.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,9 +58,11 @@ const MAX_THREADS: usize = 8;
 /// The units of a volume, users sorted by id, the shared unit last, each
 /// with its fingerprint.
 pub fn units_of(volume: &Volume) -> anyhow::Result<Scan> {
+    let (name, root): (std::sync::Arc<str>, std::sync::Arc<std::path::Path>) =
+        (volume.name.as_str().into(), volume.path.as_path().into());
     let unit = |kind, dirs| Unit {
-        volume: volume.name.clone(),
-        root: volume.path.clone(),
+        volume: std::sync::Arc::clone(&name),
+        root: std::sync::Arc::clone(&root),
         kind,
         dirs,
     };
@@ -89,33 +90,31 @@ pub fn units_of(volume: &Volume) -> anyhow::Result<Scan> {
         tracing::warn!(path = %path.display(), "looks like a user directory, but no user in user-index.db has that id or username: backed up in the shared unit");
         misplaced.push(path);
     }
-    let mut users: BTreeMap<String, Vec<(PathBuf, blake3::Hash)>> = BTreeMap::new();
-    for dir in found.users {
-        users
-            .entry(dir.owner)
-            .or_default()
-            .push((dir.rel, dir.digest));
+    // Sorted by user, then path: each user's directories are neighbours,
+    // grouped into one unit as they are taken (no map of 100,000 lists).
+    let mut dirs = found.users;
+    dirs.sort_unstable_by(|a, b| (&a.owner, &a.rel).cmp(&(&b.owner, &b.rel)));
+    let mut units: Vec<Scanned> = Vec::with_capacity(dirs.len() + 1);
+    let mut dirs = dirs.into_iter().peekable();
+    while let Some(UserDir { owner, rel, digest }) = dirs.next() {
+        use std::os::unix::ffi::OsStrExt;
+        let mut hash = blake3::Hasher::new();
+        let mut held = Vec::with_capacity(1);
+        let mut add = |rel: PathBuf, digest: blake3::Hash| {
+            hash.update(rel.as_os_str().as_bytes());
+            hash.update(b"\0");
+            hash.update(digest.as_bytes());
+            held.push(rel);
+        };
+        add(rel, digest);
+        while let Some(next) = dirs.next_if(|d| d.owner == owner) {
+            add(next.rel, next.digest);
+        }
+        units.push(Scanned {
+            unit: unit(UnitKind::User(owner), held),
+            fingerprint: hash.finalize().into(),
+        });
     }
-    let mut units: Vec<Scanned> = users
-        .into_iter()
-        .map(|(id, mut dirs)| {
-            dirs.sort_by(|a, b| a.0.cmp(&b.0));
-            let mut hash = blake3::Hasher::new();
-            for (rel, digest) in &dirs {
-                use std::os::unix::ffi::OsStrExt;
-                hash.update(rel.as_os_str().as_bytes());
-                hash.update(b"\0");
-                hash.update(digest.as_bytes());
-            }
-            Scanned {
-                unit: unit(
-                    UnitKind::User(id),
-                    dirs.into_iter().map(|(rel, _)| rel).collect(),
-                ),
-                fingerprint: hash.finalize().into(),
-            }
-        })
-        .collect();
     let mut unclaimed = found.unclaimed;
     unclaimed.sort();
     units.push(Scanned {

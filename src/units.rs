@@ -36,10 +36,11 @@ impl UnitKind {
 /// One unit of one volume: becomes one object.
 #[derive(Debug, Clone)]
 pub struct Unit {
-    /// The volume's name.
-    pub volume: String,
+    /// The volume's name (shared by the volume's units: 100,000 users are
+    /// not 100,000 copies).
+    pub volume: std::sync::Arc<str>,
     /// The volume's root.
-    pub root: PathBuf,
+    pub root: std::sync::Arc<Path>,
     pub kind: UnitKind,
     /// Relative to the root. A user unit: the user's directories (the
     /// userId directory and, on Pryv v2, the `user.<username>` directory

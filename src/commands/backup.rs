@@ -228,9 +228,6 @@ async fn snapshot(
     let stage = Stages::new();
     let Prepared { cleaned, reusable } = prepare_targets(targets, core).await?;
     stage.done("prepare targets");
-    let previous = previous_units(config, options.full).await?;
-    let previous = previous.as_ref().map(|p| p.lookup()).unwrap_or_default();
-    stage.done("previous units");
     let databases = database_capture(config, volumes).await?;
     let now = chrono::Utc::now();
     let id = snapshot::new_id(now);
@@ -243,28 +240,35 @@ async fn snapshot(
         (limits.bytes.saturating_sub(limits.pack_size) / (2 * options.part_size.max(1))).max(1),
     );
     let budget = Budget::new(limits);
-    // a pack is one part: a unit that needs several parts is never packed
-    let pack_size = limits.pack_size.min(options.part_size.saturating_sub(1));
-    let packer = Packer::new(targets, core, &id, &budget, pack_size);
-    let run = UnitRun {
-        targets,
-        budget: &budget,
-        core,
-        snapshot: &id,
-        recipients: &zone.recipients,
-        level: config.core.zstd_level,
-        options,
-        previous: &previous,
-        reusable: &reusable,
-        databases: &databases,
-        audit,
-        state_dir: &config.core.state_dir,
-        packer: &packer,
+    let mut tally = {
+        // the previous snapshot's units are needed by the reads only: they
+        // are gone before the commit, which holds the new ones
+        let previous = previous_units(config, options.full).await?;
+        let previous = previous.as_ref().map(|p| p.lookup()).unwrap_or_default();
+        stage.done("previous units");
+        // a pack is one part: a unit that needs several parts is never packed
+        let pack_size = limits.pack_size.min(options.part_size.saturating_sub(1));
+        let packer = Packer::new(targets, core, &id, &budget, pack_size);
+        let run = UnitRun {
+            targets,
+            budget: &budget,
+            core,
+            snapshot: &id,
+            recipients: &zone.recipients,
+            level: config.core.zstd_level,
+            options,
+            previous: &previous,
+            reusable: &reusable,
+            databases: &databases,
+            audit,
+            state_dir: &config.core.state_dir,
+            packer: &packer,
+        };
+        let read = read_with_hooks(&run, volumes).await;
+        // whether the read succeeded or not: the daemon lives on between runs
+        crate::pipeline::release_contexts();
+        read?
     };
-    let read = read_with_hooks(&run, volumes).await;
-    // whether the read succeeded or not: the daemon lives on between runs
-    crate::pipeline::release_contexts();
-    let mut tally = read?;
     stage.done("read volumes");
     // The last point where a stop leaves nothing: from here the commit runs
     // to its end.
@@ -554,43 +558,45 @@ async fn read_volumes(run: &UnitRun<'_>, volumes: &[Volume]) -> Result<Tally> {
     let (options, targets, core) = (run.options, run.targets, run.core);
     // one exclude set per volume, shared by its units (a clone of a compiled
     // glob set per unit costs kilobytes: hundreds of MB for 100,000 users)
-    let mut units: Vec<(Unit, Arc<globset::GlobSet>, Origin)> = Vec::new();
+    // The scans are kept as they are and their units taken one by one: no
+    // second list of 100,000 units while they are in flight.
+    let mut found: Vec<Box<dyn Iterator<Item = Pending> + Send>> = Vec::new();
+    let mut count = 0;
     let (mut misplaced, mut changed_during_walk) = (Vec::new(), Vec::new());
     for v in volumes {
         if let Some(dump) = &v.dump {
             let unit = Unit {
-                volume: v.name.clone(),
-                root: v.path.clone(),
+                volume: v.name.as_str().into(),
+                root: v.path.as_path().into(),
                 kind: units::UnitKind::Volume,
                 dirs: Vec::new(),
             };
-            units.push((
-                unit,
-                Arc::new(v.exclude.clone()),
-                Origin::Dump(dump.clone()),
-            ));
+            let exclude = Arc::new(v.exclude.clone());
+            let origin = Origin::Dump(Box::new(dump.clone()));
+            found.push(Box::new(std::iter::once((unit, exclude, origin))));
+            count += 1;
             continue;
         }
         let volume = v.clone();
         let scan = crate::blocking::run("scanning a volume", move || scan::units_of(&volume))
             .await?
             .with_context(|| format!("reading volume {} ({})", v.name, v.path.display()))?;
-        let exclude = Arc::new(v.exclude.clone());
-        units.extend(
-            scan.units
-                .into_iter()
-                .map(|s| (s.unit, Arc::clone(&exclude), Origin::Walk(s.fingerprint))),
-        );
         misplaced.extend(scan.misplaced.iter().map(|p| p.display().to_string()));
         changed_during_walk.extend(scan.changed.iter().map(|p| p.display().to_string()));
+        count += scan.units.len();
+        let exclude = Arc::new(v.exclude.clone());
+        found.push(Box::new(scan.units.into_iter().map(move |s| {
+            (s.unit, Arc::clone(&exclude), Origin::Walk(s.fingerprint))
+        })));
     }
+    let units = found.into_iter().flatten();
 
-    tracing::debug!(target: "zonevault::timing", units = units.len(), "volumes scanned");
-    let progress = Progress::new(options.progress, units.len() as u64, "backup");
+    tracing::debug!(target: "zonevault::timing", units = count, "volumes scanned");
+    let progress = Progress::new(options.progress, count as u64, "backup");
     let tally = Tally {
         // one record per unit: no doubling of 100,000 records while the
         // units are in flight
-        records: Vec::with_capacity(units.len()),
+        records: Vec::with_capacity(count),
         misplaced,
         changed_during_walk,
         ..Tally::default()
@@ -674,7 +680,7 @@ async fn finish_packs(run: &UnitRun<'_>, mut tally: Tally) -> Result<Tally> {
         .map_err(|e| Error::Failed(e.context("writing the last pack of small units")))?;
     for r in &mut tally.records {
         if r.offset.is_some() && r.object_size.is_none() {
-            let size = sizes.get(&r.object).ok_or_else(|| {
+            let size = sizes.get(&*r.object).ok_or_else(|| {
                 Error::failed(format!(
                     "the pack {} of {} was not written",
                     r.object, r.volume
@@ -800,8 +806,12 @@ enum Origin {
     /// Found by the scan, with its fingerprint.
     Walk(crate::hash::Blake3),
     /// A command volume's command.
-    Dump(Dump),
+    Dump(Box<Dump>),
 }
+
+/// A unit waiting for its turn: the unit, its volume's excludes, where it
+/// comes from.
+type Pending = (Unit, Arc<globset::GlobSet>, Origin);
 
 /// One unit: referenced again when its fingerprint is unchanged and its
 /// object is still committed on every target, else uploaded. The
@@ -825,12 +835,12 @@ async fn store_unit(
         }
         Origin::Walk(fingerprint) => fingerprint,
     };
-    if let Some(previous) = run.previous.get(&(unit.volume.as_str(), &unit.kind))
+    if let Some(previous) = run.previous.get(&(&*unit.volume, &unit.kind))
         && previous.fingerprint == Some(fingerprint)
-        && run.reusable.contains(&previous.object)
+        && run.reusable.contains(&*previous.object)
     {
         return Ok(Stored {
-            record: (*previous).clone(),
+            record: reused(previous, unit),
             stats: archive::WriteStats::default(),
             reused: true,
         });
@@ -848,6 +858,32 @@ async fn store_unit(
     })
 }
 
+/// The record of an unchanged unit: the previous one, with the names taken
+/// from the scan's unit (equal to the previous ones: the fingerprint covers
+/// them) rather than copied, so 100,000 reused records do not hold their
+/// strings twice while the previous snapshot's are held too.
+fn reused(previous: &UnitRecord, unit: Unit) -> UnitRecord {
+    let Unit { kind, dirs, .. } = unit;
+    UnitRecord {
+        volume: previous.volume.clone(),
+        kind,
+        object: previous.object.clone(),
+        offset: previous.offset,
+        object_size: previous.object_size,
+        plain_size: previous.plain_size,
+        stored_size: previous.stored_size,
+        blake3: previous.blake3,
+        files: previous.files,
+        fingerprint: previous.fingerprint,
+        // an older record may name no directories: it stays as it was
+        dirs: if dirs == previous.dirs {
+            dirs
+        } else {
+            previous.dirs.clone()
+        },
+    }
+}
+
 /// The unit of a command volume: the command runs to its end, its stdout
 /// spooled encrypted ([`dump`]); only then, if it exited with status 0, is
 /// the unit's tar (one file) uploaded. A failed command uploads nothing.
@@ -857,8 +893,8 @@ async fn store_dump(
     dump: &Dump,
 ) -> Result<(UnitRecord, archive::WriteStats)> {
     let volume = Volume {
-        name: unit.volume.clone(),
-        path: unit.root.clone(),
+        name: unit.volume.to_string(),
+        path: unit.root.to_path_buf(),
         layout: crate::config::Layout::Plain,
         exclude: globset::GlobSet::empty(),
         exclude_patterns: Vec::new(),
@@ -870,7 +906,7 @@ async fn store_dump(
     let argv = &dump.command;
     run.audit
         .record(Event::HookStarted {
-            volume: unit.volume.clone(),
+            volume: unit.volume.to_string(),
             phase: "command".into(),
             command: argv.clone(),
             snapshot: run.snapshot.into(),
@@ -932,7 +968,7 @@ async fn backup_unit(
     let (recipients, level) = (run.recipients.to_vec(), run.level);
     let label = unit.label();
     let producer_unit = unit.clone();
-    let databases = run.databases.get(&unit.volume).cloned().flatten();
+    let databases = run.databases.get(&*unit.volume).cloned().flatten();
     let producer = crate::blocking::spawn(move || {
         // the CPU stages run on two threads per CPU at most (see budget)
         let _cpu = budget.cpu_blocking();
@@ -976,10 +1012,13 @@ async fn backup_unit(
         None => (key, None),
     };
     tracing::debug!(unit = %label, %key, ?offset, plain = sealed.plain_size, stored = sealed.stored_size, "unit stored");
+    let Unit {
+        volume, kind, dirs, ..
+    } = unit;
     let record = UnitRecord {
-        volume: unit.volume.clone(),
-        kind: unit.kind.clone(),
-        object: key.to_string(),
+        volume,
+        kind,
+        object: key.shared(),
         offset,
         // set once the pack is written (`Packer::finish`)
         object_size: None,
@@ -988,7 +1027,7 @@ async fn backup_unit(
         blake3: sealed.blake3,
         files: sealed.extra.files,
         fingerprint: None,
-        dirs: unit.dirs.clone(),
+        dirs,
     };
     Ok((record, sealed.extra))
 }

@@ -659,7 +659,7 @@ fn select(manifest: &Manifest, volumes: &[String], users: &[String]) -> Result<V
         }
     }
     for v in volumes {
-        if !manifest.units.iter().any(|u| &u.volume == v) {
+        if !manifest.units.iter().any(|u| &*u.volume == v.as_str()) {
             return Err(Error::failed(format!(
                 "snapshot {} has no volume {v:?}",
                 manifest.snapshot
@@ -681,7 +681,7 @@ fn select(manifest: &Manifest, volumes: &[String], users: &[String]) -> Result<V
     let selected: Vec<UnitRecord> = manifest
         .units
         .iter()
-        .filter(|u| volumes.is_empty() || volumes.contains(&u.volume))
+        .filter(|u| volumes.is_empty() || volumes.iter().any(|v| *v == *u.volume))
         .filter(|u| users.is_empty() || matches!(&u.kind, UnitKind::User(id) if users.contains(id)))
         .cloned()
         .collect();

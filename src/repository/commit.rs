@@ -85,7 +85,7 @@ pub async fn commit<S: WriteBackend>(
     let index = draft.index(&manifest_key, sealed.digest.bytes);
     // sized for the objects (about 100 bytes each, pretty-printed): no
     // doubling of megabytes at 100,000 units
-    let mut index_json = Vec::with_capacity(4096 + 112 * index.objects.len());
+    let mut index_json = Vec::with_capacity(4096 + 112 * index.object_count());
     serde_json::to_writer_pretty(&mut index_json, &index).map_err(anyhow::Error::from)?;
     let index_json = Bytes::from(index_json);
     let of_snapshot = |kind| Contents {
@@ -456,8 +456,8 @@ mod tests {
                 volume: "users".into(),
                 kind: crate::units::UnitKind::User(format!("u{i}")),
                 object: match packed(i) {
-                    true => format!("core-ch-1/objects/{:032x}.pack", i / 25),
-                    false => format!("core-ch-1/objects/{i:032x}.tar.zst.age"),
+                    true => format!("core-ch-1/objects/{:032x}.pack", i / 25).into(),
+                    false => format!("core-ch-1/objects/{i:032x}.tar.zst.age").into(),
                 },
                 offset: packed(i).then_some((i % 25) * 1000),
                 object_size: packed(i).then_some(25_000 + i / 25),
@@ -528,7 +528,7 @@ mod tests {
             assert_eq!(stored.objects.len(), 100 + 4);
             assert_eq!(
                 (stored.objects[7].key.as_str(), stored.objects[7].size),
-                (units[7].object.as_str(), units[7].stored_size)
+                (&*units[7].object, units[7].stored_size)
             );
             let packs: Vec<(&str, u64)> = stored.objects[100..]
                 .iter()
@@ -536,7 +536,7 @@ mod tests {
                 .collect();
             let want: Vec<(&str, u64)> = [100, 125, 150, 175]
                 .iter()
-                .map(|&i| (units[i].object.as_str(), 25_000 + i as u64 / 25))
+                .map(|&i| (&*units[i].object, 25_000 + i as u64 / 25))
                 .collect();
             assert_eq!(packs, want);
             assert_eq!(

@@ -9,15 +9,16 @@ pub const MARKER: &str = "zonevault.json";
 /// ([`crate::residency::Writable`]) accepts, so every write and deletion
 /// stays under the prefix of the target that passed the gate. Made by the
 /// functions of this module, from a snapshot's index ([`Key::parse`]) or
-/// from a listing of the target ([`Key::listed`]).
+/// from a listing of the target ([`Key::listed`]). A clone shares the
+/// text (the records of a pack's units all name it).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key(String);
+pub struct Key(std::sync::Arc<str>);
 
 impl Key {
     /// A relative key as an index or manifest names it; `None` when it is
     /// empty or absolute.
     pub fn parse(rel: &str) -> Option<Key> {
-        (!rel.is_empty() && !rel.starts_with('/')).then(|| Key(rel.to_string()))
+        (!rel.is_empty() && !rel.starts_with('/')).then(|| Key(rel.into()))
     }
 
     /// The relative key of `full`, a key listed on `target`; `None` when it
@@ -34,11 +35,16 @@ impl Key {
 
     /// The marker's key.
     pub fn marker() -> Key {
-        Key(MARKER.to_string())
+        Key(MARKER.into())
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The text, shared (for a record that names the object).
+    pub fn shared(&self) -> std::sync::Arc<str> {
+        std::sync::Arc::clone(&self.0)
     }
 }
 
@@ -71,14 +77,14 @@ pub fn snapshots_dir(core: &str) -> String {
 
 /// A new object key for one unit: random, so that it never carries a user id.
 pub fn new_object_key(core: &str) -> Key {
-    Key(format!("{core}/objects/{}.tar.zst.age", random_name()))
+    Key(format!("{core}/objects/{}.tar.zst.age", random_name()).into())
 }
 
 /// A new key for a pack of small units ([`crate::pack`]): random like a
 /// unit's; `.pack` because the object is several `age` files end to end,
 /// not one.
 pub fn new_pack_key(core: &str) -> Key {
-    Key(format!("{core}/objects/{}.pack", random_name()))
+    Key(format!("{core}/objects/{}.pack", random_name()).into())
 }
 
 /// 32 random hex digits.
@@ -91,12 +97,12 @@ fn random_name() -> String {
 
 /// `<core>/snapshots/<id>.manifest.age`.
 pub fn manifest_key(core: &str, snapshot: &str) -> Key {
-    Key(format!("{core}/snapshots/{snapshot}.manifest.age"))
+    Key(format!("{core}/snapshots/{snapshot}.manifest.age").into())
 }
 
 /// `<core>/snapshots/<id>.json`: the cleartext index, written last.
 pub fn index_key(core: &str, snapshot: &str) -> Key {
-    Key(format!("{core}/snapshots/{snapshot}.json"))
+    Key(format!("{core}/snapshots/{snapshot}.json").into())
 }
 
 /// The snapshot id of an index key, if `key` (relative) is one.
@@ -127,12 +133,12 @@ pub fn audit_dir(core: &str) -> String {
 /// `<core>/audit/<first>-<last>.jsonl.age`: a copy of records `first..=last`.
 /// Sequence numbers are zero-padded to 12 digits so the copies list in order.
 pub fn audit_copy_key(core: &str, first: u64, last: u64) -> Key {
-    Key(format!("{core}/audit/{first:012}-{last:012}.jsonl.age"))
+    Key(format!("{core}/audit/{first:012}-{last:012}.jsonl.age").into())
 }
 
 /// `<key>.minisig`: the detached signature of the object under `key`.
 pub fn signature_key(key: &str) -> Key {
-    Key(format!("{key}{}", crate::signing::SUFFIX))
+    Key(format!("{key}{}", crate::signing::SUFFIX).into())
 }
 
 /// The record range of an audit copy's key (relative or full), if it is one.

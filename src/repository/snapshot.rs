@@ -24,11 +24,13 @@ pub fn new_id(now: DateTime<Utc>) -> String {
 /// One unit in a manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnitRecord {
-    pub volume: String,
+    /// Shared with the run's other records of the volume.
+    pub volume: std::sync::Arc<str>,
     #[serde(flatten)]
     pub kind: UnitKind,
-    /// Object key relative to the target prefix.
-    pub object: String,
+    /// Object key relative to the target prefix (shared by the units of a
+    /// pack).
+    pub object: std::sync::Arc<str>,
     /// Where the unit starts in its object, when the object is a pack of
     /// small units ([`crate::pack`]); absent: the unit is the whole object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -130,16 +132,26 @@ fn objects_of<S: serde::Serializer>(units: &&[UnitRecord], s: S) -> Result<S::Ok
         key: &'a str,
         size: u64,
     }
+    s.collect_seq(distinct_objects(units).map(|u| Object {
+        key: &u.object,
+        size: u.object_size.unwrap_or(u.stored_size),
+    }))
+}
+
+/// One unit of each object the units are in: every unit that is a whole
+/// object, the first unit of each pack.
+fn distinct_objects(units: &[UnitRecord]) -> impl Iterator<Item = &UnitRecord> {
     let mut seen = HashSet::new();
-    s.collect_seq(
-        units
-            .iter()
-            .filter(|u| u.offset.is_none() || seen.insert(u.object.as_str()))
-            .map(|u| Object {
-                key: &u.object,
-                size: u.object_size.unwrap_or(u.stored_size),
-            }),
-    )
+    units
+        .iter()
+        .filter(move |u| u.offset.is_none() || seen.insert(&*u.object))
+}
+
+impl IndexRef<'_> {
+    /// How many objects the index lists.
+    pub fn object_count(&self) -> usize {
+        distinct_objects(self.objects).count()
+    }
 }
 
 /// An object referenced by an index.
