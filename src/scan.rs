@@ -20,8 +20,8 @@
 //! times, inode or mode changes the fingerprint of the unit that holds it.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::config::{Layout, Volume};
 use crate::fswalk::{self, Kind, Problem};
@@ -58,11 +58,11 @@ const MAX_THREADS: usize = 8;
 /// The units of a volume, users sorted by id, the shared unit last, each
 /// with its fingerprint.
 pub fn units_of(volume: &Volume) -> anyhow::Result<Scan> {
-    let (name, root): (std::sync::Arc<str>, std::sync::Arc<std::path::Path>) =
+    let (name, root): (Arc<str>, Arc<Path>) =
         (volume.name.as_str().into(), volume.path.as_path().into());
     let unit = |kind, dirs| Unit {
-        volume: std::sync::Arc::clone(&name),
-        root: std::sync::Arc::clone(&root),
+        volume: Arc::clone(&name),
+        root: Arc::clone(&root),
         kind,
         dirs,
     };

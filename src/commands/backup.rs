@@ -556,10 +556,10 @@ async fn remember_units(config: &Config, id: &str, records: Arc<Vec<UnitRecord>>
 /// command's stdout). On failure, aborts the uploads left open.
 async fn read_volumes(run: &UnitRun<'_>, volumes: &[Volume]) -> Result<Tally> {
     let (options, targets, core) = (run.options, run.targets, run.core);
-    // one exclude set per volume, shared by its units (a clone of a compiled
-    // glob set per unit costs kilobytes: hundreds of MB for 100,000 users)
-    // The scans are kept as they are and their units taken one by one: no
-    // second list of 100,000 units while they are in flight.
+    // The scans are kept as they are and their units taken one by one (no
+    // second list of 100,000 units while they are in flight), each with its
+    // volume's one exclude set (a compiled glob set cloned per unit costs
+    // kilobytes: hundreds of MB for 100,000 users).
     let mut found: Vec<Box<dyn Iterator<Item = Pending> + Send>> = Vec::new();
     let mut count = 0;
     let (mut misplaced, mut changed_during_walk) = (Vec::new(), Vec::new());
