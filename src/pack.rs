@@ -21,6 +21,12 @@
 //! not on every target. A pack is deleted when no snapshot references any of
 //! its units (no repacking: a pack of units that changed since stays whole
 //! while one of them is referenced).
+//!
+//! Reading: [`spans`] groups the units a restore wants by pack, so that
+//! neighbours are read with one ranged GET and cut apart from the stream. A
+//! GET per unit made the server read (and check) its storage blocks once per
+//! unit, and cost a request each: on loopback that work shares the client's
+//! CPUs, at a distance every request is a round trip.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -32,6 +38,7 @@ use crate::audit::ObjectKind;
 use crate::budget::{Budget, Held};
 use crate::pipeline::Digest;
 use crate::repository::layout::{self, Key};
+use crate::repository::snapshot::UnitRecord;
 use crate::residency::{Contents, Writable};
 use crate::storage::WriteBackend;
 
@@ -169,6 +176,69 @@ impl<'a, S: WriteBackend> Packer<'a, S> {
     }
 }
 
+/// Bytes between two wanted units of a pack that a read goes through
+/// rather than ending and starting another GET: reading 256 KiB costs less
+/// than a request, even on a link that is far away.
+pub const MAX_GAP: u64 = 256 << 10;
+
+/// The most bytes one read covers: a larger pack is read in several spans,
+/// in parallel.
+pub const MAX_SPAN: u64 = 16 << 20;
+
+/// Units read with one GET: one object, whole or a byte range of it, that
+/// holds them all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    /// The object's key, relative to the target prefix.
+    pub object: std::sync::Arc<str>,
+    /// `None`: the whole object, which is one unit stored alone.
+    pub range: Option<std::ops::Range<u64>>,
+    /// The units, in the order of their offsets; for a range, each lies
+    /// within it.
+    pub units: Vec<UnitRecord>,
+}
+
+/// The reads that fetch `units`: a unit stored alone is its own span; the
+/// units of one pack are grouped into spans of neighbours, at most
+/// [`MAX_GAP`] apart, of at most [`MAX_SPAN`] bytes (a single unit may be
+/// larger). Largest spans first, so that the longest reads start early.
+pub fn spans(units: &[UnitRecord]) -> Vec<Span> {
+    let mut sorted: Vec<&UnitRecord> = units.iter().collect();
+    sorted.sort_by(|a, b| (&a.object, a.offset).cmp(&(&b.object, b.offset)));
+    let mut spans: Vec<Span> = Vec::new();
+    for unit in sorted {
+        let Some(range) = unit.range() else {
+            spans.push(Span {
+                object: unit.object.clone(),
+                range: None,
+                units: vec![unit.clone()],
+            });
+            continue;
+        };
+        if let Some(Span {
+            object,
+            range: Some(open),
+            units,
+        }) = spans.last_mut()
+            && *object == unit.object
+            && range.start >= open.end
+            && range.start - open.end <= MAX_GAP
+            && range.end - open.start <= MAX_SPAN
+        {
+            open.end = range.end;
+            units.push(unit.clone());
+            continue;
+        }
+        spans.push(Span {
+            object: unit.object.clone(),
+            range: Some(range),
+            units: vec![unit.clone()],
+        });
+    }
+    spans.sort_by_key(|s| std::cmp::Reverse(s.units.iter().map(|u| u.stored_size).sum::<u64>()));
+    spans
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,5 +311,108 @@ mod tests {
         assert!(packer.takes(10) && !packer.takes(11));
         let off = Packer::new(&w.targets, "c", "s", &budget, 0);
         assert!(!off.takes(1));
+    }
+
+    /// A record of `size` stored bytes at `offset` of `object` (`None`:
+    /// stored alone).
+    fn rec(object: &str, offset: Option<u64>, size: u64) -> UnitRecord {
+        UnitRecord {
+            volume: "users".into(),
+            kind: crate::units::UnitKind::User(format!("u{}", offset.unwrap_or(0))),
+            object: object.into(),
+            offset,
+            object_size: offset.map(|_| 100 << 20),
+            plain_size: size,
+            stored_size: size,
+            blake3: crate::hash::Blake3::of(b""),
+            files: 1,
+            fingerprint: None,
+            dirs: Vec::new(),
+        }
+    }
+
+    /// Spans as (object, range, offsets of its units).
+    type Plan<S> = Vec<(S, Option<(u64, u64)>, Vec<u64>)>;
+
+    fn plan(units: &[UnitRecord]) -> Plan<String> {
+        spans(units)
+            .into_iter()
+            .map(|s| {
+                (
+                    s.object.to_string(),
+                    s.range.map(|r| (r.start, r.end)),
+                    s.units.iter().map(|u| u.offset.unwrap_or(0)).collect(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reads_are_planned_by_pack_neighbours_gaps_and_size() {
+        const MIB: u64 = 1 << 20;
+        let gap = MAX_GAP;
+        let table: Vec<(&str, Vec<UnitRecord>, Plan<&str>)> = vec![
+            (
+                "neighbours in any order: one read",
+                vec![
+                    rec("p", Some(10), 10),
+                    rec("p", Some(0), 10),
+                    rec("p", Some(20), 5),
+                ],
+                vec![("p", Some((0, 25)), vec![0, 10, 20])],
+            ),
+            (
+                "a gap of at most MAX_GAP is read through",
+                vec![rec("p", Some(0), 10), rec("p", Some(10 + gap), 10)],
+                vec![("p", Some((0, 20 + gap)), vec![0, 10 + gap])],
+            ),
+            (
+                "a larger gap: two reads",
+                vec![rec("p", Some(0), 10), rec("p", Some(11 + gap), 10)],
+                vec![
+                    ("p", Some((0, 10)), vec![0]),
+                    ("p", Some((11 + gap, 21 + gap)), vec![11 + gap]),
+                ],
+            ),
+            (
+                "two packs are never one read",
+                vec![rec("p", Some(0), 10), rec("q", Some(10), 10)],
+                vec![
+                    ("p", Some((0, 10)), vec![0]),
+                    ("q", Some((10, 20)), vec![10]),
+                ],
+            ),
+            (
+                "a read stops at MAX_SPAN; one larger unit is read alone",
+                vec![
+                    rec("p", Some(0), 10 * MIB),
+                    rec("p", Some(10 * MIB), 6 * MIB),
+                    rec("p", Some(16 * MIB), MIB),
+                    rec("p", Some(17 * MIB), 20 * MIB),
+                ],
+                vec![
+                    ("p", Some((17 * MIB, 37 * MIB)), vec![17 * MIB]),
+                    ("p", Some((0, 16 * MIB)), vec![0, 10 * MIB]),
+                    ("p", Some((16 * MIB, 17 * MIB)), vec![16 * MIB]),
+                ],
+            ),
+            (
+                "units stored alone: whole objects, one each, largest first",
+                vec![rec("a", None, 5), rec("b", None, 7), rec("p", Some(0), 6)],
+                vec![
+                    ("b", None, vec![0]),
+                    ("p", Some((0, 6)), vec![0]),
+                    ("a", None, vec![0]),
+                ],
+            ),
+            ("nothing: no reads", vec![], vec![]),
+        ];
+        for (case, units, want) in table {
+            let want: Vec<_> = want
+                .into_iter()
+                .map(|(o, r, u)| (o.to_string(), r, u))
+                .collect();
+            assert_eq!(plan(&units), want, "{case}");
+        }
     }
 }

@@ -293,7 +293,8 @@ fn a_corrupted_object_is_read_from_the_other_target_or_fails_naming_the_unit() {
     corrupt("ch-gva-2");
     let to = dir.path().join("r1");
     let (_, stderr) = restore(&core, &fleet.identity("ch"), &to, &[], 0);
-    assert!(stderr.contains("trying the next"), "{stderr}");
+    // for the damaged unit only: its neighbours in the pack read intact
+    assert_eq!(stderr.matches("trying the next").count(), 1, "{stderr}");
     let user_dir = fixture::user_dir(&ids[3]);
     assert_same_tree(
         &fixture::tree(&to.join("users").join(&user_dir)).unwrap(),
@@ -329,6 +330,30 @@ fn a_corrupted_object_is_read_from_the_other_target_or_fails_naming_the_unit() {
     );
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["failed"][0]["reason"], "integrity", "{report}");
+}
+
+#[test]
+fn a_pack_cut_short_on_one_target_restores_every_unit_from_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core, ids) = fleet_with_users(dir.path(), 6, 100_000);
+    backup(&core);
+    // the users share one pack, read with one GET per target
+    let key = object_of(&fleet, &ids[0]);
+    assert!(ids.iter().all(|id| object_of(&fleet, id) == key));
+    let g = fleet.garage("ch-gva-2");
+    let bytes = g.get(&key).unwrap();
+    g.put(&key, &bytes[..bytes.len() / 3]).unwrap();
+
+    let to = dir.path().join("r");
+    let (_, stderr) = restore(&core, &fleet.identity("ch"), &to, &[], 0);
+    assert!(stderr.contains("trying the next"), "{stderr}");
+    for id in &ids {
+        let user_dir = fixture::user_dir(id);
+        assert_same_tree(
+            &fixture::tree(&to.join("users").join(&user_dir)).unwrap(),
+            &fixture::tree(&fleet.volumes_dir("core-ch-1").join("users").join(&user_dir)).unwrap(),
+        );
+    }
 }
 
 #[test]

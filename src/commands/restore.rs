@@ -15,6 +15,7 @@ use crate::audit::{AuditLog, Event, Place};
 use crate::config::{Config, Target};
 use crate::error::{Error, Failure, Reason, Result, reason_of};
 use crate::keys;
+use crate::pack::Span;
 use crate::pipeline::{self, HashingReader, OpenError};
 use crate::progress::Progress;
 use crate::repository::layout;
@@ -280,42 +281,20 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
             .filter(|(t, _)| t.name != first),
     );
     let budget = crate::budget::Budget::new(config.core.transfer);
-    let results: Vec<(&UnitRecord, anyhow::Result<Placed>)> = futures::stream::iter(selected.iter())
-        .map(|rec| {
-            let (sources, identities, progress, reads, dest, budget) =
-                (&sources, &identities, &progress, &reads, &dest, &budget);
-            async move {
-                let label = units::label(&rec.volume, &rec.kind);
-                let (mut errors, mut reasons) = (Vec::new(), Vec::new());
-                for (target, store) in sources {
-                    let read = reads.record(target, target.key(&rec.object), rec.kind.users());
-                    let restored = match read.await {
-                        Ok(()) => {
-                            // one GET in flight per unit, within the budget
-                            let _slot = budget.request().await;
-                            restore_from(store, target, rec, identities, dest).await
-                        }
-                        Err(e) => Err(e),
-                    };
-                    match restored {
-                        Ok(placed) => {
-                            progress.unit_done(rec.plain_size);
-                            return (rec, Ok(placed));
-                        }
-                        Err(e) => {
-                            tracing::warn!(unit = %label, target = %target.name, error = %format!("{e:#}"), "cannot restore from this target; trying the next");
-                            errors.push(format!("{e:#}"));
-                            reasons.push(reason_of(&e));
-                        }
-                    }
-                }
-                let failure = Failure::new(Reason::of_all(reasons), errors.join("; "));
-                (rec, Err(failure.into()))
-            }
-        })
-        .buffer_unordered(options.jobs.max(1))
-        .collect()
-        .await;
+    let from = Sources {
+        sources: &sources,
+        identities: &identities,
+        reads: &reads,
+        dest: &dest,
+        budget: &budget,
+    };
+    let results: Vec<(UnitRecord, anyhow::Result<Placed>)> =
+        futures::stream::iter(crate::pack::spans(&selected))
+            .map(|span| from.restore(span, &progress))
+            .buffer_unordered(options.jobs.max(1))
+            .flat_map(futures::stream::iter)
+            .collect()
+            .await;
     progress.finish();
     pipeline::release_contexts();
     let (mut dirs, mut files, mut refused, mut failed) = (Vec::new(), 0, Vec::new(), Vec::new());
@@ -515,28 +494,184 @@ impl<'a> Reads<'a> {
     }
 }
 
-/// Fetches one unit's object from one target and restores it.
-async fn restore_from(
-    store: &S3Store,
-    target: &Target,
-    rec: &UnitRecord,
-    identities: &Arc<Vec<Box<dyn age::Identity + Send + Sync>>>,
-    dest: &Arc<Destination>,
-) -> anyhow::Result<Placed> {
-    let key = target.key(&rec.object);
-    let body = store
-        .get_stream(&key, rec.range())
+/// Where a restore reads from and writes to, for every span.
+struct Sources<'a> {
+    /// Every target of the zone, the one that listed the snapshot first.
+    sources: &'a [(Target, S3Store)],
+    identities: &'a Arc<Vec<Box<dyn age::Identity + Send + Sync>>>,
+    reads: &'a Reads<'a>,
+    dest: &'a Arc<Destination>,
+    budget: &'a crate::budget::Budget,
+}
+
+impl Sources<'_> {
+    /// Restores a span's units: all with one read from the first target,
+    /// then each unit that failed there from the next targets, one by one,
+    /// until one has an intact copy. Every unit's result.
+    async fn restore(
+        &self,
+        span: Span,
+        progress: &Progress,
+    ) -> Vec<(UnitRecord, anyhow::Result<Placed>)> {
+        let Some(((first, first_store), others)) = self.sources.split_first() else {
+            return Vec::new();
+        };
+        let mut results = Vec::with_capacity(span.units.len());
+        for (rec, result) in self.restore_from(first_store, first, span).await {
+            let result = match result {
+                Ok(placed) => Ok(placed),
+                Err(e) => self.fall_back(&rec, others, e, &first.name).await,
+            };
+            if result.is_ok() {
+                progress.unit_done(rec.plain_size);
+            }
+            results.push((rec, result));
+        }
+        results
+    }
+
+    /// Restores one unit that `failed` on the first target from the others.
+    async fn fall_back(
+        &self,
+        rec: &UnitRecord,
+        others: &[(Target, S3Store)],
+        failed: anyhow::Error,
+        first: &str,
+    ) -> anyhow::Result<Placed> {
+        let label = units::label(&rec.volume, &rec.kind);
+        let mut errors = Vec::new();
+        let mut reasons = Vec::new();
+        let mut error = (first.to_string(), failed);
+        let mut others = others.iter();
+        loop {
+            let (name, e) = &error;
+            tracing::warn!(unit = %label, target = %name, error = %format!("{e:#}"), "cannot restore from this target; trying the next");
+            errors.push(format!("{e:#}"));
+            reasons.push(reason_of(e));
+            let Some((target, store)) = others.next() else {
+                break;
+            };
+            let alone = Span {
+                object: rec.object.clone(),
+                range: rec.range(),
+                units: vec![rec.clone()],
+            };
+            match self.restore_from(store, target, alone).await.pop() {
+                Some((_, Ok(placed))) => return Ok(placed),
+                Some((_, Err(e))) => error = (target.name.clone(), e),
+                None => break,
+            }
+        }
+        Err(Failure::new(Reason::of_all(reasons), errors.join("; ")).into())
+    }
+
+    /// Reads a span from one target with one GET and restores each of its
+    /// units from its range of the stream. A failed GET fails every unit.
+    async fn restore_from(
+        &self,
+        store: &S3Store,
+        target: &Target,
+        span: Span,
+    ) -> Vec<(UnitRecord, anyhow::Result<Placed>)> {
+        let key = target.key(&span.object);
+        let body = async {
+            for rec in &span.units {
+                self.reads
+                    .record(target, key.clone(), rec.kind.users())
+                    .await?;
+            }
+            // one GET in flight per span, within the budget
+            let slot = self.budget.request().await;
+            let body = store
+                .get_stream(&key, span.range.clone())
+                .await
+                .with_context(|| format!("reading {key} on target {}", target.name))?
+                .with_context(|| format!("object {key} is missing on target {}", target.name))?;
+            anyhow::Ok((body, slot))
+        }
+        .await;
+        let (body, _slot) = match body {
+            Ok(body) => body,
+            Err(e) => {
+                let failure = Failure::new(reason_of(&e), format!("{e:#}"));
+                return span
+                    .units
+                    .into_iter()
+                    .map(|rec| (rec, Err(failure.clone().into())))
+                    .collect();
+            }
+        };
+        let (identities, dest) = (Arc::clone(self.identities), Arc::clone(self.dest));
+        let name = target.name.clone();
+        let units = span.units.clone();
+        let start = span.range.map_or(0, |r| r.start);
+        crate::blocking::spawn(move || {
+            let (mut reader, fetch_failed) = Noted::new(SyncIoBridge::new(body));
+            let mut at = start;
+            units
+                .into_iter()
+                .map(|rec| {
+                    let restored = if fetch_failed.get() {
+                        // the stream broke off in an earlier unit
+                        Err(anyhow::anyhow!("the read broke off before this unit"))
+                    } else {
+                        cut(&mut reader, &mut at, &rec, |part| {
+                            restore_unit(part, &identities, &dest, &rec)
+                        })
+                    };
+                    (
+                        rec,
+                        restored.with_context(|| format!("object {key} on target {name}")),
+                    )
+                })
+                .collect()
+        })
         .await
-        .with_context(|| format!("reading {key} on target {}", target.name))?
-        .with_context(|| format!("object {key} is missing on target {}", target.name))?;
-    let reader = SyncIoBridge::new(body);
-    let (rec, identities, dest) = (rec.clone(), Arc::clone(identities), Arc::clone(dest));
-    let name = target.name.clone();
-    crate::blocking::spawn(move || {
-        restore_unit(reader, &identities, &dest, &rec)
-            .with_context(|| format!("object {key} on target {name}"))
-    })
-    .await?
+        .unwrap_or_else(|e| {
+            let failure = Failure::new(
+                Reason::Other,
+                format!("restoring from {}: {e}", target.name),
+            );
+            span.units
+                .into_iter()
+                .map(|rec| (rec, Err(failure.clone().into())))
+                .collect()
+        })
+    }
+}
+
+/// Gives `restore` exactly `rec`'s bytes of a span's stream, which is at
+/// offset `at` of the object: skips to the unit, and past whatever of it
+/// `restore` left unread, so that the next unit starts where it should.
+fn cut<R: std::io::Read>(
+    reader: &mut R,
+    at: &mut u64,
+    rec: &UnitRecord,
+    restore: impl FnOnce(&mut std::io::Take<&mut R>) -> anyhow::Result<Placed>,
+) -> anyhow::Result<Placed> {
+    let Some(offset) = rec.offset else {
+        // a unit stored alone is the whole stream
+        return restore(&mut std::io::Read::take(reader, u64::MAX));
+    };
+    let gap = offset
+        .checked_sub(*at)
+        .context("the units of a span overlap")?;
+    let skipped = std::io::copy(
+        &mut std::io::Read::take(&mut *reader, gap),
+        &mut std::io::sink(),
+    )
+    .context("reading up to the unit")?;
+    if skipped != gap {
+        anyhow::bail!("the object ends before the unit starts");
+    }
+    let mut part = std::io::Read::take(reader, rec.stored_size);
+    let restored = restore(&mut part);
+    // the next unit starts after this one, whatever `restore` read of it
+    let rest = std::io::copy(&mut part, &mut std::io::sink());
+    *at = offset + rec.stored_size;
+    let placed = restored?;
+    rest.context("reading the end of the unit")?;
+    Ok(placed)
 }
 
 /// A reader that notes whether a read of the reader it wraps failed.
