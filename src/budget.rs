@@ -110,15 +110,21 @@ impl Budget {
     }
 
     /// Holds `n` bytes (at most the whole budget, so one part larger than
-    /// the budget still goes, alone). Blocks the calling thread: call it
-    /// from a blocking thread (the producer), never from async code.
-    pub fn hold_blocking(&self, n: usize) -> Held {
+    /// the budget still goes, alone), waiting until they are free.
+    pub async fn hold(&self, n: usize) -> Held {
         let n = n.clamp(1, self.limits.bytes) as u32;
-        let bytes = Arc::clone(&self.bytes);
-        // tokio's semaphore needs no runtime: any thread may wait on it
-        let permit = futures::executor::block_on(bytes.acquire_many_owned(n))
+        let permit = Arc::clone(&self.bytes)
+            .acquire_many_owned(n)
+            .await
             .expect("the budget's semaphore is never closed");
         Held(Some(permit))
+    }
+
+    /// [`Budget::hold`] that blocks the calling thread: call it from a
+    /// blocking thread (the producer), never from async code.
+    pub fn hold_blocking(&self, n: usize) -> Held {
+        // tokio's semaphore needs no runtime: any thread may wait on it
+        futures::executor::block_on(self.hold(n))
     }
 
     /// A request slot.

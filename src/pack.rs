@@ -198,6 +198,16 @@ pub struct Span {
     pub units: Vec<UnitRecord>,
 }
 
+impl Span {
+    /// The bytes the read fetches.
+    pub fn bytes(&self) -> u64 {
+        match &self.range {
+            Some(r) => r.end - r.start,
+            None => self.units.iter().map(|u| u.stored_size).sum(),
+        }
+    }
+}
+
 /// The reads that fetch `units`: a unit stored alone is its own span; the
 /// units of one pack are grouped into spans of neighbours, at most
 /// [`MAX_GAP`] apart, of at most [`MAX_SPAN`] bytes (a single unit may be
@@ -235,7 +245,7 @@ pub fn spans(units: &[UnitRecord]) -> Vec<Span> {
             units: vec![unit.clone()],
         });
     }
-    spans.sort_by_key(|s| std::cmp::Reverse(s.units.iter().map(|u| u.stored_size).sum::<u64>()));
+    spans.sort_by_key(|s| std::cmp::Reverse(s.bytes()));
     spans
 }
 

@@ -455,6 +455,22 @@ fn pull_rebuilds_the_log_on_a_fresh_machine() {
         "the two users of the sample volume: {:?}",
         done[0]
     );
+    // the reads of unit objects name whose data they fetched
+    let mut read_users: Vec<&str> = reads
+        .iter()
+        .filter(|r| r["key"].as_str().unwrap().contains("/objects/"))
+        .flat_map(|r| r["users"].as_array().unwrap())
+        .map(|u| u.as_str().unwrap())
+        .collect();
+    read_users.sort();
+    let mut restored: Vec<&str> = done[0]["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap())
+        .collect();
+    restored.sort();
+    assert_eq!(read_users, restored);
 
     // backing up from here would start a second chain beside the zone's copies
     let (_, e) = run(zv(&fresh).arg("backup"), 1);
