@@ -23,7 +23,10 @@
 //! while one of them is referenced).
 //!
 //! Reading: [`spans`] groups the units a restore wants by pack, so that
-//! neighbours are read with one ranged GET and cut apart from the stream. A
+//! neighbours are read with one ranged GET and cut apart from the stream.
+//! Only units that touch: a read never fetches bytes of a unit that was
+//! not asked for (another user's, or an older snapshot's), so its audit
+//! record names everyone whose bytes it fetched. A
 //! GET per unit made the server read (and check) its storage blocks once per
 //! unit, and cost a request each: on loopback that work shares the client's
 //! CPUs, at a distance every request is a round trip.
@@ -176,11 +179,6 @@ impl<'a, S: WriteBackend> Packer<'a, S> {
     }
 }
 
-/// Bytes between two wanted units of a pack that a read goes through
-/// rather than ending and starting another GET: reading 256 KiB costs less
-/// than a request, even on a link that is far away.
-pub const MAX_GAP: u64 = 256 << 10;
-
 /// The most bytes one read covers: a larger pack is read in several spans,
 /// in parallel.
 pub const MAX_SPAN: u64 = 16 << 20;
@@ -209,9 +207,9 @@ impl Span {
 }
 
 /// The reads that fetch `units`: a unit stored alone is its own span; the
-/// units of one pack are grouped into spans of neighbours, at most
-/// [`MAX_GAP`] apart, of at most [`MAX_SPAN`] bytes (a single unit may be
-/// larger). Largest spans first, so that the longest reads start early.
+/// units of one pack are grouped into spans of units that touch (one
+/// ends where the next starts), of at most [`MAX_SPAN`] bytes (a single
+/// unit may be larger). Largest spans first, so that the longest reads start early.
 pub fn spans(units: &[UnitRecord]) -> Vec<Span> {
     let mut sorted: Vec<&UnitRecord> = units.iter().collect();
     sorted.sort_by(|a, b| (&a.object, a.offset).cmp(&(&b.object, b.offset)));
@@ -231,8 +229,7 @@ pub fn spans(units: &[UnitRecord]) -> Vec<Span> {
             units,
         }) = spans.last_mut()
             && *object == unit.object
-            && range.start >= open.end
-            && range.start - open.end <= MAX_GAP
+            && range.start == open.end
             && range.end - open.start <= MAX_SPAN
         {
             open.end = range.end;
@@ -360,7 +357,6 @@ mod tests {
     #[test]
     fn reads_are_planned_by_pack_neighbours_gaps_and_size() {
         const MIB: u64 = 1 << 20;
-        let gap = MAX_GAP;
         let table: Vec<(&str, Vec<UnitRecord>, Plan<&str>)> = vec![
             (
                 "neighbours in any order: one read",
@@ -372,16 +368,11 @@ mod tests {
                 vec![("p", Some((0, 25)), vec![0, 10, 20])],
             ),
             (
-                "a gap of at most MAX_GAP is read through",
-                vec![rec("p", Some(0), 10), rec("p", Some(10 + gap), 10)],
-                vec![("p", Some((0, 20 + gap)), vec![0, 10 + gap])],
-            ),
-            (
-                "a larger gap: two reads",
-                vec![rec("p", Some(0), 10), rec("p", Some(11 + gap), 10)],
+                "a unit not asked for between two: two reads, it is not fetched",
+                vec![rec("p", Some(0), 10), rec("p", Some(11), 10)],
                 vec![
                     ("p", Some((0, 10)), vec![0]),
-                    ("p", Some((11 + gap, 21 + gap)), vec![11 + gap]),
+                    ("p", Some((11, 21)), vec![11]),
                 ],
             ),
             (

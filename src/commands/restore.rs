@@ -2,6 +2,7 @@
 //! into a directory, on any machine that has the configs, credentials and an
 //! identity. Needs no local state.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -494,6 +495,9 @@ impl<'a> Reads<'a> {
     }
 }
 
+/// Where a unit is stored: its object and its offset there (none: alone).
+type UnitAt = (Arc<str>, Option<u64>);
+
 /// Where a restore reads from and writes to, for every span.
 struct Sources<'a> {
     /// Every target of the zone, the one that listed the snapshot first.
@@ -506,63 +510,52 @@ struct Sources<'a> {
 
 impl Sources<'_> {
     /// Restores a span's units: all with one read from the first target,
-    /// then each unit that failed there from the next targets, one by one,
-    /// until one has an intact copy. Every unit's result.
+    /// then the units that failed there from the next target, in spans of
+    /// their own, and so on until each has been restored from an intact
+    /// copy or every target failed it. Every unit's result.
     async fn restore(
         &self,
         span: Span,
         progress: &Progress,
     ) -> Vec<(UnitRecord, anyhow::Result<Placed>)> {
-        let Some(((first, first_store), others)) = self.sources.split_first() else {
-            return Vec::new();
-        };
         let mut results = Vec::with_capacity(span.units.len());
-        for (rec, result) in self.restore_from(first_store, first, span).await {
-            let result = match result {
-                Ok(placed) => Ok(placed),
-                Err(e) => self.fall_back(&rec, others, e, &first.name).await,
-            };
-            if result.is_ok() {
-                progress.unit_done(rec.plain_size);
+        // each failed unit's errors and their reasons, target by target
+        let mut failures: HashMap<UnitAt, (Vec<String>, Vec<Reason>)> = HashMap::new();
+        let mut spans = vec![span];
+        for (target, store) in self.sources {
+            let mut failed = Vec::new();
+            for span in spans {
+                for (rec, result) in self.restore_from(store, target, span).await {
+                    match result {
+                        Ok(placed) => {
+                            progress.unit_done(rec.plain_size);
+                            results.push((rec, Ok(placed)));
+                        }
+                        Err(e) => {
+                            let label = units::label(&rec.volume, &rec.kind);
+                            tracing::warn!(unit = %label, target = %target.name, error = %format!("{e:#}"), "cannot restore from this target; trying the next");
+                            let (errors, reasons) = failures
+                                .entry((rec.object.clone(), rec.offset))
+                                .or_default();
+                            errors.push(format!("{e:#}"));
+                            reasons.push(reason_of(&e));
+                            failed.push(rec);
+                        }
+                    }
+                }
             }
-            results.push((rec, result));
+            spans = crate::pack::spans(&failed);
+        }
+        for span in spans {
+            for rec in span.units {
+                let (errors, reasons) = failures
+                    .remove(&(rec.object.clone(), rec.offset))
+                    .unwrap_or_default();
+                let failure = Failure::new(Reason::of_all(reasons), errors.join("; "));
+                results.push((rec, Err(failure.into())));
+            }
         }
         results
-    }
-
-    /// Restores one unit that `failed` on the first target from the others.
-    async fn fall_back(
-        &self,
-        rec: &UnitRecord,
-        others: &[(Target, S3Store)],
-        failed: anyhow::Error,
-        first: &str,
-    ) -> anyhow::Result<Placed> {
-        let label = units::label(&rec.volume, &rec.kind);
-        let mut errors = Vec::new();
-        let mut reasons = Vec::new();
-        let mut error = (first.to_string(), failed);
-        let mut others = others.iter();
-        loop {
-            let (name, e) = &error;
-            tracing::warn!(unit = %label, target = %name, error = %format!("{e:#}"), "cannot restore from this target; trying the next");
-            errors.push(format!("{e:#}"));
-            reasons.push(reason_of(e));
-            let Some((target, store)) = others.next() else {
-                break;
-            };
-            let alone = Span {
-                object: rec.object.clone(),
-                range: rec.range(),
-                units: vec![rec.clone()],
-            };
-            match self.restore_from(store, target, alone).await.pop() {
-                Some((_, Ok(placed))) => return Ok(placed),
-                Some((_, Err(e))) => error = (target.name.clone(), e),
-                None => break,
-            }
-        }
-        Err(Failure::new(Reason::of_all(reasons), errors.join("; ")).into())
     }
 
     /// Reads a span from one target with one GET and restores each of its
@@ -583,7 +576,11 @@ impl Sources<'_> {
             // only made the unpacking threads take turns on the CPUs (on
             // 2 CPUs and 2 GB: 32 at once cost 20 % more CPU time than 8,
             // and no wall time at 20 ms round trips).
-            let held = self.budget.hold(span.bytes() as usize).await;
+            // (a unit stored alone is streamed: it holds at most a span's worth)
+            let held = self
+                .budget
+                .hold(span.bytes().min(crate::pack::MAX_SPAN) as usize)
+                .await;
             let slot = (held, self.budget.request().await);
             let body = store
                 .get_stream(&key, span.range.clone())
@@ -834,4 +831,69 @@ fn select(manifest: &Manifest, volumes: &[String], users: &[String]) -> Result<V
         )));
     }
     Ok(selected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn at(offset: Option<u64>, size: u64) -> UnitRecord {
+        UnitRecord {
+            volume: "users".into(),
+            kind: UnitKind::Shared,
+            object: "o".into(),
+            offset,
+            object_size: None,
+            plain_size: size,
+            stored_size: size,
+            blake3: crate::hash::Blake3::of(b""),
+            files: 0,
+            fingerprint: None,
+            dirs: Vec::new(),
+        }
+    }
+
+    /// What `cut` gives the unit: its bytes, read to the end.
+    fn read_all(reader: &mut &[u8], pos: &mut u64, rec: &UnitRecord) -> anyhow::Result<Vec<u8>> {
+        let mut got = Vec::new();
+        cut(reader, pos, rec, |part| {
+            part.read_to_end(&mut got)?;
+            Ok(Placed::default())
+        })?;
+        Ok(got)
+    }
+
+    #[test]
+    fn each_unit_of_a_stream_gets_exactly_its_bytes_whatever_the_one_before_read() {
+        let stream = b"aaaaBBBBBBxcc";
+        let (mut reader, mut pos) = (&stream[..], 0);
+        // the first unit reads one byte of its four and fails
+        let failed = cut(&mut reader, &mut pos, &at(Some(0), 4), |part| {
+            part.read_exact(&mut [0; 1])?;
+            anyhow::bail!("damaged")
+        });
+        assert_eq!(failed.unwrap_err().to_string(), "damaged");
+        assert_eq!(
+            read_all(&mut reader, &mut pos, &at(Some(4), 6)).unwrap(),
+            b"BBBBBB"
+        );
+        // a byte not asked for is skipped
+        assert_eq!(
+            read_all(&mut reader, &mut pos, &at(Some(11), 2)).unwrap(),
+            b"cc"
+        );
+        // a stream that ends before a unit starts
+        let err = read_all(&mut reader, &mut pos, &at(Some(20), 2)).unwrap_err();
+        assert!(
+            err.to_string().contains("ends before the unit starts"),
+            "{err}"
+        );
+        // a unit stored alone is the whole stream
+        let (mut whole, mut pos) = (&b"all of it"[..], 0);
+        assert_eq!(
+            read_all(&mut whole, &mut pos, &at(None, 3)).unwrap(),
+            b"all of it"
+        );
+    }
 }
