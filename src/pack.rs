@@ -250,7 +250,7 @@ pub fn spans(units: &[UnitRecord]) -> Vec<Span> {
 mod tests {
     use super::*;
     use crate::budget::Limits;
-    use crate::testing::World;
+    use crate::testing::{World, unit_record as rec};
 
     fn unit(s: &'static str) -> Bytes {
         Bytes::from_static(s.as_bytes())
@@ -318,24 +318,6 @@ mod tests {
         assert!(packer.takes(10) && !packer.takes(11));
         let off = Packer::new(&w.targets, "c", "s", &budget, 0);
         assert!(!off.takes(1));
-    }
-
-    /// A record of `size` stored bytes at `offset` of `object` (`None`:
-    /// stored alone).
-    fn rec(object: &str, offset: Option<u64>, size: u64) -> UnitRecord {
-        UnitRecord {
-            volume: "users".into(),
-            kind: crate::units::UnitKind::User(format!("u{}", offset.unwrap_or(0))),
-            object: object.into(),
-            offset,
-            object_size: offset.map(|_| 100 << 20),
-            plain_size: size,
-            stored_size: size,
-            blake3: crate::hash::Blake3::of(b""),
-            files: 1,
-            fingerprint: None,
-            dirs: Vec::new(),
-        }
     }
 
     /// Spans as (object, range, offsets of its units).

@@ -133,3 +133,25 @@ impl World {
         }
     }
 }
+
+/// A record of a unit of `size` stored (and plain) bytes at `offset` of
+/// `object` (`None`: stored alone), for tests of how units are read.
+pub fn unit_record(
+    object: &str,
+    offset: Option<u64>,
+    size: u64,
+) -> crate::repository::snapshot::UnitRecord {
+    crate::repository::snapshot::UnitRecord {
+        volume: "users".into(),
+        kind: crate::units::UnitKind::User(format!("u{}", offset.unwrap_or(0))),
+        object: object.into(),
+        offset,
+        object_size: offset.map(|_| 100 << 20),
+        plain_size: size,
+        stored_size: size,
+        blake3: crate::hash::Blake3::of(b""),
+        files: 1,
+        fingerprint: None,
+        dirs: Vec::new(),
+    }
+}

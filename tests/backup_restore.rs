@@ -103,6 +103,15 @@ fn assert_same_tree(
     );
 }
 
+/// The user's directory under `to/users` is the one on core-ch-1.
+fn assert_user_restored(fleet: &Fleet, to: &Path, id: &str) {
+    let user_dir = fixture::user_dir(id);
+    assert_same_tree(
+        &fixture::tree(&to.join("users").join(&user_dir)).unwrap(),
+        &fixture::tree(&fleet.volumes_dir("core-ch-1").join("users").join(&user_dir)).unwrap(),
+    );
+}
+
 #[test]
 fn reference_tools_restore_a_unit() {
     let dir = tempfile::tempdir().unwrap();
@@ -295,11 +304,8 @@ fn a_corrupted_object_is_read_from_the_other_target_or_fails_naming_the_unit() {
     let (_, stderr) = restore(&core, &fleet.identity("ch"), &to, &[], 0);
     // for the damaged unit only: its neighbours in the pack read intact
     assert_eq!(stderr.matches("trying the next").count(), 1, "{stderr}");
+    assert_user_restored(&fleet, &to, &ids[3]);
     let user_dir = fixture::user_dir(&ids[3]);
-    assert_same_tree(
-        &fixture::tree(&to.join("users").join(&user_dir)).unwrap(),
-        &fixture::tree(&fleet.volumes_dir("core-ch-1").join("users").join(&user_dir)).unwrap(),
-    );
 
     // both copies damaged: the restore fails naming the unit and both
     // objects; the other units are restored
@@ -348,11 +354,7 @@ fn a_pack_cut_short_on_one_target_restores_every_unit_from_the_other() {
     let (_, stderr) = restore(&core, &fleet.identity("ch"), &to, &[], 0);
     assert!(stderr.contains("trying the next"), "{stderr}");
     for id in &ids {
-        let user_dir = fixture::user_dir(id);
-        assert_same_tree(
-            &fixture::tree(&to.join("users").join(&user_dir)).unwrap(),
-            &fixture::tree(&fleet.volumes_dir("core-ch-1").join("users").join(&user_dir)).unwrap(),
-        );
+        assert_user_restored(&fleet, &to, id);
     }
 }
 

@@ -575,8 +575,8 @@ impl Sources<'_> {
             // unpacked: with 8 MiB packs, 8 spans at once by default. More
             // only made the unpacking threads take turns on the CPUs (on
             // 2 CPUs and 2 GB: 32 at once cost 20 % more CPU time than 8,
-            // and no wall time at 20 ms round trips).
-            // (a unit stored alone is streamed: it holds at most a span's worth)
+            // and no wall time at 20 ms round trips). A unit stored alone
+            // is streamed: it holds at most a span's worth.
             let held = self
                 .budget
                 .hold(span.bytes().min(crate::pack::MAX_SPAN) as usize)
@@ -592,26 +592,17 @@ impl Sources<'_> {
         .await;
         let (body, _slot) = match body {
             Ok(body) => body,
-            Err(e) => {
-                let failure = Failure::new(reason_of(&e), format!("{e:#}"));
-                return span
-                    .units
-                    .into_iter()
-                    .map(|rec| (rec, Err(failure.clone().into())))
-                    .collect();
-            }
+            Err(e) => return fail_all(span.units, Failure::new(reason_of(&e), format!("{e:#}"))),
         };
         let (identities, dest) = (Arc::clone(self.identities), Arc::clone(self.dest));
         let budget = Arc::clone(self.budget);
         let name = target.name.clone();
         let units = span.units.clone();
-        let start = span.range.map_or(0, |r| r.start);
         crate::blocking::spawn(move || {
             // unpacking is CPU work: two spans per CPU at once; the others
             // wait with their first bytes in the socket
             let _cpu = budget.cpu_blocking();
             let (mut reader, fetch_failed) = Noted::new(SyncIoBridge::new(body));
-            let mut at = start;
             units
                 .into_iter()
                 .map(|rec| {
@@ -619,7 +610,7 @@ impl Sources<'_> {
                         // the stream broke off in an earlier unit
                         Err(anyhow::anyhow!("the read broke off before this unit"))
                     } else {
-                        cut(&mut reader, &mut at, &rec, |part| {
+                        cut(&mut reader, &rec, |part| {
                             restore_unit(part, &identities, &dest, &rec)
                         })
                     };
@@ -636,43 +627,35 @@ impl Sources<'_> {
                 Reason::Other,
                 format!("restoring from {}: {e}", target.name),
             );
-            span.units
-                .into_iter()
-                .map(|rec| (rec, Err(failure.clone().into())))
-                .collect()
+            fail_all(span.units, failure)
         })
     }
 }
 
+/// Every unit failed with the same `failure`.
+fn fail_all(units: Vec<UnitRecord>, failure: Failure) -> Vec<(UnitRecord, anyhow::Result<Placed>)> {
+    units
+        .into_iter()
+        .map(|rec| (rec, Err(failure.clone().into())))
+        .collect()
+}
+
 /// Gives `restore` exactly `rec`'s bytes of a span's stream, which is at
-/// offset `at` of the object: skips to the unit, and past whatever of it
-/// `restore` left unread, so that the next unit starts where it should.
+/// the unit's start ([`crate::pack::spans`]: the units of a span touch),
+/// then reads past whatever of it `restore` left unread, so that the next
+/// unit starts where it should.
 fn cut<R: std::io::Read>(
     reader: &mut R,
-    at: &mut u64,
     rec: &UnitRecord,
     restore: impl FnOnce(&mut std::io::Take<&mut R>) -> anyhow::Result<Placed>,
 ) -> anyhow::Result<Placed> {
-    let Some(offset) = rec.offset else {
+    if rec.offset.is_none() {
         // a unit stored alone is the whole stream
         return restore(&mut std::io::Read::take(reader, u64::MAX));
-    };
-    let gap = offset
-        .checked_sub(*at)
-        .context("the units of a span overlap")?;
-    let skipped = std::io::copy(
-        &mut std::io::Read::take(&mut *reader, gap),
-        &mut std::io::sink(),
-    )
-    .context("reading up to the unit")?;
-    if skipped != gap {
-        anyhow::bail!("the object ends before the unit starts");
     }
     let mut part = std::io::Read::take(reader, rec.stored_size);
     let restored = restore(&mut part);
-    // the next unit starts after this one, whatever `restore` read of it
     let rest = std::io::copy(&mut part, &mut std::io::sink());
-    *at = offset + rec.stored_size;
     let placed = restored?;
     rest.context("reading the end of the unit")?;
     Ok(placed)
@@ -836,28 +819,13 @@ fn select(manifest: &Manifest, volumes: &[String], users: &[String]) -> Result<V
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::unit_record;
     use std::io::Read;
 
-    fn at(offset: Option<u64>, size: u64) -> UnitRecord {
-        UnitRecord {
-            volume: "users".into(),
-            kind: UnitKind::Shared,
-            object: "o".into(),
-            offset,
-            object_size: None,
-            plain_size: size,
-            stored_size: size,
-            blake3: crate::hash::Blake3::of(b""),
-            files: 0,
-            fingerprint: None,
-            dirs: Vec::new(),
-        }
-    }
-
     /// What `cut` gives the unit: its bytes, read to the end.
-    fn read_all(reader: &mut &[u8], pos: &mut u64, rec: &UnitRecord) -> anyhow::Result<Vec<u8>> {
+    fn read_all(reader: &mut &[u8], rec: &UnitRecord) -> anyhow::Result<Vec<u8>> {
         let mut got = Vec::new();
-        cut(reader, pos, rec, |part| {
+        cut(reader, rec, |part| {
             part.read_to_end(&mut got)?;
             Ok(Placed::default())
         })?;
@@ -866,33 +834,25 @@ mod tests {
 
     #[test]
     fn each_unit_of_a_stream_gets_exactly_its_bytes_whatever_the_one_before_read() {
-        let stream = b"aaaaBBBBBBxcc";
-        let (mut reader, mut pos) = (&stream[..], 0);
+        let mut reader = &b"aaaaBBBBBBcc"[..];
         // the first unit reads one byte of its four and fails
-        let failed = cut(&mut reader, &mut pos, &at(Some(0), 4), |part| {
+        let failed = cut(&mut reader, &unit_record("o", Some(0), 4), |part| {
             part.read_exact(&mut [0; 1])?;
             anyhow::bail!("damaged")
         });
         assert_eq!(failed.unwrap_err().to_string(), "damaged");
         assert_eq!(
-            read_all(&mut reader, &mut pos, &at(Some(4), 6)).unwrap(),
+            read_all(&mut reader, &unit_record("o", Some(4), 6)).unwrap(),
             b"BBBBBB"
         );
-        // a byte not asked for is skipped
         assert_eq!(
-            read_all(&mut reader, &mut pos, &at(Some(11), 2)).unwrap(),
+            read_all(&mut reader, &unit_record("o", Some(10), 2)).unwrap(),
             b"cc"
         );
-        // a stream that ends before a unit starts
-        let err = read_all(&mut reader, &mut pos, &at(Some(20), 2)).unwrap_err();
-        assert!(
-            err.to_string().contains("ends before the unit starts"),
-            "{err}"
-        );
         // a unit stored alone is the whole stream
-        let (mut whole, mut pos) = (&b"all of it"[..], 0);
+        let mut whole = &b"all of it"[..];
         assert_eq!(
-            read_all(&mut whole, &mut pos, &at(None, 3)).unwrap(),
+            read_all(&mut whole, &unit_record("o", None, 3)).unwrap(),
             b"all of it"
         );
     }
