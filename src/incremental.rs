@@ -23,9 +23,9 @@ const FILE_NAME: &str = "units.json";
 pub struct Previous {
     pub core: String,
     pub snapshot: String,
-    /// BLAKE3 of the zone's recipients the objects are encrypted to: an
-    /// object encrypted to other keys is never reused (after a key rotation,
-    /// every unit is encrypted again).
+    /// BLAKE3 of the zone's recipients when the snapshot was taken: after a
+    /// key rotation, a unit encrypted to them directly (written before data
+    /// keys) is never reused; one encrypted to a data key is.
     #[serde(default)]
     pub recipients: String,
     pub units: Vec<UnitRecord>,
@@ -74,11 +74,15 @@ pub fn load(state_dir: &Path, core: &str, recipients: &str) -> Option<Previous> 
             p.units.shrink_to_fit();
             Some(p)
         }
-        Ok(p) if p.core == core => {
+        Ok(mut p) if p.core == core => {
+            // units encrypted to a data key only need their key objects
+            // rewrapped (`zonevault rewrap`); older ones go again
+            p.units.retain(|u| u.data_key.is_some());
+            p.units.shrink_to_fit();
             tracing::info!(
-                "the zone's recipients changed since the last snapshot: every unit is encrypted and uploaded again"
+                "the zone's recipients changed since the last snapshot: the units encrypted to them directly (before data keys) are encrypted and uploaded again"
             );
-            None
+            Some(p)
         }
         Ok(_) => None,
         Err(e) => {
@@ -111,6 +115,33 @@ pub fn save(
         units,
     };
     crate::state::write_atomic_with(&path(state_dir), |w| {
+        serde_json::to_writer(w, &previous).map_err(std::io::Error::other)
+    })
+}
+
+/// Drops `users`' units from the state (an erasure): their objects are
+/// gone, so the next backup uploads them again, under new keys.
+pub fn forget_users(state_dir: &Path, users: &[String]) -> Result<()> {
+    use anyhow::Context as _;
+    let path = path(state_dir);
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => std::io::BufReader::with_capacity(256 << 10, f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let Ok(mut previous) = serde_json::from_reader::<_, Previous>(file) else {
+        // a damaged state means a full run anyway: remove it
+        return std::fs::remove_file(&path)
+            .with_context(|| format!("cannot remove the damaged {}", path.display()));
+    };
+    let before = previous.units.len();
+    previous
+        .units
+        .retain(|u| !matches!(&u.kind, UnitKind::User(id) if users.contains(id)));
+    if previous.units.len() == before {
+        return Ok(());
+    }
+    crate::state::write_atomic_with(&path, |w| {
         serde_json::to_writer(w, &previous).map_err(std::io::Error::other)
     })
 }

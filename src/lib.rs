@@ -5,7 +5,9 @@
 //! that order of concern:
 //!
 //! - [`config`]: the zone map and the core config, validated on load.
-//! - [`keys`]: age identities (keygen, identity files).
+//! - [`keys`]: age identities (keygen, identity files); [`datakeys`]: the
+//!   per-user and per-core keys that units are encrypted to, wrapped to the
+//!   zone in key objects (what `erase` shreds).
 //! - [`units`], [`archive`]: a volume cut into units; a unit as a tar; both
 //!   read the file system through [`fswalk`], a walk by open descriptors.
 //! - [`pipeline`]: tar → BLAKE3 → zstd → age → parts, and back.
@@ -27,6 +29,7 @@ pub mod budget;
 pub mod commands;
 pub mod config;
 pub mod daemon;
+pub mod datakeys;
 pub mod dump;
 pub mod error;
 #[doc(hidden)]

@@ -20,6 +20,9 @@ Examples:
   zonevault restore --snapshot latest --to /srv/restore --identity /root/zone-ch.key
   zonevault restore --snapshot latest --to /tmp/u --identity KEY --user c123456789abc
   zonevault forget --dry-run                    what the zone's retention would forget, and why
+  zonevault erase --user c123456789abc --dry-run what erasing that user would shred and delete
+  zonevault erase --user c123456789abc --reason 'DPO ticket 42'
+  zonevault rewrap --identity /root/zone-ch-old.key  after new recipients in the zone map
   zonevault daemon                              scheduled runs; see systemd/zonevault.service
   zonevault audit where --user c123456789abc    every backup object holding that user's data
   zonevault audit verify --remote --identity KEY
@@ -143,6 +146,49 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
         /// Print the plan and what was done as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Erase users from every backup of this core: shred their data keys,
+    /// delete (or zero, in packs) their units on every target, confirm each
+    /// by reading back, and record it in the erasure ledger that restores
+    /// honour. Run it again to finish an erasure that was interrupted.
+    Erase {
+        /// The user to erase (repeat for several).
+        #[arg(long = "user", value_name = "ID", required = true)]
+        users: Vec<String>,
+        /// Why, for the record (e.g. a ticket number).
+        #[arg(long, value_name = "TEXT", default_value = commands::erase::DEFAULT_REASON)]
+        reason: String,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also erase the users from every other core of the zone (a user
+        /// may have lived on another core), found in their manifests.
+        #[arg(long, requires = "identity")]
+        all_cores: bool,
+        /// The age identity that decrypts the zone's manifests (--all-cores).
+        #[arg(long, value_name = "FILE", requires = "all_cores")]
+        identity: Option<PathBuf>,
+        /// Fail at once (exit 1, "busy") when another run of this core is in progress.
+        #[arg(long)]
+        no_wait: bool,
+        /// Print what was done as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// After a rotation of the zone's keys (new `recipients` in the zone
+    /// map): wrap every core's data keys and erasure ledger again to the
+    /// new recipients, with an identity of the old ones. Units and
+    /// manifests are not rewritten: they are encrypted to the data keys.
+    Rewrap {
+        /// An age identity that the old recipients included.
+        #[arg(long, value_name = "FILE")]
+        identity: PathBuf,
+        /// Fail at once (exit 1, "busy") when another run of this core is in progress.
+        #[arg(long)]
+        no_wait: bool,
+        /// Print what was done as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -403,6 +449,50 @@ fn run(cli: Cli) -> Result<Exit, Error> {
             }
             print(json, &report, output::forget)?;
             Ok(Exit::Ok)
+        }
+        Command::Erase {
+            users,
+            reason,
+            dry_run,
+            all_cores: _,
+            identity,
+            no_wait,
+            json,
+        } => {
+            commands::erase::check_users(&users)?;
+            let config = Config::load(&cli.config)?;
+            let audit = open_audit(&config, "erase")?;
+            let options = commands::erase::Options {
+                users,
+                reason,
+                dry_run,
+                wait: !no_wait,
+                all_cores: identity,
+                cancel: Default::default(),
+            };
+            let report = runtime()?.block_on(commands::erase::run(&config, &audit, &options))?;
+            print(json, &report, output::erase)?;
+            match report.failure() {
+                Some(failure) => Err(failure),
+                None => Ok(Exit::Ok),
+            }
+        }
+        Command::Rewrap {
+            identity,
+            no_wait,
+            json,
+        } => {
+            let identities = zonevault::keys::load_identities(&identity)
+                .map_err(|e| Error::Usage(format!("{e:#}")))?;
+            let config = Config::load(&cli.config)?;
+            let audit = open_audit(&config, "rewrap")?;
+            let report = runtime()?
+                .block_on(commands::rewrap::run(&config, &audit, identities, !no_wait))?;
+            print(json, &report, output::rewrap)?;
+            match report.failure() {
+                Some(failure) => Err(failure),
+                None => Ok(Exit::Ok),
+            }
         }
         Command::Daemon {
             stop_timeout,

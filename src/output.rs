@@ -227,6 +227,81 @@ pub fn restore(r: &crate::commands::restore::Report) -> String {
     for e in &r.refused {
         s.push_str(&format!("NOT restored: {}: {}\n", e.path, e.reason));
     }
+    if !r.erased.is_empty() {
+        s.push_str(&format!(
+            "skipped {} erased user(s), as the erasure ledger requires:\n",
+            r.erased.len()
+        ));
+        for e in &r.erased {
+            s.push_str(&format!(
+                "  {} (erased {})\n",
+                e.user,
+                e.erased.format("%Y-%m-%d %H:%M:%S UTC")
+            ));
+        }
+    }
+    s
+}
+
+/// The human form of `erase`.
+pub fn erase(r: &crate::commands::erase::Report) -> String {
+    let mut s = String::new();
+    for u in &r.users {
+        if !u.held {
+            s.push_str(&format!(
+                "user {}: no backup of core {} holds this user (nothing on record in its audit log nor in its keys): nothing to erase\n",
+                u.user, r.core
+            ));
+            continue;
+        }
+        if r.dry_run {
+            s.push_str(&format!(
+                "user {}: would do, on the targets of zone {}:\n",
+                u.user, r.zone
+            ));
+            for step in &u.plan {
+                s.push_str(&format!(
+                    "  {}  {}  {}\n",
+                    step.target, step.key, step.action
+                ));
+            }
+            continue;
+        }
+        s.push_str(&format!(
+            "user {}: {} key object(s) shredded, {} unit object(s) deleted, {} pack range(s) overwritten with zeros, each confirmed by reading back\n",
+            u.user,
+            u.shredded.len(),
+            u.deleted.len(),
+            u.scrubbed.len()
+        ));
+        for p in &u.pending {
+            s.push_str(&format!(
+                "  NOT done: {} on target {}: {}\n",
+                p.key, p.target, p.reason
+            ));
+        }
+        if u.pending.is_empty() {
+            s.push_str("  erased: no backup of this core can bring the user back; recorded in the erasure ledger\n");
+        }
+    }
+    s
+}
+
+/// The human form of `rewrap`.
+pub fn rewrap(r: &crate::commands::rewrap::Report) -> String {
+    let mut s = format!(
+        "zone {}: {} key object(s) and ledger entries wrapped to the zone's current recipients, each read back\n",
+        r.zone, r.rewrapped
+    );
+    if !r.not_opened.is_empty() {
+        s.push_str(&format!(
+            "{} not opened by this identity (already rewrapped, or never wrapped to it), left as they are\n",
+            r.not_opened.len()
+        ));
+    }
+    for f in &r.failed {
+        s.push_str(&format!("NOT rewrapped: {f}\n"));
+    }
     s
 }
 
@@ -276,7 +351,10 @@ pub fn audit_where(user: &str, locations: &[crate::audit::query::Location]) -> S
             l.key.clone(),
             l.snapshot.clone().unwrap_or_else(|| "-".into()),
             l.time.clone(),
-            l.status.as_str().to_string(),
+            match &l.note {
+                Some(note) => format!("{} ({note})", l.status.as_str()),
+                None => l.status.as_str().to_string(),
+            },
         ]);
     }
     table(&rows)

@@ -37,7 +37,7 @@ use std::sync::Mutex;
 use anyhow::Result;
 use bytes::{Bytes, BytesMut};
 
-use crate::audit::ObjectKind;
+use crate::audit::{ObjectKind, UserRange};
 use crate::budget::{Budget, Held};
 use crate::pipeline::Digest;
 use crate::repository::layout::{self, Key};
@@ -63,7 +63,8 @@ struct Open {
     key: Key,
     body: BytesMut,
     held: Vec<Held>,
-    users: Vec<String>,
+    /// Where each user's unit is (the shared units are no one's).
+    ranges: Vec<UserRange>,
 }
 
 impl Open {
@@ -72,7 +73,7 @@ impl Open {
             key: layout::new_pack_key(core),
             body: BytesMut::new(),
             held: Vec::new(),
-            users: Vec::new(),
+            ranges: Vec::new(),
         }
     }
 }
@@ -129,7 +130,11 @@ impl<'a, S: WriteBackend> Packer<'a, S> {
             };
             open.body.extend_from_slice(&body);
             open.held.push(held);
-            open.users.extend(users.iter().cloned());
+            open.ranges.extend(users.iter().map(|user| UserRange {
+                user: user.clone(),
+                at: placement.offset,
+                len: body.len() as u64,
+            }));
             (full, placement)
         };
         if let Some(full) = full {
@@ -159,14 +164,16 @@ impl<'a, S: WriteBackend> Packer<'a, S> {
             key,
             body,
             held,
-            users,
+            ranges,
         } = pack;
+        let users: Vec<String> = ranges.iter().map(|r| r.user.clone()).collect();
         let body = body.freeze();
         let digest = Digest::of(&body);
         let contents = Contents {
             kind: ObjectKind::Unit,
             snapshot: Some(self.snapshot),
             users: &users,
+            ranges: &ranges,
         };
         tracing::debug!(%key, bytes = digest.bytes, units = held.len(), "writing a pack");
         crate::upload::put_whole(self.targets, &key, body, &contents, &digest, self.budget).await?;

@@ -62,7 +62,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use bytes::Bytes;
 
-use crate::audit::{AuditLog, Event, ObjectKind, Place};
+use crate::audit::{AuditLog, Event, ObjectKind, Place, UserRange};
 use crate::config::{Config, Target};
 use crate::pipeline::Digest;
 use crate::repository::layout::Key;
@@ -77,15 +77,23 @@ pub struct Contents<'a> {
     pub snapshot: Option<&'a str>,
     /// The users whose data it holds.
     pub users: &'a [String],
+    /// In a pack: where each user's unit is.
+    pub ranges: &'a [UserRange],
 }
 
 impl Contents<'_> {
+    /// Whether the object holds users' data (a unit or pack of users).
+    pub fn holds_user_data(&self) -> bool {
+        self.kind == ObjectKind::Unit && !self.users.is_empty()
+    }
+
     /// An object of `kind` that belongs to no snapshot and holds no user's data.
     pub fn of(kind: ObjectKind) -> Contents<'static> {
         Contents {
             kind,
             snapshot: None,
             users: &[],
+            ranges: &[],
         }
     }
 }
@@ -171,7 +179,7 @@ impl<S: WriteBackend> Writable<S> {
         if let Err(e) = self.store.put(&self.permit, &self.key(rel), body).await {
             return Err(self.write_failed(rel, e).await);
         }
-        crate::failpoint::hit("after-object-write", !contents.users.is_empty());
+        crate::failpoint::hit("after-object-write", contents.holds_user_data());
         self.record_put(rel, contents, digest).await
     }
 
@@ -273,6 +281,7 @@ impl<S: WriteBackend> Writable<S> {
                 blake3: digest.blake3.to_string(),
                 snapshot: contents.snapshot.map(str::to_string),
                 users: contents.users.to_vec(),
+                ranges: contents.ranges.to_vec(),
             })
             .await;
         let Err(e) = recorded else {
@@ -345,7 +354,7 @@ impl<S: WriteBackend> Writable<S> {
         self.store
             .complete_upload(&self.permit, &self.key(rel), upload_id, parts)
             .await?;
-        crate::failpoint::hit("after-object-write", !contents.users.is_empty());
+        crate::failpoint::hit("after-object-write", contents.holds_user_data());
         self.record_put(rel, contents, digest).await
     }
 
@@ -646,6 +655,7 @@ mod tests {
             kind: ObjectKind::Unit,
             snapshot: None,
             users: &users,
+            ranges: &[],
         };
         let e = t
             .put(&key("objects/a"), Bytes::from_static(b"data"), &contents)

@@ -153,5 +153,6 @@ pub fn unit_record(
         files: 1,
         fingerprint: None,
         dirs: Vec::new(),
+        data_key: None,
     }
 }

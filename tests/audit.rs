@@ -88,9 +88,8 @@ fn where_lists_exactly_the_objects_holding_a_user_on_every_target() {
             l["key"],
             format!("zonevault/{}", unit["object"].as_str().unwrap())
         );
-        let identity = fleet.identity("ch");
         let sealed = common::unit_bytes(&object, &unit);
-        let tar = tool("age", &["-d", "-i", identity.to_str().unwrap()], &sealed);
+        let tar = common::open_by_hand(&fleet, unit["data_key"].as_str(), &sealed);
         let listing =
             String::from_utf8(tool("tar", &["-t"], &tool("zstd", &["-d"], &tar))).unwrap();
         let dir = zonevault_testkit::fixture::user_dir(user);

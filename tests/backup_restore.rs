@@ -117,21 +117,10 @@ fn reference_tools_restore_a_unit() {
     let dir = tempfile::tempdir().unwrap();
     let (fleet, core, ids) = fleet_with_users(dir.path(), 3, 50_000);
     backup(&core);
-    // find the object of user ids[1] through the manifest, as an operator would
-    let manifest_key = fleet
-        .garage("ch-gva-2")
-        .keys()
-        .unwrap()
-        .into_iter()
-        .find(|k| k.ends_with(".manifest.age"))
-        .unwrap();
+    // find the object of user ids[1] through the manifest, as an operator
+    // would: the index names the manifest and its data key
+    let manifest = common::manifest(&fleet);
     let key = fleet.identity("ch");
-    let manifest = tool(
-        "age",
-        &["-d", "-i", key.to_str().unwrap()],
-        &fleet.garage("ch-gva-2").get(&manifest_key).unwrap(),
-    );
-    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
     let unit = manifest["units"]
         .as_array()
         .unwrap()
@@ -164,14 +153,36 @@ fn reference_tools_restore_a_unit() {
     );
     assert_eq!(sealed.len() as u64, size);
 
-    // age -d -i KEY OBJ | zstd -d | tar -x
+    // age -d -i zone.key keys/K.age > K.key; age -d -i K.key OBJ | zstd -d | tar -x
     let out = dir.path().join("by-hand");
     std::fs::create_dir_all(&out).unwrap();
+    let data_key = unit["data_key"]
+        .as_str()
+        .expect("a user unit has its own key");
+    assert!(
+        !data_key.contains(ids[1].as_str()),
+        "no user id in a key name: {data_key}"
+    );
+    let (_keys, user_key) = common::data_key_file(&fleet, data_key);
     let tar = tool(
         "zstd",
         &["-d"],
-        &tool("age", &["-d", "-i", key.to_str().unwrap()], &sealed),
+        &tool("age", &["-d", "-i", user_key.to_str().unwrap()], &sealed),
     );
+    // the zone identity alone does not open a user's unit
+    let zone_only = std::process::Command::new("age")
+        .args(["-d", "-i", key.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(&sealed)?;
+            c.wait()
+        })
+        .unwrap();
+    assert!(!zone_only.success());
     assert_eq!(
         blake3::hash(&tar).to_hex().as_str(),
         unit["blake3"].as_str().unwrap()
@@ -392,7 +403,7 @@ fn entries_that_escape_the_restore_directory_are_refused() {
     ];
     for (i, entries) in cases.iter().enumerate() {
         // on both targets, or restore takes the good copy from the other one
-        let hostile = hostile_object(&fleet, entries);
+        let hostile = hostile_object(&fleet, &ids[0], entries);
         gva.put(&key, &hostile).unwrap();
         fleet.garage("ch-dk-2").put(&key, &hostile).unwrap();
         let to = dir.path().join(format!("r{i}"));
@@ -544,10 +555,13 @@ fn a_forged_volume_name_in_the_manifest_is_refused() {
     for u in m["units"].as_array_mut().unwrap() {
         u["volume"] = serde_json::json!("../../forged");
     }
-    let recipient = &fleet.zone("ch").recipients[0];
+    // sealed to the manifest's data key (a recipient is no secret)
+    let index = common::only_index(&fleet);
+    let recipient =
+        common::data_key_recipient(&fleet, index["manifest"]["data_key"].as_str().unwrap());
     gva.put(
         &key,
-        &tool("age", &["-r", recipient], &serde_json::to_vec(&m).unwrap()),
+        &tool("age", &["-r", &recipient], &serde_json::to_vec(&m).unwrap()),
     )
     .unwrap();
     // without the signatures (which refuse it first: tests/restore_safety.rs),

@@ -190,11 +190,10 @@ fn a_postgres_dump_under_writes_restores_whole() {
         .expect("a unit of volume pg");
     let key = format!("zonevault/{}", unit["object"].as_str().unwrap());
     let object = unit_bytes(&fleet.garage("ch-gva-2").get(&key).unwrap(), unit);
-    let identity = fleet.identity("ch");
     let tar = tool(
         "zstd",
         &["-d", "-q"],
-        &tool("age", &["-d", "-i", identity.to_str().unwrap()], &object),
+        &common::open_by_hand(&fleet, unit["data_key"].as_str(), &object),
     );
     let listed = tool("tar", &["-t"], &tar);
     assert_eq!(String::from_utf8_lossy(&listed), "pryv-node.dump\n");

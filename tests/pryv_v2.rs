@@ -161,24 +161,15 @@ fn a_user_unit_holds_the_users_series_directory_too() {
     )
     .unwrap();
     let again = backup(&core);
-    let after = objects(&manifest_of(&fleet, again["snapshot"].as_str().unwrap()));
+    let after = objects(&common::manifest_of(
+        &fleet,
+        again["snapshot"].as_str().unwrap(),
+    ));
     assert_eq!(after[..2], before[..2], "unchanged users are reused");
     assert_ne!(
         after[2], before[2],
         "the user whose series changed is uploaded again"
     );
-}
-
-/// The decrypted manifest of snapshot `id`.
-fn manifest_of(fleet: &common::Fleet, id: &str) -> serde_json::Value {
-    let key = format!("zonevault/core-ch-1/snapshots/{id}.manifest.age");
-    let identity = fleet.identity("ch");
-    let plain = common::tool(
-        "age",
-        &["-d", "-i", identity.to_str().unwrap()],
-        &fleet.garage("ch-gva-2").get(&key).unwrap(),
-    );
-    serde_json::from_slice(&plain).unwrap()
 }
 
 #[test]

@@ -166,6 +166,7 @@ fn a_swapped_object_never_lands_with_or_without_a_good_copy() {
     let dir_path = format!("{}", victim_dir.display());
     let hostile = hostile_object(
         &fleet,
+        victim,
         &[
             (dir_path.as_str(), tar::EntryType::Directory, ""),
             (evil_path.as_str(), tar::EntryType::Regular, "planted"),
@@ -213,13 +214,42 @@ fn a_swapped_object_never_lands_with_or_without_a_good_copy() {
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["failed"][0]["reason"], "integrity", "{report}");
 
-    // another user's (authentic) object under the victim's key: it holds
-    // entries outside the victim's directory, so the unit is refused whole
+    // another user's (authentic) object under the victim's key: encrypted
+    // to the other user's data key, it does not even open (before per-user
+    // keys its entries outside the victim's directory refused it)
     let other = object_of(&fleet, &ids[2]);
     let body = fleet.garage("ch-gva-2").get(&other).unwrap();
     fleet.garage("ch-gva-2").put(&key, &body).unwrap();
     fleet.garage("ch-dk-2").put(&key, &body).unwrap();
     let to = dir.path().join("r3");
+    let (stdout, _) = restore(
+        &core,
+        &fleet.identity("ch"),
+        &to,
+        &["--user", victim, "--json"],
+        1,
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["failed"][0]["reason"], "integrity", "{report}");
+    assert!(
+        report["failed"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not encrypted to its data key"),
+        "{report}"
+    );
+    assert!(files_under(&to.join("users")).is_empty(), "{stdout}");
+    // entries of another user's directory, encrypted to the victim's key
+    // (its recipient is no secret): refused whole by the unit's scope
+    let foreign = format!("{}/planted.txt", fixture::user_dir(&ids[2]).display());
+    let hostile = hostile_object(
+        &fleet,
+        victim,
+        &[(foreign.as_str(), tar::EntryType::Regular, "planted")],
+    );
+    fleet.garage("ch-gva-2").put(&key, &hostile).unwrap();
+    fleet.garage("ch-dk-2").put(&key, &hostile).unwrap();
+    let to = dir.path().join("r4");
     let (stdout, _) = restore(&core, &fleet.identity("ch"), &to, &["--user", victim], 1);
     assert!(
         stdout.contains("not under its user's directories"),
@@ -280,11 +310,14 @@ fn a_forged_manifest_is_refused_by_its_signature() {
         String::from_utf8_lossy(&out)
     );
 
-    // the same manifest, encrypted again by someone with the public recipient
-    let recipient = &fleet.zone("ch").recipients[0];
+    // the same manifest, encrypted again by someone with its recipient
+    // (the core's data key: a recipient is no secret)
+    let index = common::only_index(&fleet);
+    let recipient =
+        common::data_key_recipient(&fleet, index["manifest"]["data_key"].as_str().unwrap());
     let forged = tool(
         "age",
-        &["-r", recipient],
+        &["-r", &recipient],
         &serde_json::to_vec(&manifest(&fleet)).unwrap(),
     );
     replace_manifest(&fleet, &forged);

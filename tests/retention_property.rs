@@ -23,12 +23,14 @@ fn index(n: usize, time: DateTime<Utc>, objects: &[u8]) -> Index {
         manifest: IndexObject {
             key: format!("core-ch-1/snapshots/{id}.manifest.age"),
             size: 1,
+            data_key: None,
         },
         objects: objects
             .iter()
             .map(|o| IndexObject {
                 key: format!("core-ch-1/objects/{o:02x}.tar.zst.age"),
                 size: 1,
+                data_key: None,
             })
             .collect(),
         units: objects.len(),

@@ -247,7 +247,7 @@ fn wal_only_change_is_a_change_and_reference_tools_restore_a_whole_database() {
     );
 
     // reference tools: age -d | zstd -d | tar -x, then sqlite3 without a -wal
-    let m = manifest_of(&fleet, third["snapshot"].as_str().unwrap());
+    let m = common::manifest_of(&fleet, third["snapshot"].as_str().unwrap());
     let unit = m["units"]
         .as_array()
         .unwrap()
@@ -256,11 +256,10 @@ fn wal_only_change_is_a_change_and_reference_tools_restore_a_whole_database() {
         .unwrap();
     let object = format!("zonevault/{}", unit["object"].as_str().unwrap());
     let body = fleet.garage("ch-gva-2").get(&object).unwrap();
-    let identity = fleet.identity("ch");
     let tar = tool(
         "zstd",
         &["-d", "-q"],
-        &tool("age", &["-d", "-i", identity.to_str().unwrap()], &body),
+        &common::open_by_hand(&fleet, unit["data_key"].as_str(), &body),
     );
     let out = dir.path().join("ref");
     std::fs::create_dir_all(&out).unwrap();
@@ -371,23 +370,4 @@ fn leftovers_of_a_crashed_run_are_removed() {
         std::fs::metadata(&tmp).unwrap().permissions().mode() & 0o777,
         0o700
     );
-}
-
-/// The decrypted manifest of snapshot `id`.
-fn manifest_of(fleet: &common::Fleet, id: &str) -> serde_json::Value {
-    let gva = fleet.garage("ch-gva-2");
-    let mut keys: Vec<String> = gva
-        .keys()
-        .unwrap()
-        .into_iter()
-        .filter(|k| k.ends_with(&format!("{id}.manifest.age")))
-        .collect();
-    keys.sort();
-    let identity = fleet.identity("ch");
-    let plain = tool(
-        "age",
-        &["-d", "-i", identity.to_str().unwrap()],
-        &gva.get(keys.last().unwrap()).unwrap(),
-    );
-    serde_json::from_slice(&plain).unwrap()
 }

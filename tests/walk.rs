@@ -122,11 +122,23 @@ struct Stored {
     user: Option<String>,
     /// The object as stored: age(zstd(tar)).
     sealed: Vec<u8>,
+    /// The key object of its data key.
+    data_key: Option<String>,
     tar: Vec<u8>,
 }
 
-fn decrypt(fleet: &Fleet, sealed: &[u8]) -> Vec<u8> {
-    let identities = zonevault::keys::load_identities(&fleet.identity("ch")).unwrap();
+/// Opens `sealed` with the data key in key object `data_key` (unwrapped
+/// with the zone identity), or with the zone identity when it names none.
+fn decrypt(fleet: &Fleet, sealed: &[u8], data_key: Option<&str>) -> Vec<u8> {
+    let mut identities = zonevault::keys::load_identities(&fleet.identity("ch")).unwrap();
+    if let Some(k) = data_key {
+        let wrapped = fleet
+            .garage("ch-gva-2")
+            .get(&format!("zonevault/{k}"))
+            .unwrap();
+        let key = zonevault::datakeys::unwrap(&wrapped, &identities).unwrap();
+        identities = vec![Box::new(key)];
+    }
     let decryptor = age::Decryptor::new(sealed).unwrap();
     let mut plain = Vec::new();
     decryptor
@@ -143,11 +155,22 @@ fn new_units(fleet: &Fleet, seen: &mut HashSet<String>) -> Vec<Stored> {
     let gva = fleet.garage("ch-gva-2");
     let mut objects: BTreeMap<(String, u64), (Value, Option<String>)> = BTreeMap::new();
     for key in gva.keys().unwrap() {
-        if !key.ends_with(".manifest.age") {
+        if !(key.contains("/snapshots/") && key.ends_with(".json")) {
             continue;
         }
-        let manifest: Value =
-            serde_json::from_slice(&decrypt(fleet, &gva.get(&key).unwrap())).expect("a manifest");
+        let index: Value = serde_json::from_slice(&gva.get(&key).unwrap()).unwrap();
+        let sealed = gva
+            .get(&format!(
+                "zonevault/{}",
+                index["manifest"]["key"].as_str().unwrap()
+            ))
+            .unwrap();
+        let manifest: Value = serde_json::from_slice(&decrypt(
+            fleet,
+            &sealed,
+            index["manifest"]["data_key"].as_str(),
+        ))
+        .expect("a manifest");
         for u in manifest["units"].as_array().unwrap() {
             let object = format!("zonevault/{}", u["object"].as_str().unwrap());
             // a unit is its object, or its range of a pack
@@ -160,8 +183,15 @@ fn new_units(fleet: &Fleet, seen: &mut HashSet<String>) -> Vec<Stored> {
         .filter(|((object, offset), _)| seen.insert(format!("{object}@{offset}")))
         .map(|((object, _), (unit, user))| {
             let sealed = common::unit_bytes(&gva.get(&object).unwrap(), &unit);
-            let tar = zstd::decode_all(&decrypt(fleet, &sealed)[..]).unwrap();
-            Stored { user, sealed, tar }
+            let tar =
+                zstd::decode_all(&decrypt(fleet, &sealed, unit["data_key"].as_str())[..]).unwrap();
+            let data_key = unit["data_key"].as_str().map(String::from);
+            Stored {
+                user,
+                sealed,
+                data_key,
+                tar,
+            }
         })
         .collect()
 }
@@ -371,16 +401,14 @@ fn a_tree_deeper_than_path_max_is_backed_up_and_restored() {
     assert_eq!(report["units"], 4, "{report}"); // 2 users, shared, etc
 
     // the unit, read with the reference tools: age -d -i KEY | zstd -d | tar -t
-    let object = new_units(&fleet, &mut HashSet::new())
+    let unit = new_units(&fleet, &mut HashSet::new())
         .into_iter()
         .find(|u| u.user.as_deref() == Some(ids[1].as_str()))
-        .expect("the unit of the user")
-        .sealed;
-    let key = fleet.identity("ch");
+        .expect("the unit of the user");
     let tar = tool(
         "zstd",
         &["-d"],
-        &tool("age", &["-d", "-i", key.to_str().unwrap()], &object),
+        &common::open_by_hand(&fleet, unit.data_key.as_deref(), &unit.sealed),
     );
     let listing = String::from_utf8(tool("tar", &["-t"], &tar)).unwrap();
     let mut deep = user_dir.clone();
@@ -409,7 +437,7 @@ fn a_tree_deeper_than_path_max_is_backed_up_and_restored() {
                 &ids[1],
                 "--identity",
             ])
-            .arg(&key)
+            .arg(fleet.identity("ch"))
             .arg("--to")
             .arg(&to),
         0,

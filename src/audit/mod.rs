@@ -21,7 +21,7 @@ pub mod record;
 pub mod remote;
 
 pub use log::AuditLog;
-pub use record::{Event, ObjectKind, Place};
+pub use record::{Erased, Event, NotErased, ObjectKind, Place, UserRange};
 
 /// The OS user and host name of this process, for records of reads.
 pub fn who() -> (String, String) {

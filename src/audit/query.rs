@@ -24,6 +24,9 @@ pub struct Location {
     pub time: String,
     pub bytes: u64,
     pub status: Status,
+    /// Shredded: why the ciphertext is still there (e.g. locked until D).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// What the log knows of an object.
@@ -36,6 +39,9 @@ pub enum Status {
     /// failed and may have landed): it may be on the target until a cleanup
     /// deletes it or confirms it absent.
     Unconfirmed,
+    /// The user was erased: the key that decrypts it is destroyed, but the
+    /// ciphertext could not be removed yet (`note` says why). Unreadable.
+    Shredded,
 }
 
 impl Status {
@@ -43,18 +49,102 @@ impl Status {
         match self {
             Status::Stored => "stored",
             Status::Unconfirmed => "unconfirmed",
+            Status::Shredded => "shredded, unreadable",
         }
     }
 }
 
-/// Every unit object that holds `user`'s data and whose deletion (or
-/// absence) is not confirmed, in the order their writes started: counted
-/// from the write's intent (`upload_started`), so a crash between a write
-/// and its record hides nothing.
-pub fn locations(path: &Path, user: &str) -> Result<Vec<Location>> {
-    // (target, key) → (seq, location): a deletion on one target leaves the
-    // copies on the others.
-    let mut live: BTreeMap<(String, String), (u64, Location)> = BTreeMap::new();
+/// What became of an object that held a user's data (or key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Written and recorded.
+    Stored,
+    /// Its write started, with no outcome on record.
+    Unconfirmed,
+    /// Deleted, or confirmed absent, on record.
+    Gone,
+    /// Written again without the user's unit (an erasure overwrote their
+    /// range of a pack).
+    Scrubbed,
+    /// Still there after the user's erasure, which could not remove it.
+    Shredded,
+}
+
+/// An object of kind `unit` or `key` that the log records for a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holding {
+    pub zone: String,
+    pub place: Place,
+    pub key: String,
+    pub kind: ObjectKind,
+    pub snapshot: Option<String>,
+    /// The seq and time of the start of its write (of the write itself when
+    /// the log has no start).
+    pub seq: u64,
+    pub time: String,
+    /// Size and BLAKE3 of the stored object, as its last write recorded.
+    pub bytes: u64,
+    pub blake3: String,
+    /// Every user whose data the object holds, as its last write recorded.
+    pub users: Vec<String>,
+    /// The user's range when the object is a pack: (offset, length).
+    pub range: Option<(u64, u64)>,
+    /// Every user's range in the pack, as its last write recorded.
+    pub ranges: Vec<super::record::UserRange>,
+    pub fate: Fate,
+    /// Why an erasure could not remove it.
+    pub note: Option<String>,
+}
+
+/// Which object a record names, and when.
+struct At {
+    zone: String,
+    place: Place,
+    key: String,
+    kind: ObjectKind,
+    snapshot: Option<String>,
+    seq: u64,
+    time: String,
+}
+
+impl At {
+    /// A holding of this object whose write started, nothing more known.
+    fn holding(self) -> Holding {
+        Holding {
+            zone: self.zone,
+            place: self.place,
+            key: self.key,
+            kind: self.kind,
+            snapshot: self.snapshot,
+            seq: self.seq,
+            time: self.time,
+            bytes: 0,
+            blake3: String::new(),
+            users: Vec::new(),
+            range: None,
+            ranges: Vec::new(),
+            fate: Fate::Unconfirmed,
+            note: None,
+        }
+    }
+}
+
+impl Holding {
+    /// Whether the object may still be on the target, readable.
+    pub fn live(&self) -> bool {
+        matches!(self.fate, Fate::Stored | Fate::Unconfirmed)
+    }
+}
+
+/// Every object of kind `unit` or `key` that the log ever recorded for
+/// `user`, in the order their writes started, with what became of each:
+/// counted from the write's intent (`upload_started`), so a crash between a
+/// write and its record hides nothing. A `user_erased` of the user turns
+/// what it could not remove into [`Fate::Shredded`].
+pub fn holdings(path: &Path, user: &str) -> Result<Vec<Holding>> {
+    // (target, key) → holding: a deletion on one target leaves the copies
+    // on the others.
+    let mut held: BTreeMap<(String, String), Holding> = BTreeMap::new();
     for line in log::lines(path)? {
         let line = line?;
         let Some(record) = Stored::parse(&line.text) else {
@@ -62,67 +152,159 @@ pub fn locations(path: &Path, user: &str) -> Result<Vec<Location>> {
         };
         if !matches!(
             record.event(),
-            "upload_started" | "object_put" | "upload_aborted" | "object_absent" | "object_deleted"
+            "upload_started"
+                | "object_put"
+                | "upload_aborted"
+                | "object_absent"
+                | "object_deleted"
+                | "user_erased"
         ) {
             continue;
         }
-        let location = |place: &Place, key: &str, snapshot, bytes, status| Location {
-            zone: record.str("zone").unwrap_or_default().to_string(),
-            place: place.clone(),
-            key: key.to_string(),
-            snapshot,
-            time: record.str("time").unwrap_or_default().to_string(),
-            bytes,
-            status,
-        };
+        let seq = record.seq().unwrap_or(0);
+        let time = record.str("time").unwrap_or_default().to_string();
+        let zone = record.str("zone").unwrap_or_default().to_string();
         match record.typed() {
             Some(Event::UploadStarted {
                 place,
                 key,
-                kind: ObjectKind::Unit,
+                kind: kind @ (ObjectKind::Unit | ObjectKind::Key),
                 snapshot,
                 users,
                 ..
             }) if users.iter().any(|u| u == user) => {
-                let l = location(&place, &key, snapshot, 0, Status::Unconfirmed);
-                live.insert((place.target, key), (record.seq().unwrap_or(0), l));
+                let id = (place.target.clone(), key.clone());
+                // an object written again (an erasure zeroing another
+                // user's range): it is there whatever this write does
+                if held.get(&id).is_some_and(Holding::live) {
+                    continue;
+                }
+                let at = At {
+                    zone,
+                    place,
+                    key,
+                    kind,
+                    snapshot,
+                    seq,
+                    time,
+                };
+                held.insert(
+                    id,
+                    Holding {
+                        users,
+                        ..at.holding()
+                    },
+                );
             }
             Some(Event::ObjectPut {
                 place,
                 key,
-                kind: ObjectKind::Unit,
+                kind: kind @ (ObjectKind::Unit | ObjectKind::Key),
                 bytes,
+                blake3,
                 snapshot,
                 users,
-                ..
-            }) if users.iter().any(|u| u == user) => {
-                let l = location(&place, &key, snapshot, bytes, Status::Stored);
-                let id = (place.target, key);
-                // ordered by the start of its write when that is on record
-                let seq = live.get(&id).map_or(record.seq().unwrap_or(0), |(s, _)| *s);
-                live.insert(id, (seq, l));
+                ranges,
+            }) => {
+                let id = (place.target.clone(), key.clone());
+                if !users.iter().any(|u| u == user) {
+                    // the object written again without the user
+                    if let Some(h) = held.get_mut(&id).filter(|h| h.live()) {
+                        h.fate = Fate::Scrubbed;
+                    }
+                    continue;
+                }
+                let range = ranges
+                    .iter()
+                    .find(|r| r.user == user)
+                    .map(|r| (r.at, r.len));
+                // ordered by the start of its write when that is on record;
+                // an object written again keeps its first write's place
+                let (seq, time, snapshot) = match held.get(&id) {
+                    Some(h) if h.live() => (h.seq, h.time.clone(), h.snapshot.clone()),
+                    _ => (seq, time, snapshot),
+                };
+                let at = At {
+                    zone,
+                    place,
+                    key,
+                    kind,
+                    snapshot,
+                    seq,
+                    time,
+                };
+                let stored = Holding {
+                    bytes,
+                    blake3,
+                    users,
+                    range,
+                    ranges,
+                    fate: Fate::Stored,
+                    ..at.holding()
+                };
+                held.insert(id, stored);
             }
             Some(
                 Event::ObjectDeleted { place, key, .. } | Event::ObjectAbsent { place, key, .. },
             ) => {
-                live.remove(&(place.target, key));
+                if let Some(h) = held.get_mut(&(place.target, key)) {
+                    h.fate = Fate::Gone;
+                }
             }
             // an abort ends a write that never completed, never a stored object
             Some(Event::UploadAborted { place, key, .. }) => {
-                let id = (place.target, key);
-                if live
-                    .get(&id)
-                    .is_some_and(|(_, l)| l.status == Status::Unconfirmed)
+                if let Some(h) = held
+                    .get_mut(&(place.target, key))
+                    .filter(|h| h.fate == Fate::Unconfirmed)
                 {
-                    live.remove(&id);
+                    h.fate = Fate::Gone;
+                }
+            }
+            Some(Event::UserErased { users, pending, .. }) if users.iter().any(|u| u == user) => {
+                for p in pending {
+                    if let Some(h) = held
+                        .get_mut(&(p.target.clone(), p.key.clone()))
+                        .filter(|h| h.live() && h.kind == ObjectKind::Unit)
+                    {
+                        h.fate = Fate::Shredded;
+                        h.note = Some(p.reason);
+                    }
                 }
             }
             _ => {}
         }
     }
-    let mut found: Vec<(u64, Location)> = live.into_values().collect();
-    found.sort_by_key(|(seq, _)| *seq);
-    Ok(found.into_iter().map(|(_, l)| l).collect())
+    let mut found: Vec<Holding> = held.into_values().collect();
+    found.sort_by_key(|h| h.seq);
+    Ok(found)
+}
+
+/// Every unit object that holds `user`'s data and whose deletion (or
+/// absence) is not confirmed, in the order their writes started; after the
+/// user's erasure, only what it could not remove, as shredded.
+pub fn locations(path: &Path, user: &str) -> Result<Vec<Location>> {
+    Ok(holdings(path, user)?
+        .into_iter()
+        .filter(|h| h.kind == ObjectKind::Unit)
+        .filter_map(|h| {
+            let status = match h.fate {
+                Fate::Stored => Status::Stored,
+                Fate::Unconfirmed => Status::Unconfirmed,
+                Fate::Shredded => Status::Shredded,
+                Fate::Gone | Fate::Scrubbed => return None,
+            };
+            Some(Location {
+                zone: h.zone,
+                place: h.place,
+                key: h.key,
+                snapshot: h.snapshot,
+                time: h.time,
+                bytes: h.bytes,
+                status,
+                note: h.note,
+            })
+        })
+        .collect())
 }
 
 /// The open intents of every target as of one record of the log, kept in
@@ -324,6 +506,7 @@ mod tests {
             blake3: "h".into(),
             snapshot: None,
             users: user(),
+            ranges: Vec::new(),
         })
         .unwrap();
         assert_eq!(statuses(&log), [Status::Stored]);

@@ -51,6 +51,37 @@ pub enum ObjectKind {
     Marker,
     /// An encrypted copy of audit records.
     AuditCopy,
+    /// A data key: a user's (or the core's) age identity, wrapped to the
+    /// zone's recipients ([`crate::datakeys`]). Deleting it shreds what
+    /// was encrypted to it.
+    Key,
+    /// An erasure ledger entry: which users were erased, and when.
+    Erasure,
+}
+
+/// An object an erasure made unreadable or removed, on one target.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Erased {
+    pub target: String,
+    pub key: String,
+}
+
+/// What an erasure could not do, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotErased {
+    pub target: String,
+    pub key: String,
+    pub reason: String,
+}
+
+/// Where one user's unit is in a pack: recorded with the pack, so that an
+/// erasure can overwrite exactly that range without reading any manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRange {
+    pub user: String,
+    /// Where the unit starts in the pack, and its stored size.
+    pub at: u64,
+    pub len: u64,
 }
 
 /// Everything zonevault records. The tag is the record's `event` field.
@@ -125,6 +156,9 @@ pub enum Event {
         snapshot: Option<String>,
         #[serde(skip_serializing_if = "Vec::is_empty", default)]
         users: Vec<String>,
+        /// A pack's users' units: where each is (absent for a unit alone).
+        #[serde(skip_serializing_if = "Vec::is_empty", default)]
+        ranges: Vec<UserRange>,
     },
     /// A snapshot's index was written to a target: the snapshot exists there.
     SnapshotCommitted {
@@ -158,6 +192,27 @@ pub enum Event {
         volumes: Vec<String>,
         units: usize,
         files: u64,
+        os_user: String,
+        host: String,
+    },
+    /// Users were erased from the backups (`zonevault erase`): their key
+    /// objects deleted (which makes every copy of their units unreadable),
+    /// their unit objects deleted, their ranges of packs overwritten; what
+    /// could not be done is `pending`, with why. Travels with the audit
+    /// copies, and restores honour it.
+    UserErased {
+        users: Vec<String>,
+        reason: String,
+        /// `complete`, or `incomplete` when something is pending.
+        outcome: String,
+        #[serde(skip_serializing_if = "Vec::is_empty", default)]
+        shredded: Vec<Erased>,
+        #[serde(skip_serializing_if = "Vec::is_empty", default)]
+        deleted: Vec<Erased>,
+        #[serde(skip_serializing_if = "Vec::is_empty", default)]
+        scrubbed: Vec<Erased>,
+        #[serde(skip_serializing_if = "Vec::is_empty", default)]
+        pending: Vec<NotErased>,
         os_user: String,
         host: String,
     },
@@ -235,6 +290,7 @@ impl Event {
         "snapshot_committed",
         "object_read",
         "restore_done",
+        "user_erased",
         "delete_started",
         "object_absent",
         "object_deleted",
@@ -408,6 +464,7 @@ mod tests {
             blake3: "ab".into(),
             snapshot: Some("20261126T000000Z-0001".into()),
             users: vec!["u1".into()],
+            ranges: Vec::new(),
         };
         let (line, hash) = seal(&event, 7, "2026-11-26T00:00:00.000Z", "core", "ch", GENESIS);
         let stored = Stored::parse(&line).unwrap();

@@ -20,6 +20,7 @@ use crate::archive;
 use crate::audit::{AuditLog, Event, ObjectKind};
 use crate::budget::Budget;
 use crate::config::{Config, Dump, Volume};
+use crate::datakeys::{KeyRef, RunKeys};
 use crate::error::{Error, Result};
 use crate::hooks;
 use crate::incremental;
@@ -32,6 +33,7 @@ use crate::repository::snapshot::{self, Totals, UnitRecord};
 use crate::residency::{Contents, Writable};
 use crate::scan;
 use crate::signing::{self, Signer};
+use crate::storage::ReadBackend;
 use crate::storage::s3::S3Store;
 use crate::units::{self, Unit};
 use crate::upload::{self, Head};
@@ -226,7 +228,11 @@ async fn snapshot(
     let core = &config.core.core_id;
     let zone = config.zone();
     let stage = Stages::new();
-    let Prepared { cleaned, reusable } = prepare_targets(targets, core).await?;
+    let Prepared {
+        cleaned,
+        reusable,
+        keys: present_keys,
+    } = prepare_targets(targets, core).await?;
     stage.done("prepare targets");
     let databases = database_capture(config, volumes).await?;
     let now = chrono::Utc::now();
@@ -240,6 +246,17 @@ async fn snapshot(
         (limits.bytes.saturating_sub(limits.pack_size) / (2 * options.part_size.max(1))).max(1),
     );
     let budget = Budget::new(limits);
+    let keys = {
+        let (dir, core) = (config.core.state_dir.clone(), core.clone());
+        crate::blocking::run("reading the data keys", move || {
+            crate::datakeys::Keys::load(&dir, &core)
+        })
+        .await??
+    };
+    let keys = keys.present_on_targets(&present_keys);
+    let keys = RunKeys::new(keys, targets, &id, &zone.recipients, &budget);
+    // the core's own key: its shared units and its manifest
+    let own = keys.own().await?;
     let mut tally = {
         // the previous snapshot's units are needed by the reads only: they
         // are gone before the commit, which holds the new ones
@@ -254,11 +271,13 @@ async fn snapshot(
             budget: &budget,
             core,
             snapshot: &id,
-            recipients: &zone.recipients,
+            keys: &keys,
+            own: &own,
             level: config.core.zstd_level,
             options,
             previous: &previous,
             reusable: &reusable,
+            present_keys: &present_keys,
             databases: &databases,
             audit,
             state_dir: &config.core.state_dir,
@@ -267,6 +286,8 @@ async fn snapshot(
         let read = read_with_hooks(&run, volumes).await;
         // whether the read succeeded or not: the daemon lives on between runs
         crate::pipeline::release_contexts();
+        // the keys written to the targets, whether the read succeeded or not
+        remember_keys(config, &keys).await;
         read?
     };
     stage.done("read volumes");
@@ -282,6 +303,7 @@ async fn snapshot(
         core,
         zone: &zone.id,
         units: Arc::clone(&units),
+        data_key: &own.object,
     };
     let spool = commit::Spool {
         dir: &config.core.state_dir,
@@ -289,7 +311,14 @@ async fn snapshot(
         part_size: options.part_size,
         part_jobs: options.part_jobs,
     };
-    let totals = commit::commit(targets, &draft, &zone.recipients, signer, &spool).await?;
+    let totals = commit::commit(
+        targets,
+        &draft,
+        std::slice::from_ref(&own.recipient),
+        signer,
+        &spool,
+    )
+    .await?;
     drop(draft);
     stage.done("commit");
     let report = tally.report(config, targets, &id, totals, cleaned, started);
@@ -321,6 +350,10 @@ struct Prepared {
     /// Objects that a committed snapshot references on every target: the
     /// only ones an unchanged unit may point to again.
     reusable: HashSet<String>,
+    /// The key objects of this core on every target: a data key whose
+    /// object is gone (an erasure run elsewhere, `erase --all-cores`) is
+    /// never encrypted to again, nor a unit under it reused.
+    keys: HashSet<String>,
 }
 
 /// Writes the marker where it is missing and removes what uncommitted runs
@@ -333,6 +366,22 @@ async fn prepare_targets(targets: &[Writable<S3Store>], core: &str) -> Result<Pr
     }
     let mut cleaned = 0;
     let mut reusable: Option<HashSet<String>> = None;
+    let mut keys: Option<HashSet<String>> = None;
+    for t in targets {
+        let listed = t
+            .store()
+            .list(&t.key(&layout::keys_dir(core)))
+            .await
+            .with_context(|| format!("listing the data keys on target {}", t.target().name))?;
+        let here: HashSet<String> = listed
+            .iter()
+            .filter_map(|o| t.relative(&o.key).map(|k| k.to_string()))
+            .collect();
+        keys = Some(match keys {
+            None => here,
+            Some(k) => k.intersection(&here).cloned().collect(),
+        });
+    }
     for t in targets {
         let (removed, referenced) = crate::repository::clean_uncommitted(t, core)
             .await
@@ -346,6 +395,7 @@ async fn prepare_targets(targets: &[Writable<S3Store>], core: &str) -> Result<Pr
     Ok(Prepared {
         cleaned,
         reusable: reusable.unwrap_or_default(),
+        keys: keys.unwrap_or_default(),
     })
 }
 
@@ -538,6 +588,22 @@ impl Tally {
 
 /// Records the units of the committed snapshot for the next run. A failure
 /// costs only time: the next run uploads every unit.
+/// Writes `keys.json` when the run made new data keys. A failure is a
+/// warning: the next run makes new keys for those users (the objects of the
+/// lost ones stay named in the audit log, for `erase`).
+async fn remember_keys(config: &Config, keys: &RunKeys<'_, S3Store>) {
+    let Some(keys) = keys.added() else {
+        return;
+    };
+    let dir = config.core.state_dir.clone();
+    let saved = crate::blocking::run("recording the data keys", move || keys.save(&dir))
+        .await
+        .and_then(|r| r);
+    if let Err(e) = saved {
+        tracing::warn!(error = %format!("{e:#}"), "cannot record the new data keys; the next run makes new ones for these users");
+    }
+}
+
 async fn remember_units(config: &Config, id: &str, records: Arc<Vec<UnitRecord>>) {
     let (core, snapshot) = (config.core.core_id.clone(), id.to_string());
     let recipients = incremental::recipients_digest(&config.zone().recipients);
@@ -777,13 +843,18 @@ struct UnitRun<'a> {
     budget: &'a Arc<Budget>,
     core: &'a str,
     snapshot: &'a str,
-    recipients: &'a [age::x25519::Recipient],
+    /// The data keys: each user's, made on first use.
+    keys: &'a RunKeys<'a, S3Store>,
+    /// The core's own data key (shared and volume units).
+    own: &'a KeyRef,
     level: i32,
     options: &'a Options,
     /// The units of the previous committed snapshot (none for a full run).
     previous: &'a HashMap<(&'a str, &'a units::UnitKind), &'a UnitRecord>,
     /// Object keys referenced by a committed snapshot on every target.
     reusable: &'a HashSet<String>,
+    /// The core's key objects on every target.
+    present_keys: &'a HashSet<String>,
     /// How each volume's SQLite databases are captured (none: as files).
     databases: &'a HashMap<String, Option<archive::Databases>>,
     audit: &'a Arc<AuditLog>,
@@ -838,6 +909,10 @@ async fn store_unit(
     if let Some(previous) = run.previous.get(&(&*unit.volume, &unit.kind))
         && previous.fingerprint == Some(fingerprint)
         && run.reusable.contains(&*previous.object)
+        && previous
+            .data_key
+            .as_ref()
+            .is_none_or(|k| run.present_keys.contains(&**k))
     {
         return Ok(Stored {
             record: reused(previous, unit),
@@ -875,6 +950,7 @@ fn reused(previous: &UnitRecord, unit: Unit) -> UnitRecord {
         blake3: previous.blake3,
         files: previous.files,
         fingerprint: previous.fingerprint,
+        data_key: previous.data_key.clone(),
         // an older record may name no directories: it stays as it was
         dirs: if dirs == previous.dirs {
             dirs
@@ -961,11 +1037,15 @@ async fn backup_unit(
     unit: Unit,
     source: Source,
 ) -> Result<(UnitRecord, archive::WriteStats)> {
+    let data_key = match &unit.kind {
+        units::UnitKind::User(id) => run.keys.user(id).await?,
+        _ => run.own.clone(),
+    };
     let key = layout::new_object_key(run.core);
     let (tx, rx) = mpsc::channel::<Part>(1);
     let sink = PartSink::new(tx, run.options.part_size, Arc::clone(run.budget));
     let budget = Arc::clone(run.budget);
-    let (recipients, level) = (run.recipients.to_vec(), run.level);
+    let (recipients, level) = (vec![data_key.recipient.clone()], run.level);
     let label = unit.label();
     let producer_unit = unit.clone();
     let databases = run.databases.get(&*unit.volume).cloned().flatten();
@@ -990,6 +1070,7 @@ async fn backup_unit(
         kind: ObjectKind::Unit,
         snapshot: Some(run.snapshot),
         users: &users,
+        ranges: &[],
     };
     let uploaded = store_object(run, &key, rx, &contents).await;
     let sealed = producer
@@ -1028,6 +1109,7 @@ async fn backup_unit(
         files: sealed.extra.files,
         fingerprint: None,
         dirs,
+        data_key: Some(data_key.object),
     };
     Ok((record, sealed.extra))
 }

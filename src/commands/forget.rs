@@ -249,10 +249,12 @@ mod tests {
                 manifest: snapshot::IndexObject {
                     key: layout::manifest_key(CORE, &id).to_string(),
                     size: 1,
+                    data_key: None,
                 },
                 objects: vec![snapshot::IndexObject {
                     key: object.clone(),
                     size: 1,
+                    data_key: None,
                 }],
                 units: 1,
                 plain_bytes: 1,

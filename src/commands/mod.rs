@@ -5,8 +5,10 @@
 pub mod audit;
 pub mod backup;
 pub mod check;
+pub mod erase;
 pub mod forget;
 pub mod keygen;
 pub mod restore;
+pub mod rewrap;
 pub mod session;
 pub mod snapshots;

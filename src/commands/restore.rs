@@ -14,11 +14,13 @@ use tokio_util::io::SyncIoBridge;
 
 use crate::audit::{AuditLog, Event, Place};
 use crate::config::{Config, Target};
+use crate::datakeys::{self, Identity, Keyring};
 use crate::error::{Error, Failure, Reason, Result, reason_of};
 use crate::keys;
 use crate::pack::Span;
 use crate::pipeline::{self, HashingReader, OpenError};
 use crate::progress::Progress;
+use crate::repository::erasures;
 use crate::repository::layout;
 use crate::repository::snapshot::{Index, Manifest, UnitRecord};
 use crate::signing::{self, Statement};
@@ -65,6 +67,17 @@ pub struct Report {
     pub failed: Vec<FailedUnit>,
     /// Entries that were not written, and why.
     pub refused: Vec<Refused>,
+    /// Users of the snapshot that were erased after it was taken: not
+    /// restored ([`crate::repository::erasures`]).
+    pub erased: Vec<ErasedUser>,
+}
+
+/// A user left out of a restore because they were erased.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErasedUser {
+    pub user: String,
+    /// When the erasure was (the last one, if several).
+    pub erased: chrono::DateTime<chrono::Utc>,
 }
 
 /// A unit that no target could restore.
@@ -233,7 +246,42 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
             ),
         ));
     }
-    let manifest: Manifest = match pipeline::decrypt_small(&sealed, &identities) {
+    // Every target of the zone holds every object: the one that listed the
+    // snapshot first, the others as fallbacks for a missing or damaged copy.
+    let first = target.name.clone();
+    let mut sources = vec![(target.clone(), store.clone())];
+    sources.extend(
+        targets::open(config)
+            .await
+            .into_iter()
+            .filter(|(t, _)| t.name != first),
+    );
+    let mut keyring = Keyring::new(Arc::clone(&identities));
+    if let Some(object) = &index.manifest.data_key {
+        let object: Arc<str> = object.as_str().into();
+        let key = fetch_key(&sources, &reads, &object, Vec::new(), &identities).await;
+        if let Err(e) = &key
+            && e.no_matching_keys
+        {
+            return Err(Error::failed(format!(
+                "this identity cannot decrypt snapshot {} of zone {}",
+                index.id, zone.id
+            )));
+        }
+        keyring.insert(Arc::clone(&object), key.map_err(|e| e.message));
+    }
+    let manifest_ids = keyring
+        .for_key(index.manifest.data_key.as_deref())
+        .map_err(|e| {
+            Error::because(
+                Reason::Integrity,
+                format!(
+                    "the manifest of snapshot {} cannot be opened: {e:#}",
+                    index.id
+                ),
+            )
+        })?;
+    let manifest: Manifest = match pipeline::decrypt_small(&sealed, &manifest_ids) {
         Ok(plain) => serde_json::from_slice(&plain).with_context(|| {
             Failure::new(
                 Reason::Integrity,
@@ -270,21 +318,26 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
         ));
     }
     let selected = select(&manifest, &options.volumes, &options.users)?;
+    let (selected, erased) = honour_erasures(
+        &sources,
+        &core,
+        &identities,
+        &index,
+        selected,
+        &options.users,
+    )
+    .await?;
+    fetch_keys(&sources, &reads, &selected, &mut keyring).await;
+    // a unit whose data key could not be had is not read at all
+    let (selected, keyless): (Vec<UnitRecord>, Vec<UnitRecord>) = selected
+        .into_iter()
+        .partition(|u| keyring.for_key(u.data_key.as_deref()).is_ok());
+    let keyring = Arc::new(keyring);
     let progress = Progress::new(options.progress, selected.len() as u64, "restore");
-    // Every target of the zone holds every object: the one that listed the
-    // snapshot first, the others as fallbacks for a missing or damaged copy.
-    let first = target.name.clone();
-    let mut sources = vec![(target, store)];
-    sources.extend(
-        targets::open(config)
-            .await
-            .into_iter()
-            .filter(|(t, _)| t.name != first),
-    );
     let budget = crate::budget::Budget::new(config.core.transfer);
     let from = Sources {
         sources: &sources,
-        identities: &identities,
+        keyring: &keyring,
         reads: &reads,
         dest: &dest,
         budget: &budget,
@@ -300,7 +353,15 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
     pipeline::release_contexts();
     let (mut dirs, mut files, mut refused, mut failed) = (Vec::new(), 0, Vec::new(), Vec::new());
     let mut restored = Vec::new();
-    for (rec, result) in results {
+    let keyless_count = keyless.len();
+    let keyless = keyless.into_iter().map(|rec| {
+        let e = keyring
+            .for_key(rec.data_key.as_deref())
+            .err()
+            .unwrap_or_else(|| anyhow::anyhow!("no data key"));
+        (rec, Err(e))
+    });
+    for (rec, result) in results.into_iter().chain(keyless) {
         match result {
             Ok(placed) => {
                 files += placed.files;
@@ -332,7 +393,7 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
         core,
         zone: zone.id.clone(),
         to: options.to.clone(),
-        units: selected.len(),
+        units: selected.len() + keyless_count,
         files,
         plain_bytes: restored.iter().map(|r| r.plain_size).sum(),
         stored_bytes: restored.iter().map(|r| r.stored_size).sum(),
@@ -347,6 +408,7 @@ async fn restore(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
         signed: is_signed,
         failed,
         refused,
+        erased,
     })
 }
 
@@ -502,7 +564,7 @@ type UnitAt = (Arc<str>, Option<u64>);
 struct Sources<'a> {
     /// Every target of the zone, the one that listed the snapshot first.
     sources: &'a [(Target, S3Store)],
-    identities: &'a Arc<Vec<Box<dyn age::Identity + Send + Sync>>>,
+    keyring: &'a Arc<Keyring>,
     reads: &'a Reads<'a>,
     dest: &'a Arc<Destination>,
     budget: &'a Arc<crate::budget::Budget>,
@@ -594,7 +656,7 @@ impl Sources<'_> {
             Ok(body) => body,
             Err(e) => return fail_all(span.units, Failure::new(reason_of(&e), format!("{e:#}"))),
         };
-        let (identities, dest) = (Arc::clone(self.identities), Arc::clone(self.dest));
+        let (keyring, dest) = (Arc::clone(self.keyring), Arc::clone(self.dest));
         let budget = Arc::clone(self.budget);
         let name = target.name.clone();
         let units = span.units.clone();
@@ -611,6 +673,7 @@ impl Sources<'_> {
                         Err(anyhow::anyhow!("the read broke off before this unit"))
                     } else {
                         cut(&mut reader, &rec, |part| {
+                            let identities = keyring.for_key(rec.data_key.as_deref())?;
                             restore_unit(part, &identities, &dest, &rec)
                         })
                     };
@@ -703,13 +766,15 @@ fn restore_unit(
 ) -> anyhow::Result<Placed> {
     let (reader, fetch_failed) = Noted::new(reader);
     let mut zstd = pipeline::decompressor();
-    let plain = pipeline::open(reader, identities, &mut zstd).map_err(|e| {
-        let reason = match e {
-            OpenError::NoMatchingKeys => Reason::Other,
-            _ if fetch_failed.get() => Reason::Other,
-            _ => Reason::Integrity,
-        };
-        Failure::new(reason, format!("cannot be opened: {e}"))
+    let plain = pipeline::open(reader, identities, &mut zstd).map_err(|e| match e {
+        // its own data key must open it: another object is in its place
+        OpenError::NoMatchingKeys if rec.data_key.is_some() => Failure::new(
+            Reason::Integrity,
+            "cannot be opened: it is not encrypted to its data key (not the object the manifest names: swapped or replaced)",
+        ),
+        OpenError::NoMatchingKeys => Failure::new(Reason::Other, format!("cannot be opened: {e}")),
+        _ if fetch_failed.get() => Failure::new(Reason::Other, format!("cannot be opened: {e}")),
+        _ => Failure::new(Reason::Integrity, format!("cannot be opened: {e}")),
     })?;
     let (plain, open_failed) = Noted::new(plain);
     // a failed read of the plain stream that is not a failed fetch: damaged
@@ -746,6 +811,153 @@ fn restore_unit(
 }
 
 /// The units to restore: all, or those of some volumes, or some users' units.
+/// Why a key object gave no key.
+struct KeyFailure {
+    message: String,
+    /// Every copy opened, and none with these identities.
+    no_matching_keys: bool,
+}
+
+/// The data key in the key object `object`, from the first target that has
+/// an intact copy (each read on the record, for `users`).
+async fn fetch_key(
+    sources: &[(Target, S3Store)],
+    reads: &Reads<'_>,
+    object: &str,
+    users: Vec<String>,
+    zone: &[Identity],
+) -> std::result::Result<age::x25519::Identity, KeyFailure> {
+    let mut errors = Vec::new();
+    let mut no_matching_keys = true;
+    for (target, store) in sources {
+        let key = target.key(object);
+        let got = async {
+            reads.record(target, key.clone(), users.clone()).await?;
+            store
+                .get(&key)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("missing"))
+        }
+        .await;
+        let sealed = match got {
+            Ok(sealed) => sealed,
+            Err(e) => {
+                no_matching_keys = false;
+                errors.push(format!("target {}: {e:#}", target.name));
+                continue;
+            }
+        };
+        match datakeys::unwrap(&sealed, zone) {
+            Ok(identity) => return Ok(identity),
+            Err(e) => {
+                no_matching_keys &= matches!(e, datakeys::UnwrapError::NoMatchingKeys);
+                errors.push(format!("target {}: {e}", target.name));
+            }
+        }
+    }
+    Err(KeyFailure {
+        message: format!("cannot be had ({})", errors.join("; ")),
+        no_matching_keys: no_matching_keys && !errors.is_empty(),
+    })
+}
+
+/// Key reads in flight at once: each is one small GET.
+const KEY_READS: usize = 32;
+
+/// Fetches the data keys of `units` into `keyring`.
+async fn fetch_keys(
+    sources: &[(Target, S3Store)],
+    reads: &Reads<'_>,
+    units: &[UnitRecord],
+    keyring: &mut Keyring,
+) {
+    let mut wanted: HashMap<Arc<str>, Vec<String>> = HashMap::new();
+    for u in units {
+        if let Some(k) = &u.data_key
+            && !keyring.has(k)
+        {
+            wanted
+                .entry(Arc::clone(k))
+                .or_default()
+                .extend(u.kind.users());
+        }
+    }
+    let ids: &[Identity] = keyring.zone();
+    let fetched: Vec<(Arc<str>, std::result::Result<age::x25519::Identity, String>)> =
+        futures::stream::iter(wanted)
+            .map(|(object, users)| async move {
+                let key = fetch_key(sources, reads, &object, users, ids)
+                    .await
+                    .map_err(|e| e.message);
+                (object, key)
+            })
+            .buffer_unordered(KEY_READS)
+            .collect()
+            .await;
+    for (object, key) in fetched {
+        keyring.insert(object, key);
+    }
+}
+
+/// Leaves out of `selected` the users erased after the snapshot was taken
+/// (by the ledger on every target); a restore that names one of them is
+/// refused, saying when they were erased.
+async fn honour_erasures(
+    sources: &[(Target, S3Store)],
+    core: &str,
+    identities: &[Identity],
+    index: &Index,
+    selected: Vec<UnitRecord>,
+    asked: &[String],
+) -> Result<(Vec<UnitRecord>, Vec<ErasedUser>)> {
+    let mut entries = Vec::new();
+    for (target, store) in sources {
+        match erasures::read(store, target, core, identities).await {
+            Ok(read) => {
+                for (key, entry) in read {
+                    match entry {
+                        Ok(e) => entries.push(e),
+                        Err(e) => {
+                            tracing::warn!(key = %key, error = %format!("{e:#}"), "cannot read an erasure ledger entry");
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(target = %target.name, error = %format!("{e:#}"), "cannot read the erasure ledger of this target");
+            }
+        }
+    }
+    let at = erasures::erased_at(&entries);
+    let erased_after = |user: &str| at.get(user).copied().filter(|t| *t >= index.time);
+    if let Some((user, when)) = asked.iter().find_map(|u| erased_after(u).map(|t| (u, t))) {
+        return Err(Error::failed(format!(
+            "user {user} was erased on {} (after snapshot {} was taken): its backups are gone, and zonevault never restores an erased user; nothing was restored",
+            when.format("%Y-%m-%d %H:%M:%S UTC"),
+            index.id
+        )));
+    }
+    let mut erased = Vec::new();
+    let kept = selected
+        .into_iter()
+        .filter(|u| match &u.kind {
+            UnitKind::User(id) => match erased_after(id) {
+                Some(t) => {
+                    erased.push(ErasedUser {
+                        user: id.clone(),
+                        erased: t,
+                    });
+                    false
+                }
+                None => true,
+            },
+            _ => true,
+        })
+        .collect();
+    erased.sort_by(|a, b| a.user.cmp(&b.user));
+    Ok((kept, erased))
+}
+
 fn select(manifest: &Manifest, volumes: &[String], users: &[String]) -> Result<Vec<UnitRecord>> {
     // The volume name becomes a directory under DIR: one plain name only.
     for u in &manifest.units {

@@ -37,6 +37,8 @@ pub struct Draft<'a> {
     /// The units, in a stable order (by volume, then kind); shared with the
     /// thread that seals the manifest.
     pub units: Arc<Vec<UnitRecord>>,
+    /// The key object of the key the manifest is encrypted to (the core's).
+    pub data_key: &'a str,
 }
 
 impl Draft<'_> {
@@ -51,6 +53,7 @@ impl Draft<'_> {
             manifest: IndexObject {
                 key: manifest.to_string(),
                 size: manifest_size,
+                data_key: Some(self.data_key.to_string()),
             },
             objects: &self.units,
             totals: Totals::of(&self.units),
@@ -92,6 +95,7 @@ pub async fn commit<S: WriteBackend>(
         kind,
         snapshot: Some(draft.id),
         users: &[],
+        ranges: &[],
     };
     put_manifest(
         targets,
@@ -402,6 +406,7 @@ mod tests {
             core: CORE,
             zone: "ch",
             units,
+            data_key: "core-ch-1/keys/00.age",
         }
     }
 
@@ -467,6 +472,7 @@ mod tests {
                 files: 1,
                 fingerprint: Some(crate::hash::Blake3::of(b"f")),
                 dirs: vec![format!("a/b/c/u{i}").into()],
+                data_key: None,
             })
             .collect();
         let draft = draft(Arc::new(units.clone()));

@@ -87,6 +87,32 @@ pub fn new_pack_key(core: &str) -> Key {
     Key(format!("{core}/objects/{}.pack", random_name()).into())
 }
 
+/// `<core>/keys/`: the core's data keys ([`crate::datakeys`]).
+pub fn keys_dir(core: &str) -> String {
+    format!("{core}/keys/")
+}
+
+/// A new data key object: random, so that it never carries a user id.
+pub fn new_data_key(core: &str) -> Key {
+    Key(format!("{core}/keys/{}.age", random_name()).into())
+}
+
+/// `<core>/erasures/`: the erasure ledger ([`crate::repository::erasures`]).
+pub fn erasures_dir(core: &str) -> String {
+    format!("{core}/erasures/")
+}
+
+/// A new ledger entry, named by its time (they list in order) and a random
+/// part; no user id.
+pub fn new_erasure_key(core: &str, time: chrono::DateTime<chrono::Utc>) -> Key {
+    Key(format!(
+        "{core}/erasures/{}-{}.json.age",
+        time.format("%Y%m%dT%H%M%SZ"),
+        &random_name()[..12]
+    )
+    .into())
+}
+
 /// 32 random hex digits.
 fn random_name() -> String {
     use rand::RngCore;

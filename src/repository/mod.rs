@@ -10,9 +10,11 @@
 //! - [`commit`]: a snapshot's manifest, signatures and index, written last.
 //! - [`sweep`]: what no committed snapshot references goes, on record.
 //! - [`audit_copies`]: the encrypted copies of the audit log.
+//! - [`erasures`]: the erasure ledger, which restores honour.
 
 pub mod audit_copies;
 pub mod commit;
+pub mod erasures;
 pub mod layout;
 pub mod marker;
 pub mod snapshot;

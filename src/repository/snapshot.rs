@@ -56,6 +56,12 @@ pub struct UnitRecord {
     /// then holds its userId directory).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dirs: Vec<std::path::PathBuf>,
+    /// The key object whose identity decrypts the unit (relative to the
+    /// target prefix): the user's for a user unit, the core's otherwise
+    /// ([`crate::datakeys`]). Absent in older manifests: the unit is then
+    /// encrypted to the zone's recipients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_key: Option<std::sync::Arc<str>>,
 }
 
 impl UnitRecord {
@@ -159,6 +165,10 @@ impl IndexRef<'_> {
 pub struct IndexObject {
     pub key: String,
     pub size: u64,
+    /// For the manifest: the key object whose identity decrypts it (the
+    /// core's data key); absent in older indexes (encrypted to the zone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_key: Option<String>,
 }
 
 /// `<id>.json`: cleartext, no personal data. Lets a core that cannot decrypt

@@ -129,21 +129,78 @@ pub fn fleet_with_users(dir: &Path, users: usize, bytes: usize) -> (Fleet, PathB
     (fleet, core, ids)
 }
 
-/// The decrypted manifest of the only snapshot, read with the age CLI.
-pub fn manifest(fleet: &Fleet) -> serde_json::Value {
+/// The identity file of the data key in key object `data_key` (relative),
+/// as docs/format.md has it by hand: `age -d -i zone.key keys/K.age > K.key`.
+/// The file lives as long as the returned directory.
+pub fn data_key_file(fleet: &Fleet, data_key: &str) -> (tempfile::TempDir, PathBuf) {
+    let sealed = fleet
+        .garage("ch-gva-2")
+        .get(&format!("zonevault/{data_key}"))
+        .unwrap();
+    let zone = fleet.identity("ch");
+    let text = tool("age", &["-d", "-i", zone.to_str().unwrap()], &sealed);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data.key");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+/// Opens `sealed` with the age CLI as an operator would: with the data key
+/// it names (two steps), or the zone identity for an object that has none.
+pub fn open_by_hand(fleet: &Fleet, data_key: Option<&str>, sealed: &[u8]) -> Vec<u8> {
+    match data_key {
+        Some(k) => {
+            let (_dir, key) = data_key_file(fleet, k);
+            tool("age", &["-d", "-i", key.to_str().unwrap()], sealed)
+        }
+        None => {
+            let zone = fleet.identity("ch");
+            tool("age", &["-d", "-i", zone.to_str().unwrap()], sealed)
+        }
+    }
+}
+
+/// The recipient (`age1...`) of the data key in key object `data_key`.
+pub fn data_key_recipient(fleet: &Fleet, data_key: &str) -> String {
+    let (_dir, key) = data_key_file(fleet, data_key);
+    let text = std::fs::read_to_string(key).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("# public key: "))
+        .expect("an identity file with its public key")
+        .to_string()
+}
+
+/// The index of the only snapshot of core-ch-1 (as stored on ch-gva-2).
+pub fn only_index(fleet: &Fleet) -> serde_json::Value {
     let gva = fleet.garage("ch-gva-2");
-    let key = gva
+    let mut indexes: Vec<String> = gva
         .keys()
         .unwrap()
         .into_iter()
-        .find(|k| k.ends_with(".manifest.age"))
-        .expect("a manifest");
-    let identity = fleet.identity("ch");
-    let plain = tool(
-        "age",
-        &["-d", "-i", identity.to_str().unwrap()],
-        &gva.get(&key).unwrap(),
-    );
+        .filter(|k| k.contains("/snapshots/") && k.ends_with(".json"))
+        .collect();
+    indexes.sort();
+    let key = indexes.pop().expect("an index");
+    serde_json::from_slice(&gva.get(&key).unwrap()).unwrap()
+}
+
+/// The decrypted manifest of the newest snapshot, read with the age CLI
+/// (its data key first, as docs/format.md says).
+pub fn manifest(fleet: &Fleet) -> serde_json::Value {
+    manifest_in(fleet, &only_index(fleet))
+}
+
+/// The decrypted manifest of snapshot `id` of core-ch-1.
+pub fn manifest_of(fleet: &Fleet, id: &str) -> serde_json::Value {
+    let key = format!("zonevault/core-ch-1/snapshots/{id}.json");
+    let index = serde_json::from_slice(&fleet.garage("ch-gva-2").get(&key).unwrap()).unwrap();
+    manifest_in(fleet, &index)
+}
+
+fn manifest_in(fleet: &Fleet, index: &serde_json::Value) -> serde_json::Value {
+    let key = format!("zonevault/{}", index["manifest"]["key"].as_str().unwrap());
+    let sealed = fleet.garage("ch-gva-2").get(&key).unwrap();
+    let plain = open_by_hand(fleet, index["manifest"]["data_key"].as_str(), &sealed);
     serde_json::from_slice(&plain).unwrap()
 }
 
@@ -160,8 +217,13 @@ pub fn object_of(fleet: &Fleet, user: &str) -> String {
 }
 
 /// A tar holding `entries` (raw, unchecked paths), compressed and encrypted
-/// to zone ch as zonevault would: what an attacker with write access could put.
-pub fn hostile_object(fleet: &Fleet, entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+/// to `user`'s data key as zonevault would: what an attacker with write
+/// access (and the recipient, which is no secret) could put.
+pub fn hostile_object(
+    fleet: &Fleet,
+    user: &str,
+    entries: &[(&str, tar::EntryType, &str)],
+) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
     for (path, kind, content) in entries {
         let mut h = tar::Header::new_gnu();
@@ -183,8 +245,9 @@ pub fn hostile_object(fleet: &Fleet, entries: &[(&str, tar::EntryType, &str)]) -
         }
     }
     let tar = builder.into_inner().unwrap();
-    let recipient = &fleet.zone("ch").recipients[0];
-    tool("age", &["-r", recipient], &tool("zstd", &["-q"], &tar))
+    let unit = unit_of(fleet, user);
+    let recipient = data_key_recipient(fleet, unit["data_key"].as_str().unwrap());
+    tool("age", &["-r", &recipient], &tool("zstd", &["-q"], &tar))
 }
 
 /// Writes one object per unit from now on (`[transfer] pack_size = "0"`):

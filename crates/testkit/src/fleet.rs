@@ -275,27 +275,46 @@ impl Fleet {
         Ok(self.dir.join("core-ch-1.toml"))
     }
 
+    /// Adds `core` to zone `zone`, with its signing key and sample volumes,
+    /// and writes the configs; returns the path of `<core>.toml`.
+    pub fn add_core(&mut self, zone: &str, core: &str) -> Result<PathBuf> {
+        let (signing_text, signing_public) = zonevault::signing::Signer::generate()?;
+        let signing_path = self.dir.join("keys").join(format!("{core}.signing.key"));
+        std::fs::write(&signing_path, signing_text)?;
+        std::fs::set_permissions(&signing_path, std::fs::Permissions::from_mode(0o600))?;
+        let z = self.zone_mut(zone);
+        z.cores.push(core.to_string());
+        z.signing_keys.push((core.to_string(), signing_public));
+        self.write_sample_volume(core)?;
+        self.write_configs()?;
+        Ok(self.dir.join(format!("{core}.toml")))
+    }
+
     fn write_sample_volumes(&self) -> Result<()> {
         for z in &self.zones {
             for core in &z.cores {
-                let root = self.volumes_dir(core);
-                for user in ["c123456789abc", "ckx8f2a9b0001"] {
-                    let n = user.len();
-                    let (a, b, c) = (&user[n - 1..], &user[n - 2..n - 1], &user[n - 3..n - 2]);
-                    let udir = root.join("users").join(a).join(b).join(c).join(user);
-                    std::fs::create_dir_all(&udir)?;
-                    std::fs::write(
-                        udir.join("events.jsonl"),
-                        format!("{{\"user\":\"{user}\"}}\n"),
-                    )?;
-                }
-                std::fs::create_dir_all(root.join("users/_shared"))?;
-                std::fs::write(root.join("users/user-index.db"), b"index")?;
-                std::fs::create_dir_all(root.join("etc"))?;
-                std::fs::write(root.join("etc/core.yml"), format!("core: {core}\n"))
-                    .context("writing the sample volume")?;
+                self.write_sample_volume(core)?;
             }
         }
         Ok(())
+    }
+
+    fn write_sample_volume(&self, core: &str) -> Result<()> {
+        let root = self.volumes_dir(core);
+        for user in ["c123456789abc", "ckx8f2a9b0001"] {
+            let n = user.len();
+            let (a, b, c) = (&user[n - 1..], &user[n - 2..n - 1], &user[n - 3..n - 2]);
+            let udir = root.join("users").join(a).join(b).join(c).join(user);
+            std::fs::create_dir_all(&udir)?;
+            std::fs::write(
+                udir.join("events.jsonl"),
+                format!("{{\"user\":\"{user}\"}}\n"),
+            )?;
+        }
+        std::fs::create_dir_all(root.join("users/_shared"))?;
+        std::fs::write(root.join("users/user-index.db"), b"index")?;
+        std::fs::create_dir_all(root.join("etc"))?;
+        std::fs::write(root.join("etc/core.yml"), format!("core: {core}\n"))
+            .context("writing the sample volume")
     }
 }
