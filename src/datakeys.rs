@@ -256,6 +256,7 @@ impl<'a, S: WriteBackend> RunKeys<'a, S> {
             snapshot: Some(self.snapshot),
             users,
             ranges: &[],
+            packed: 0,
         };
         crate::upload::put_whole(self.targets, &object, body, &contents, &digest, self.budget)
             .await

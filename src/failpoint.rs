@@ -5,8 +5,9 @@
 //! first time it reaches the point of that name with `armed` true. Unset,
 //! a point costs one cached lookup. Points: `after-object-write` (a unit
 //! object holding users' data is on the target, its `object_put` record not
-//! yet written), `erase-after-delete` (an erasure deleted its first object
-//! and has not finished).
+//! yet written), `after-delete` (an object is deleted, its `object_deleted`
+//! not yet written), `erase-after-delete` (an erasure deleted its first
+//! object and has not finished).
 
 use std::sync::OnceLock;
 

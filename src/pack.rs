@@ -174,6 +174,7 @@ impl<'a, S: WriteBackend> Packer<'a, S> {
             snapshot: Some(self.snapshot),
             users: &users,
             ranges: &ranges,
+            packed: held.len() as u64,
         };
         tracing::debug!(%key, bytes = digest.bytes, units = held.len(), "writing a pack");
         crate::upload::put_whole(self.targets, &key, body, &contents, &digest, self.budget).await?;

@@ -79,6 +79,9 @@ pub struct Contents<'a> {
     pub users: &'a [String],
     /// In a pack: where each user's unit is.
     pub ranges: &'a [UserRange],
+    /// In a pack: how many units it holds that are still readable (user
+    /// units and shared ones); 0 for an object that is not a pack.
+    pub packed: u64,
 }
 
 impl Contents<'_> {
@@ -94,6 +97,7 @@ impl Contents<'_> {
             snapshot: None,
             users: &[],
             ranges: &[],
+            packed: 0,
         }
     }
 }
@@ -282,6 +286,7 @@ impl<S: WriteBackend> Writable<S> {
                 snapshot: contents.snapshot.map(str::to_string),
                 users: contents.users.to_vec(),
                 ranges: contents.ranges.to_vec(),
+                packed: contents.packed,
             })
             .await;
         let Err(e) = recorded else {
@@ -398,6 +403,7 @@ impl<S: WriteBackend> Writable<S> {
                 format!("recording the start of the deletion of {key} (nothing was deleted)")
             })?;
         self.store.delete(&self.permit, &key).await?;
+        crate::failpoint::hit("after-delete", true);
         self.audit
             .record(Event::ObjectDeleted {
                 place: self.place(),
@@ -407,6 +413,25 @@ impl<S: WriteBackend> Writable<S> {
             .await
             .map(|_| ())
             .with_context(|| format!("recording the deletion of {key}"))
+    }
+
+    /// Records that there is no object under `rel` (`object_absent`, with
+    /// `reason`) after a HEAD confirms it: what ends the intent of a write
+    /// or deletion that has no outcome on record. Nothing is recorded when
+    /// the object is there.
+    pub async fn settle_absent(&self, rel: &Key, reason: &str) -> anyhow::Result<bool> {
+        let key = self.key(rel);
+        if self.store.exists(&key).await? {
+            return Ok(false);
+        }
+        self.audit
+            .record(Event::ObjectAbsent {
+                place: self.place(),
+                key,
+                reason: format!("{reason}: the target holds no object under its key"),
+            })
+            .await?;
+        Ok(true)
     }
 
     /// Writes this zone's marker if the target had none at the check.
@@ -656,6 +681,7 @@ mod tests {
             snapshot: None,
             users: &users,
             ranges: &[],
+            packed: 0,
         };
         let e = t
             .put(&key("objects/a"), Bytes::from_static(b"data"), &contents)

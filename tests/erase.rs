@@ -539,3 +539,115 @@ fn run_cp(from: &Path, to: &Path) {
         .unwrap();
     assert!(status.success());
 }
+
+#[test]
+fn two_users_of_one_pack_with_the_shared_unit_are_erased_without_touching_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core, ids) = fleet_with_users(dir.path(), 6, 5_000);
+    backup(&core);
+    // one run that uploads two users and the shared unit: one pack of three
+    let users_dir = fleet.volumes_dir("core-ch-1").join("users");
+    for id in &ids[..2] {
+        std::fs::write(
+            users_dir.join(fixture::user_dir(id)).join("note.txt"),
+            "changed",
+        )
+        .unwrap();
+    }
+    std::fs::write(users_dir.join("_shared/streams/defaults.json"), "{}").unwrap();
+    let report = backup(&core);
+    assert_eq!(report["uploaded"], 3, "{report}");
+    let m = manifest(&fleet);
+    let (a, b) = (placed(&m, &ids[0]), placed(&m, &ids[1]));
+    assert_eq!(a.object, b.object, "one pack");
+    let (out, _) = run(
+        zv(&core).args(["erase", "--user", &ids[0], "--user", &ids[1], "--json"]),
+        0,
+    );
+    let report = json(&out);
+    for u in report["users"].as_array().unwrap() {
+        assert!(u["pending"].as_array().unwrap().is_empty(), "{report}");
+        assert!(
+            u["deleted"].as_array().unwrap().is_empty(),
+            "the pack holds the shared unit: {report}"
+        );
+        // the first run's pack of everyone and this run's, on two targets
+        assert_eq!(u["scrubbed"].as_array().unwrap().len(), 4, "{report}");
+    }
+    // the pack is still there, both ranges zeros; the shared unit restores
+    for region in REGIONS {
+        let pack = fleet.garage(region).get(&a.object).unwrap();
+        for u in [&a, &b] {
+            let at = u.offset.unwrap() as usize;
+            assert!(
+                pack[at..at + u.size as usize].iter().all(|x| *x == 0),
+                "{region}"
+            );
+        }
+    }
+    let to = dir.path().join("r");
+    let (out, _) = restore(&core, &fleet.identity("ch"), &to, &["--json"], 0);
+    assert_eq!(json(&out)["erased"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        std::fs::read(to.join("users/_shared/streams/defaults.json")).unwrap(),
+        b"{}"
+    );
+    for id in &ids[2..] {
+        assert_eq!(
+            user_tree(&to, id),
+            user_tree(&fleet.volumes_dir("core-ch-1"), id)
+        );
+    }
+}
+
+#[test]
+fn a_kill_between_a_deletion_and_its_record_is_settled_by_the_next_erase() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core, ids) = fleet_with_users(dir.path(), 4, 5_000);
+    common::one_object_per_unit(&core);
+    backup(&core);
+    let victim = &ids[0];
+    let status = process(&core)
+        .args(["erase", "--user", victim])
+        .env("ZONEVAULT_FAILPOINT", "after-delete")
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), None, "killed: {status:?}");
+    run(zv(&core).args(["erase", "--user", victim]), 0);
+    // the first deletion (the victim's key object) has no outcome on
+    // record: the next erase settles it by what the target shows
+    // (object_absent), and nothing of the victim is listed
+    assert!(where_of(&core, victim).is_empty());
+    let (out, _) = run(
+        zv(&core).args(["audit", "show", "--event", "object_absent", "--json"]),
+        0,
+    );
+    assert!(!json(&out).as_array().unwrap().is_empty());
+    let _ = fleet;
+}
+
+#[test]
+fn a_restore_refuses_when_the_erasure_ledger_cannot_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, core, ids) = fleet_with_users(dir.path(), 3, 5_000);
+    backup(&core);
+    run(zv(&core).args(["erase", "--user", &ids[0]]), 0);
+    // the ledger entry damaged on every target
+    for region in REGIONS {
+        let g = fleet.garage(region);
+        let entry = g
+            .keys()
+            .unwrap()
+            .into_iter()
+            .find(|k| k.contains("/erasures/"))
+            .expect("a ledger entry");
+        g.put(&entry, b"not an age file").unwrap();
+    }
+    let (_, stderr) = restore(&core, &fleet.identity("ch"), &dir.path().join("r"), &[], 1);
+    assert!(
+        stderr.contains("erasure ledger entry")
+            && stderr.contains("could bring back an erased user"),
+        "{stderr}"
+    );
+}

@@ -87,10 +87,13 @@ pub struct Holding {
     pub blake3: String,
     /// Every user whose data the object holds, as its last write recorded.
     pub users: Vec<String>,
-    /// The user's range when the object is a pack: (offset, length).
-    pub range: Option<(u64, u64)>,
+    /// The user's ranges when the object is a pack: (offset, length).
+    pub mine: Vec<(u64, u64)>,
     /// Every user's range in the pack, as its last write recorded.
     pub ranges: Vec<super::record::UserRange>,
+    /// In a pack: the units it holds that are still readable (0: not a
+    /// pack, or a pack recorded before this was).
+    pub packed: u64,
     pub fate: Fate,
     /// Why an erasure could not remove it.
     pub note: Option<String>,
@@ -121,8 +124,9 @@ impl At {
             bytes: 0,
             blake3: String::new(),
             users: Vec::new(),
-            range: None,
+            mine: Vec::new(),
             ranges: Vec::new(),
+            packed: 0,
             fate: Fate::Unconfirmed,
             note: None,
         }
@@ -205,19 +209,25 @@ pub fn holdings(path: &Path, user: &str) -> Result<Vec<Holding>> {
                 snapshot,
                 users,
                 ranges,
+                packed,
             }) => {
                 let id = (place.target.clone(), key.clone());
                 if !users.iter().any(|u| u == user) {
-                    // the object written again without the user
-                    if let Some(h) = held.get_mut(&id).filter(|h| h.live()) {
+                    // a pack written again without the user (a key object
+                    // written again, by `rewrap`, is still the user's)
+                    if let Some(h) = held
+                        .get_mut(&id)
+                        .filter(|h| h.live() && kind == ObjectKind::Unit)
+                    {
                         h.fate = Fate::Scrubbed;
                     }
                     continue;
                 }
-                let range = ranges
+                let mine = ranges
                     .iter()
-                    .find(|r| r.user == user)
-                    .map(|r| (r.at, r.len));
+                    .filter(|r| r.user == user)
+                    .map(|r| (r.at, r.len))
+                    .collect();
                 // ordered by the start of its write when that is on record;
                 // an object written again keeps its first write's place
                 let (seq, time, snapshot) = match held.get(&id) {
@@ -237,8 +247,9 @@ pub fn holdings(path: &Path, user: &str) -> Result<Vec<Holding>> {
                     bytes,
                     blake3,
                     users,
-                    range,
+                    mine,
                     ranges,
+                    packed,
                     fate: Fate::Stored,
                     ..at.holding()
                 };
@@ -260,15 +271,27 @@ pub fn holdings(path: &Path, user: &str) -> Result<Vec<Holding>> {
                     h.fate = Fate::Gone;
                 }
             }
-            Some(Event::UserErased { users, pending, .. }) if users.iter().any(|u| u == user) => {
+            Some(Event::UserErased {
+                users,
+                pending,
+                shredded,
+                ..
+            }) if users.iter().any(|u| u == user) => {
                 for p in pending {
-                    if let Some(h) = held
+                    let Some(h) = held
                         .get_mut(&(p.target.clone(), p.key.clone()))
                         .filter(|h| h.live() && h.kind == ObjectKind::Unit)
-                    {
+                    else {
+                        continue;
+                    };
+                    // unreadable only where the user's key is gone and the
+                    // object is encrypted to it (a pack recorded with
+                    // ranges; older objects are encrypted to the zone)
+                    let keyed = !h.key.ends_with(".pack") || !h.ranges.is_empty();
+                    if keyed && shredded.iter().any(|e| e.target == p.target) {
                         h.fate = Fate::Shredded;
-                        h.note = Some(p.reason);
                     }
+                    h.note = Some(format!("not erased: {}", p.reason));
                 }
             }
             _ => {}
@@ -507,6 +530,7 @@ mod tests {
             snapshot: None,
             users: user(),
             ranges: Vec::new(),
+            packed: 0,
         })
         .unwrap();
         assert_eq!(statuses(&log), [Status::Stored]);

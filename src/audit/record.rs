@@ -159,6 +159,10 @@ pub enum Event {
         /// A pack's users' units: where each is (absent for a unit alone).
         #[serde(skip_serializing_if = "Vec::is_empty", default)]
         ranges: Vec<UserRange>,
+        /// A pack: the units in it still readable, the users' and the
+        /// shared ones (absent for a unit alone, and in older records).
+        #[serde(skip_serializing_if = "is_zero", default)]
+        packed: u64,
     },
     /// A snapshot's index was written to a target: the snapshot exists there.
     SnapshotCommitted {
@@ -274,6 +278,10 @@ pub enum Event {
         failure: String,
         reason: String,
     },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Event {
@@ -465,6 +473,7 @@ mod tests {
             snapshot: Some("20261126T000000Z-0001".into()),
             users: vec!["u1".into()],
             ranges: Vec::new(),
+            packed: 0,
         };
         let (line, hash) = seal(&event, 7, "2026-11-26T00:00:00.000Z", "core", "ch", GENESIS);
         let stored = Stored::parse(&line).unwrap();

@@ -909,10 +909,13 @@ async fn store_unit(
     if let Some(previous) = run.previous.get(&(&*unit.volume, &unit.kind))
         && previous.fingerprint == Some(fingerprint)
         && run.reusable.contains(&*previous.object)
+        // an object encrypted to a data key that is still on every target:
+        // one from before data keys (encrypted to the zone) is uploaded
+        // again once, so that erasing its user can shred it
         && previous
             .data_key
             .as_ref()
-            .is_none_or(|k| run.present_keys.contains(&**k))
+            .is_some_and(|k| run.present_keys.contains(&**k))
     {
         return Ok(Stored {
             record: reused(previous, unit),
@@ -1071,6 +1074,7 @@ async fn backup_unit(
         snapshot: Some(run.snapshot),
         users: &users,
         ranges: &[],
+        packed: 0,
     };
     let uploaded = store_object(run, &key, rx, &contents).await;
     let sealed = producer

@@ -910,21 +910,45 @@ async fn honour_erasures(
     selected: Vec<UnitRecord>,
     asked: &[String],
 ) -> Result<(Vec<UnitRecord>, Vec<ErasedUser>)> {
-    let mut entries = Vec::new();
+    // Fails closed: a ledger that cannot be read could hide an erasure.
+    let mut listed = 0;
+    let mut read: HashMap<String, std::result::Result<erasures::Entry, String>> = HashMap::new();
     for (target, store) in sources {
         match erasures::read(store, target, core, identities).await {
-            Ok(read) => {
-                for (key, entry) in read {
+            Ok(found) => {
+                listed += 1;
+                for (key, entry) in found {
+                    let slot = read
+                        .entry(key.to_string())
+                        .or_insert_with(|| Err(String::new()));
                     match entry {
-                        Ok(e) => entries.push(e),
-                        Err(e) => {
-                            tracing::warn!(key = %key, error = %format!("{e:#}"), "cannot read an erasure ledger entry");
-                        }
+                        Ok(e) => *slot = Ok(e),
+                        Err(e) if slot.is_err() => *slot = Err(format!("{e:#}")),
+                        Err(_) => {}
                     }
                 }
             }
             Err(e) => {
-                tracing::warn!(target = %target.name, error = %format!("{e:#}"), "cannot read the erasure ledger of this target");
+                tracing::warn!(target = %target.name, error = %format!("{e:#}"), "cannot list the erasure ledger on this target");
+            }
+        }
+    }
+    if listed == 0 {
+        return Err(Error::failed(format!(
+            "the erasure ledger of core {core} could not be listed on any target: a restore could bring back an erased user; refused"
+        )));
+    }
+    let mut entries = Vec::new();
+    for (key, entry) in read {
+        match entry {
+            Ok(e) => entries.push(e),
+            Err(why) => {
+                return Err(Error::because(
+                    Reason::Integrity,
+                    format!(
+                        "erasure ledger entry {key} of core {core} cannot be read ({why}): a restore could bring back an erased user; refused"
+                    ),
+                ));
             }
         }
     }

@@ -96,6 +96,7 @@ pub async fn commit<S: WriteBackend>(
         snapshot: Some(draft.id),
         users: &[],
         ranges: &[],
+        packed: 0,
     };
     put_manifest(
         targets,
