@@ -121,17 +121,16 @@ impl Keys {
         Ok(keys)
     }
 
-    /// The keys whose key objects `present` (relative keys on every
-    /// target) holds: a key whose object is gone was shredded (an erasure
-    /// run from another machine) and must never encrypt anything again.
-    pub fn present_on_targets(mut self, present: &std::collections::HashSet<String>) -> Keys {
+    /// The keys whose key objects `present` (the ids of the key objects on
+    /// every target, [`layout::data_key_id`]) holds: a key whose object is
+    /// gone was shredded (an erasure run from another machine) and must
+    /// never encrypt anything again.
+    pub fn present_on_targets(mut self, present: &std::collections::HashSet<u128>) -> Keys {
+        let here =
+            |k: &KeyRef| layout::data_key_id(&k.object).is_some_and(|id| present.contains(&id));
         let before = self.users.len();
-        self.users.retain(|_, k| present.contains(&*k.object));
-        if self
-            .own
-            .as_ref()
-            .is_some_and(|k| !present.contains(&*k.object))
-        {
+        self.users.retain(|_, k| here(k));
+        if self.own.as_ref().is_some_and(|k| !here(k)) {
             tracing::warn!(
                 "the core's own data key is no longer on every target: a new one is made"
             );
@@ -189,7 +188,11 @@ pub fn unwrap(sealed: &[u8], zone: &[Identity]) -> Result<age::x25519::Identity,
 }
 
 /// The data keys of one backup run: the ones `keys.json` knows, and new ones
-/// made (and written to every target) as units need them.
+/// made as units need them. A new key encrypts its unit at once; its key
+/// object is written to every target alongside ([`RunKeys::write`]), off
+/// the unit's path, and the run commits only once every one is written (a
+/// unit whose key never landed is in no committed snapshot: the next run's
+/// cleanup removes it).
 pub struct RunKeys<'a, S> {
     targets: &'a [Writable<S>],
     snapshot: &'a str,
@@ -198,7 +201,22 @@ pub struct RunKeys<'a, S> {
     keys: Mutex<Keys>,
     /// Whether a key was added since the load.
     added: std::sync::atomic::AtomicBool,
+    /// Where new key objects wait for [`RunKeys::write`]; `None` once closed.
+    queue: Mutex<Option<tokio::sync::mpsc::Sender<NewKey>>>,
 }
+
+/// A key object to write: its key, the wrapped identity, its user.
+pub struct NewKey {
+    object: layout::Key,
+    body: Bytes,
+    users: Vec<String>,
+}
+
+/// The key objects a run made, for [`RunKeys::write`].
+pub type KeyQueue = tokio::sync::mpsc::Receiver<NewKey>;
+
+/// Key objects written at once.
+const KEY_WRITES: usize = 16;
 
 impl<'a, S: WriteBackend> RunKeys<'a, S> {
     pub fn new(
@@ -207,15 +225,19 @@ impl<'a, S: WriteBackend> RunKeys<'a, S> {
         snapshot: &'a str,
         zone: &'a [age::x25519::Recipient],
         budget: &'a Budget,
-    ) -> Self {
-        RunKeys {
+    ) -> (Self, KeyQueue) {
+        // bounded: a store that is slow to take key objects slows the units
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let keys = RunKeys {
             targets,
             snapshot,
             zone,
             budget,
             keys: Mutex::new(keys),
             added: false.into(),
-        }
+            queue: Mutex::new(Some(tx)),
+        };
+        (keys, rx)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Keys> {
@@ -243,36 +265,97 @@ impl<'a, S: WriteBackend> RunKeys<'a, S> {
         Ok(key)
     }
 
-    /// A new key, wrapped and written to every target (on the record, with
-    /// the user it is for) before it encrypts anything.
+    /// A new key, wrapped, its key object queued for [`RunKeys::write`].
     async fn create(&self, users: &[String]) -> Result<KeyRef> {
         let core = self.lock().core.clone();
         let (sealed, recipient) = wrap_new(self.zone)?;
         let object = layout::new_data_key(&core);
-        let body = Bytes::from(sealed);
-        let digest = Digest::of(&body);
-        let contents = Contents {
-            kind: ObjectKind::Key,
-            snapshot: Some(self.snapshot),
-            users,
-            ranges: &[],
-            packed: 0,
+        let shared = object.shared();
+        let queue = self
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .context("the run's data keys are closed")?;
+        let new = NewKey {
+            object,
+            body: Bytes::from(sealed),
+            users: users.to_vec(),
         };
-        crate::upload::put_whole(self.targets, &object, body, &contents, &digest, self.budget)
+        queue
+            .send(new)
             .await
-            .context("writing a new data key")?;
+            .map_err(|_| anyhow::anyhow!("a data key could not be written to every target"))?;
         self.added.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(KeyRef {
-            object: object.shared(),
+            object: shared,
             recipient,
         })
     }
 
-    /// The keys, for `keys.json`, when the run added any.
-    pub fn added(&self) -> Option<Keys> {
-        self.added
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .then(|| self.lock().clone())
+    /// No more keys: [`RunKeys::write`] ends once the queued ones are written.
+    pub fn close(&self) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// Writes the queued key objects to every target (on the record, with
+    /// the user each is for) until [`RunKeys::close`]; the first failure
+    /// stops taking keys, so the units that would need one fail too.
+    pub async fn write(&self, mut queue: KeyQueue) -> Result<()> {
+        use futures::StreamExt;
+        let mut first_error = None;
+        let incoming = futures::stream::poll_fn(|cx| queue.poll_recv(cx));
+        let mut writes = incoming
+            .map(|new| self.write_one(new))
+            .buffer_unordered(KEY_WRITES);
+        while let Some(written) = writes.next().await {
+            if let Err(e) = written
+                && first_error.is_none()
+            {
+                first_error = Some(e);
+                self.close();
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn write_one(&self, new: NewKey) -> Result<()> {
+        let digest = Digest::of(&new.body);
+        let contents = Contents {
+            kind: ObjectKind::Key,
+            snapshot: Some(self.snapshot),
+            users: &new.users,
+            ranges: &[],
+            packed: 0,
+        };
+        crate::upload::put_whole(
+            self.targets,
+            &new.object,
+            new.body,
+            &contents,
+            &digest,
+            self.budget,
+        )
+        .await
+        .context("writing a new data key")
+    }
+
+    /// The keys, for `keys.json`, when the run added any: taken, not
+    /// copied (100,000 users' keys are megabytes); the run makes no key
+    /// after this.
+    pub fn take_added(&self) -> Option<Keys> {
+        if !self.added.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let mut keys = self.lock();
+        Some(Keys {
+            core: keys.core.clone(),
+            own: keys.own.clone(),
+            users: std::mem::take(&mut keys.users),
+        })
     }
 }
 

@@ -254,7 +254,7 @@ async fn snapshot(
         .await??
     };
     let keys = keys.present_on_targets(&present_keys);
-    let keys = RunKeys::new(keys, targets, &id, &zone.recipients, &budget);
+    let (keys, key_queue) = RunKeys::new(keys, targets, &id, &zone.recipients, &budget);
     // the core's own key: its shared units and its manifest
     let own = keys.own().await?;
     let mut tally = {
@@ -283,11 +283,20 @@ async fn snapshot(
             state_dir: &config.core.state_dir,
             packer: &packer,
         };
-        let read = read_with_hooks(&run, volumes).await;
+        // the new data keys are written alongside the units
+        let read = async {
+            let read = read_with_hooks(&run, volumes).await;
+            keys.close();
+            read
+        };
+        let (read, keys_written) = tokio::join!(read, keys.write(key_queue));
         // whether the read succeeded or not: the daemon lives on between runs
         crate::pipeline::release_contexts();
         // the keys written to the targets, whether the read succeeded or not
         remember_keys(config, &keys).await;
+        // a key that could not be written is the cause of the units that
+        // failed for want of it
+        keys_written.map_err(Error::Failed)?;
         read?
     };
     stage.done("read volumes");
@@ -353,7 +362,7 @@ struct Prepared {
     /// The key objects of this core on every target: a data key whose
     /// object is gone (an erasure run elsewhere, `erase --all-cores`) is
     /// never encrypted to again, nor a unit under it reused.
-    keys: HashSet<String>,
+    keys: HashSet<u128>,
 }
 
 /// Writes the marker where it is missing and removes what uncommitted runs
@@ -366,16 +375,16 @@ async fn prepare_targets(targets: &[Writable<S3Store>], core: &str) -> Result<Pr
     }
     let mut cleaned = 0;
     let mut reusable: Option<HashSet<String>> = None;
-    let mut keys: Option<HashSet<String>> = None;
+    let mut keys: Option<HashSet<u128>> = None;
     for t in targets {
         let listed = t
             .store()
             .list(&t.key(&layout::keys_dir(core)))
             .await
             .with_context(|| format!("listing the data keys on target {}", t.target().name))?;
-        let here: HashSet<String> = listed
+        let here: HashSet<u128> = listed
             .iter()
-            .filter_map(|o| t.relative(&o.key).map(|k| k.to_string()))
+            .filter_map(|o| layout::data_key_id(&o.key))
             .collect();
         keys = Some(match keys {
             None => here,
@@ -592,7 +601,7 @@ impl Tally {
 /// warning: the next run makes new keys for those users (the objects of the
 /// lost ones stay named in the audit log, for `erase`).
 async fn remember_keys(config: &Config, keys: &RunKeys<'_, S3Store>) {
-    let Some(keys) = keys.added() else {
+    let Some(keys) = keys.take_added() else {
         return;
     };
     let dir = config.core.state_dir.clone();
@@ -854,7 +863,7 @@ struct UnitRun<'a> {
     /// Object keys referenced by a committed snapshot on every target.
     reusable: &'a HashSet<String>,
     /// The core's key objects on every target.
-    present_keys: &'a HashSet<String>,
+    present_keys: &'a HashSet<u128>,
     /// How each volume's SQLite databases are captured (none: as files).
     databases: &'a HashMap<String, Option<archive::Databases>>,
     audit: &'a Arc<AuditLog>,
@@ -915,7 +924,8 @@ async fn store_unit(
         && previous
             .data_key
             .as_ref()
-            .is_some_and(|k| run.present_keys.contains(&**k))
+            .and_then(|k| layout::data_key_id(k))
+            .is_some_and(|id| run.present_keys.contains(&id))
     {
         return Ok(Stored {
             record: reused(previous, unit),

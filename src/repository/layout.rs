@@ -97,6 +97,15 @@ pub fn new_data_key(core: &str) -> Key {
     Key(format!("{core}/keys/{}.age", random_name()).into())
 }
 
+/// The random part of a data key object's name (`<core>/keys/<32 hex>.age`),
+/// as a number: what a backup keeps of the 100,000 key objects it lists.
+pub fn data_key_id(rel: &str) -> Option<u128> {
+    let name = rel.rsplit('/').next()?.strip_suffix(".age")?;
+    (name.len() == 32)
+        .then(|| u128::from_str_radix(name, 16).ok())
+        .flatten()
+}
+
 /// `<core>/erasures/`: the erasure ledger ([`crate::repository::erasures`]).
 pub fn erasures_dir(core: &str) -> String {
     format!("{core}/erasures/")
