@@ -260,6 +260,25 @@ fn keys_from_state(config: &Config, keys: &Keys, user: &str, held: &[Holding]) -
         .collect()
 }
 
+/// Everything to do for `user`: what the log records, the key the state
+/// dir knows, and, with `--all-cores`, what every core's manifests name.
+async fn items_of(
+    config: &Config,
+    audit: &AuditLog,
+    keys: &Keys,
+    everywhere: Option<&Everywhere>,
+    stores: &[(Target, S3Store)],
+    user: &str,
+) -> Result<Vec<Item>> {
+    let held = holdings_of(audit, user).await?;
+    let mut items = plan(user, &held);
+    items.extend(keys_from_state(config, keys, user, &held));
+    if let Some(e) = everywhere {
+        merge(&mut items, e.items(stores, user).0);
+    }
+    Ok(items)
+}
+
 /// Runs an erasure (or, with `dry_run`, shows its plan).
 pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> Result<Report> {
     check_users(&options.users)?;
@@ -288,12 +307,7 @@ pub async fn run(config: &Config, audit: &Arc<AuditLog>, options: &Options) -> R
             None => None,
         };
         for user in &options.users {
-            let held = holdings_of(audit, user).await?;
-            let mut items = plan(user, &held);
-            items.extend(keys_from_state(config, &keys, user, &held));
-            if let Some(e) = &everywhere {
-                merge(&mut items, e.items(&stores, user).0);
-            }
+            let items = items_of(config, audit, &keys, everywhere.as_ref(), &stores, user).await?;
             report.users.push(UserOutcome {
                 user: user.clone(),
                 held: !items.is_empty(),
@@ -361,8 +375,10 @@ async fn erase(
     // the users: from then on no restore brings them back, also when this
     // run stops half way (the next one finishes it).
     for user in &options.users {
-        let held = holdings_of(audit, user).await?;
-        if !plan(user, &held).is_empty() || keys.users.contains_key(user) {
+        if !items_of(config, audit, &keys, None, &stores, user)
+            .await?
+            .is_empty()
+        {
             ledgers
                 .entry(report.core.clone())
                 .or_default()
@@ -404,12 +420,7 @@ async fn erase(
     // Users one after the other: a pack that holds two of them is planned
     // for the second with what the first left on record.
     for user in &options.users {
-        let held = holdings_of(audit, user).await?;
-        let mut items = plan(user, &held);
-        items.extend(keys_from_state(config, &keys, user, &held));
-        if let Some(e) = &everywhere {
-            merge(&mut items, e.items(&stores, user).0);
-        }
+        let mut items = items_of(config, audit, &keys, everywhere.as_ref(), &stores, user).await?;
         let mut done = outcome(user);
         done.held = !items.is_empty();
         for (users, failure) in &ledger_failures {
